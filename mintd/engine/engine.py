@@ -1,0 +1,108 @@
+"""The engine: one resident base model, many adapters in numbered slots. It knows slots, not names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mintd.config import EngineSettings
+from mintd.engine import sampling, train
+from mintd.engine.adapters import AdapterSlots, LoraSpec
+from mintd.engine.lora import LoraContext, install_lora
+from mintd.engine.model import fingerprint, load_base_model, pick_device, pick_dtype
+from mintd.engine.optim import AdamParams, AdapterOptimizer
+from mintd.engine.sampling import SampleRequest, SampleResult
+from mintd.engine.train import TrainGroup, TrainOutput
+
+
+class Engine:
+    def __init__(self, model_dir: Path | str, settings: EngineSettings | None = None) -> None:
+        self.settings = settings or EngineSettings()
+        self.model_dir = Path(model_dir)
+        self.device = pick_device(self.settings.device)
+        self.dtype = pick_dtype(self.device, self.settings.dtype)
+        self.model, self.tokenizer = load_base_model(self.model_dir, self.device, self.dtype)
+        self.fingerprint = fingerprint(self.model_dir)
+        self.ctx = LoraContext()
+        self.slots = AdapterSlots(install_lora(self.model, self.ctx), self.device)
+        self._optimizers: dict[int, AdapterOptimizer] = {}
+        config = self.model.config
+        self.vocab_size = self.model.get_output_embeddings().base.out_features
+        self.max_len = getattr(config, "max_position_embeddings", 2048)
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+
+    # adapters -----------------------------------------------------------------------------------
+
+    def create_adapter(self, spec: LoraSpec) -> int:
+        slot = self.slots.create(spec)
+        self._attach_optimizer(slot)
+        return slot
+
+    def _attach_optimizer(self, slot: int) -> AdapterOptimizer:
+        named = self.slots[slot].state_dict()
+        params = {name: t for name, t in zip(named, self.slots[slot].params, strict=True)}
+        self._optimizers[slot] = AdapterOptimizer(params)
+        return self._optimizers[slot]
+
+    def snapshot(self, slot: int) -> int:
+        """A frozen copy for sampling; later training of `slot` does not reach it."""
+        return self.slots.snapshot(slot)
+
+    def drop(self, slot: int) -> None:
+        self.slots.free(slot)
+        self._optimizers.pop(slot, None)
+
+    def export_adapter(
+        self, slot: int, with_optimizer: bool = False
+    ) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
+        """The adapter as flat tensors (cloned to CPU), optionally with its optimizer state."""
+        adapter = self.slots[slot]
+        tensors = dict(adapter.state_dict())
+        if with_optimizer and slot in self._optimizers:
+            tensors.update(self._optimizers[slot].state_dict())
+        return adapter.spec, {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+    def load_adapter(self, spec: LoraSpec, tensors: dict[str, torch.Tensor], trainable: bool = True) -> int:
+        """Load flat tensors into a new slot; optimizer entries, when present, restore the optimizer."""
+        weights = {k: v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
+        slot = self.slots.load(spec, weights, trainable=trainable)
+        if trainable:
+            try:
+                self._attach_optimizer(slot).load_state_dict(tensors)
+            except ValueError:
+                self.drop(slot)
+                raise
+        return slot
+
+    # work ---------------------------------------------------------------------------------------
+
+    def forward_backward(self, groups: list[TrainGroup], forward_only: bool = False) -> list[TrainOutput]:
+        for g in groups:
+            train.validate(g, self.slots, self.vocab_size, self.max_len, train=not forward_only)
+        return train.forward_backward(
+            self.model,
+            self.ctx,
+            self.slots,
+            groups,
+            self.pad_id,
+            self.settings.micro_batch_tokens,
+            forward_only,
+        )
+
+    def optim_step(self, slot: int, params: AdamParams) -> dict[str, float]:
+        if slot not in self._optimizers:
+            raise ValueError(f"model: slot {slot} has no optimizer (not a trainable adapter)")
+        return self._optimizers[slot].step(params)
+
+    def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
+        for r in requests:
+            sampling.validate(r, self.slots, self.vocab_size, self.max_len)
+        return sampling.generate(
+            self.model, self.ctx, self.slots, self.tokenizer, requests, self.eos_ids, self.pad_id
+        )

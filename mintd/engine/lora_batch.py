@@ -1,0 +1,134 @@
+"""A batch's adapter plan: which slot each row uses, and the stacked weights the wrappers apply.
+
+Rows are ordered so that rows whose adapters share a rank and target set sit next to each other; each
+such group costs two batched matmuls per layer, whatever the number of adapters in it. A group holding
+one adapter uses plain matmuls with the adapter's own tensors (no copy). Adapters of different ranks
+fall in different groups, so nothing is padded to the batch's largest rank. Rows on slot 0 (the base)
+get no delta at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mintd.engine.adapters import BASE_SLOT, AdapterSlots
+
+
+@dataclass(frozen=True)
+class _Group:
+    start: int
+    end: int
+    slots: tuple[int, ...]  # distinct slots in the group, in row order
+    row_index: torch.Tensor | None  # per row: index into `slots` (None when the group has one slot)
+    targets: frozenset[str]
+
+
+def row_order(slots: list[int], table: AdapterSlots) -> list[int]:
+    """Permutation of rows that puts rows of the same group (and the same slot) next to each other."""
+
+    def key(i: int) -> tuple:
+        s = slots[i]
+        if s == BASE_SLOT:
+            return (0, 0, (), 0)
+        spec = table[s].spec
+        return (1, spec.rank, tuple(sorted(spec.kinds)), s)
+
+    return sorted(range(len(slots)), key=key)
+
+
+class LoraBatch:
+    """Built once per forward (training) or per generation (sampling); rows must be in `row_order`."""
+
+    def __init__(self, row_slots: list[int], table: AdapterSlots, device: torch.device) -> None:
+        self.row_slots = list(row_slots)
+        self.table = table
+        self.device = device
+        self.groups = self._group(row_slots)
+        self._weights: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._token_slots: torch.Tensor | None = None
+
+    def _group(self, row_slots: list[int]) -> list[_Group]:
+        groups: list[_Group] = []
+        start = 0
+        while start < len(row_slots):
+            slot = row_slots[start]
+            key = self._group_key(slot)
+            end = start + 1
+            while end < len(row_slots) and self._group_key(row_slots[end]) == key:
+                end += 1
+            if slot != BASE_SLOT:
+                members = row_slots[start:end]
+                distinct = tuple(dict.fromkeys(members))
+                index = None
+                if len(distinct) > 1:
+                    pos = {s: i for i, s in enumerate(distinct)}
+                    index = torch.tensor([pos[s] for s in members], device=self.device)
+                targets = frozenset(self.table[slot].weights)
+                groups.append(_Group(start, end, distinct, index, targets))
+            start = end
+        return groups
+
+    def _group_key(self, slot: int) -> tuple:
+        if slot == BASE_SLOT:
+            return ()
+        spec = self.table[slot].spec
+        return (spec.rank, spec.kinds)
+
+    def select(self, rows: list[int]) -> LoraBatch:
+        """The plan for a subset of rows (finished sequences leave a generation)."""
+        return LoraBatch([self.row_slots[i] for i in rows], self.table, self.device)
+
+    def _group_weights(self, name: str, gi: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T, B^T·scale) for the group: 2-D for one adapter, per-row 3-D for several."""
+        cached = self._weights.get((name, gi))
+        if cached is not None:
+            return cached
+        group = self.groups[gi]
+        pairs = [(self.table[s].weights[name], self.table[s].spec.scale) for s in group.slots]
+        if group.row_index is None:
+            (a, b), scale = pairs[0]
+            weights = (a.t().to(dtype), (b * scale).t().to(dtype))
+        else:
+            a = torch.stack([a for (a, _), _ in pairs])[group.row_index]
+            b = torch.stack([b * scale for (_, b), scale in pairs])[group.row_index]
+            weights = (a.transpose(1, 2).to(dtype), b.transpose(1, 2).to(dtype))
+        self._weights[(name, gi)] = weights
+        return weights
+
+    def add_linear_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y[rows] += scale · (x[rows] Aᵀ) Bᵀ for each group that adapts `name`."""
+        for gi, group in enumerate(self.groups):
+            if name not in group.targets:
+                continue
+            a_t, b_t = self._group_weights(name, gi, x.dtype)
+            xs = x[group.start : group.end]
+            if a_t.dim() == 3 and xs.dim() == 2:  # [rows, in] inputs: one token per row
+                delta = torch.bmm(xs.unsqueeze(1) @ a_t, b_t).squeeze(1)
+            else:
+                delta = (xs @ a_t) @ b_t
+            y[group.start : group.end] += delta
+        return y
+
+    def token_slots(self, num_tokens: int) -> torch.Tensor:
+        """Slot of every token of the flattened [rows * seq] activations (MoE experts need this)."""
+        if self._token_slots is None or len(self._token_slots) != num_tokens:
+            per_row = num_tokens // len(self.row_slots)
+            rows = torch.tensor(self.row_slots, device=self.device)
+            self._token_slots = rows.repeat_interleave(per_row)
+        return self._token_slots
+
+    def add_expert_delta(
+        self, name: str, expert: int, x: torch.Tensor, slots: torch.Tensor, h: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-token LoRA for one expert: the tokens routed here (`slots` each) span many adapters."""
+        for slot in slots.unique().tolist():
+            if slot == BASE_SLOT or name not in self.table[slot].weights:
+                continue
+            adapter = self.table[slot]
+            sel = (slots == slot).nonzero().squeeze(1)
+            a, b = adapter.weights[name]
+            delta = (x[sel] @ a[expert].t().to(x.dtype)) @ b[expert].t().to(x.dtype) * adapter.spec.scale
+            h = h.index_add(0, sel, delta)
+        return h

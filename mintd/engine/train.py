@@ -1,0 +1,139 @@
+"""forward_backward over groups of datums (one group per client request), all in shared batches.
+
+Gradients land on each adapter's own tensors and accumulate there until that adapter's optim_step.
+Rows are cut into micro-batches by a token budget; under the token-sum contract the accumulated result
+equals one full-batch pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from mintd.engine.adapters import BASE_SLOT, AdapterSlots
+from mintd.engine.forward import padded_forward, target_logprobs
+from mintd.engine.lora import LoraContext
+from mintd.engine.lora_batch import row_order
+from mintd.engine.losses import get_loss
+
+
+@dataclass
+class Datum:
+    """Tinker's Datum: position i of `tokens` predicts `inputs["target_tokens"][i]`."""
+
+    tokens: torch.Tensor  # int64 [T]
+    inputs: dict[str, torch.Tensor]  # target_tokens [T] or [T, K] (int64); the rest float32
+
+
+@dataclass
+class TrainGroup:
+    slot: int
+    data: list[Datum]
+    loss_fn: str = "cross_entropy"
+    loss_config: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainOutput:
+    logprobs: list[torch.Tensor]  # per datum, the shape of its target_tokens
+    loss: float  # token sum over the group's datums
+
+
+def validate(group: TrainGroup, table: AdapterSlots, vocab_size: int, max_len: int, train: bool) -> None:
+    """Raise ValueError naming the bad field; called for every group before any compute."""
+    if group.slot != BASE_SLOT and group.slot not in table:
+        raise ValueError(f"model: no adapter in slot {group.slot}")
+    if train and (group.slot == BASE_SLOT or not table[group.slot].trainable):
+        raise ValueError("model: this adapter is a frozen snapshot and cannot be trained")
+    _, required = get_loss(group.loss_fn)
+    if not group.data:
+        raise ValueError("data: empty batch")
+    for i, d in enumerate(group.data):
+        where = f"data[{i}]"
+        n = len(d.tokens)
+        if d.tokens.dim() != 1 or n == 0:
+            raise ValueError(f"{where}.model_input: must be a non-empty token list")
+        if n > max_len:
+            raise ValueError(f"{where}.model_input: {n} tokens exceed the model's context of {max_len}")
+        for name, ids in (("model_input", d.tokens), ("target_tokens", d.inputs.get("target_tokens"))):
+            if ids is None:
+                raise ValueError(f"{where}.loss_fn_inputs: missing target_tokens")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+                raise ValueError(f"{where}.{name}: token ids must be in [0, {vocab_size})")
+        target = d.inputs["target_tokens"]
+        if target.dim() not in (1, 2) or target.shape[0] != n:
+            raise ValueError(
+                f"{where}.target_tokens: shape {tuple(target.shape)} does not match {n} input tokens"
+            )
+        for name in required:
+            if name not in d.inputs:
+                raise ValueError(f"{where}.loss_fn_inputs: {group.loss_fn} needs {name}")
+        for name, t in d.inputs.items():
+            if name != "target_tokens" and t.shape[0] != n:
+                raise ValueError(
+                    f"{where}.loss_fn_inputs.{name}: shape {tuple(t.shape)} does not match {n} tokens"
+                )
+        if "weights" in d.inputs and d.inputs["weights"].shape != target.shape:
+            raise ValueError(f"{where}.weights: shape must equal target_tokens shape {tuple(target.shape)}")
+
+
+def _micro_batches(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive rows (in group order) whose padded size rows × longest stays within `budget` tokens."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i])
+        if current and longest_if_added * (len(current) + 1) > budget:
+            batches.append(current)
+            current, longest_if_added = [], lengths[i]
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+def forward_backward(
+    model: PreTrainedModel,
+    ctx: LoraContext,
+    table: AdapterSlots,
+    groups: list[TrainGroup],
+    pad_id: int,
+    micro_batch_tokens: int,
+    forward_only: bool = False,
+) -> list[TrainOutput]:
+    rows = [(gi, d) for gi, g in enumerate(groups) for d in g.data]
+    slots = [groups[gi].slot for gi, _ in rows]
+    lengths = [len(d.tokens) for _, d in rows]
+    device = next(model.parameters()).device
+    logprobs: list[torch.Tensor | None] = [None] * len(rows)
+    losses = [0.0] * len(groups)
+    for batch in _micro_batches(row_order(slots, table), lengths, micro_batch_tokens):
+        with torch.set_grad_enabled(not forward_only):
+            logits = padded_forward(
+                model,
+                ctx,
+                table,
+                [slots[i] for i in batch],
+                [rows[i][1].tokens.to(device) for i in batch],
+                pad_id,
+            )
+            total = None
+            for j, i in enumerate(batch):
+                gi, datum = rows[i]
+                group = groups[gi]
+                inputs = {k: v.to(device) for k, v in datum.inputs.items()}
+                lp = target_logprobs(logits[j, : lengths[i]], inputs["target_tokens"])
+                loss = get_loss(group.loss_fn)[0](lp, inputs, group.loss_config)
+                logprobs[i] = lp.detach().cpu()
+                losses[gi] += loss.item()
+                total = loss if total is None else total + loss
+        if not forward_only and total is not None and total.requires_grad:
+            total.backward()
+    outputs = [TrainOutput([], loss) for loss in losses]
+    for i, (gi, _) in enumerate(rows):
+        outputs[gi].logprobs.append(logprobs[i])
+    return outputs
