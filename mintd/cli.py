@@ -93,5 +93,57 @@ def demo() -> None:
     console.print("The mintd demo arrives with the training and serving service; nothing to run yet.")
 
 
+def _parse_models(items: list[str]) -> dict[str, Path]:
+    models = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise typer.BadParameter(f"{item!r} must be NAME=DIR", param_hint="--model")
+        if not (Path(folder) / "config.json").is_file():
+            raise typer.BadParameter(f"{folder} is not a Hugging Face model folder", param_hint="--model")
+        models[name] = Path(folder)
+    return models
+
+
+@app.command(
+    help=(
+        "Serve the Tinker training API for one or more base models.\n\n"
+        "One process: API, control plane, engines and state under --data-dir. Point the official SDK at it "
+        "with tinker.ServiceClient(base_url='http://HOST:PORT') (or TINKER_BASE_URL)."
+    )
+)
+def serve(
+    model: Annotated[
+        list[str],
+        typer.Option(help="A base model as NAME=DIR (a local Hugging Face folder); repeat for several."),
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to bind; beyond loopback needs --api-key.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="Where checkpoints and server state are kept.")] = Path(
+        "data"
+    ),
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Accepted key, as KEY or OWNER=KEY; repeat for several. None: any key, loopback only."
+        ),
+    ] = None,
+) -> None:
+    import uvicorn
+
+    from mintd.config import ServeSettings
+    from mintd.server import build_app
+
+    settings = ServeSettings(host=host, port=port, data_dir=data_dir)
+    try:
+        app_, _ = build_app(_parse_models(model), settings, api_key or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console.print(f"mintd serving {', '.join(_parse_models(model))} on http://{host}:{port}")
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
 if __name__ == "__main__":
     app()

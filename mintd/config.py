@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -20,3 +21,23 @@ class EngineSettings(BaseSettings):
     micro_batch_tokens: int = Field(
         16384, ge=1, description="padded tokens per forward pass; larger batches are accumulated"
     )
+
+
+class ServeSettings(BaseSettings):
+    """`mintd serve`: the HTTP server and the control plane around the engines."""
+
+    model_config = SettingsConfigDict(env_prefix="MINTD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Field(Path("data"), description="checkpoints and server state live here")
+    long_poll_s: float = Field(25.0, gt=0, description="how long retrieve_future holds a request")
+    future_retention_s: float = Field(
+        4 * 3600, gt=0, description="completed results kept this long, then 410"
+    )
+    seq_gap_timeout_s: float = Field(
+        300.0, gt=0, description="a run whose next seq_id never comes fails after"
+    )
+    max_sample_rows: int = Field(64, ge=1, description="rows decoded together in one engine batch")
+    max_train_tokens: int = Field(65536, ge=1, description="tokens merged into one forward_backward call")
+    ephemeral_samplers_per_run: int = Field(8, ge=1, description="sampler snapshots kept per training run")

@@ -8,7 +8,7 @@ import torch
 
 from mintd.config import EngineSettings
 from mintd.engine import sampling, train
-from mintd.engine.adapters import AdapterSlots, LoraSpec
+from mintd.engine.adapters import BASE_SLOT, AdapterSlots, LoraSpec
 from mintd.engine.lora import LoraContext, install_lora
 from mintd.engine.model import fingerprint, load_base_model, pick_device, pick_dtype
 from mintd.engine.optim import AdamParams, AdapterOptimizer
@@ -82,9 +82,21 @@ class Engine:
 
     # work ---------------------------------------------------------------------------------------
 
+    def check_train(self, group: TrainGroup, forward_only: bool = False) -> None:
+        """Raise ValueError naming the bad field; nothing runs."""
+        train.check_slot(group.slot, self.slots, train=not forward_only)
+        train.validate(group, self.vocab_size, self.max_len)
+
+    def check_sample(self, request: SampleRequest) -> None:
+        """Raise ValueError naming the bad field; nothing runs."""
+        if request.slot != BASE_SLOT and request.slot not in self.slots:
+            raise ValueError(f"sampler: no adapter in slot {request.slot}")
+        sampling.validate(request, self.vocab_size, self.max_len)
+
     def forward_backward(self, groups: list[TrainGroup], forward_only: bool = False) -> list[TrainOutput]:
+        """All groups are checked before any compute, so a bad group leaves no partial gradient."""
         for g in groups:
-            train.validate(g, self.slots, self.vocab_size, self.max_len, train=not forward_only)
+            self.check_train(g, forward_only)
         return train.forward_backward(
             self.model,
             self.ctx,
@@ -102,7 +114,7 @@ class Engine:
 
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
         for r in requests:
-            sampling.validate(r, self.slots, self.vocab_size, self.max_len)
+            self.check_sample(r)
         return sampling.generate(
             self.model, self.ctx, self.slots, self.tokenizer, requests, self.eos_ids, self.pad_id
         )

@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from mintd.engine.adapters import BASE_SLOT, AdapterSlots
+from mintd.engine.adapters import AdapterSlots
 from mintd.engine.forward import padded_forward
 from mintd.engine.lora import LoraContext
 from mintd.engine.lora_batch import LoraBatch, row_order
@@ -90,10 +90,8 @@ class _Row:
         return "length" if len(self.tokens) >= self.params.max_tokens else None
 
 
-def validate(req: SampleRequest, table: AdapterSlots, vocab_size: int, max_len: int) -> None:
-    """Raise ValueError naming the bad field; called for every request before any compute."""
-    if req.slot != BASE_SLOT and req.slot not in table:
-        raise ValueError(f"sampler: no adapter in slot {req.slot}")
+def validate(req: SampleRequest, vocab_size: int, max_len: int) -> None:
+    """Raise ValueError naming the bad field. Pure: safe to call from any thread before queueing."""
     if not req.prompt:
         raise ValueError("prompt: must hold at least one token")
     if min(req.prompt) < 0 or max(req.prompt) >= vocab_size:

@@ -41,12 +41,15 @@ class TrainOutput:
     loss: float  # token sum over the group's datums
 
 
-def validate(group: TrainGroup, table: AdapterSlots, vocab_size: int, max_len: int, train: bool) -> None:
-    """Raise ValueError naming the bad field; called for every group before any compute."""
-    if group.slot != BASE_SLOT and group.slot not in table:
-        raise ValueError(f"model: no adapter in slot {group.slot}")
-    if train and (group.slot == BASE_SLOT or not table[group.slot].trainable):
+def check_slot(slot: int, table: AdapterSlots, train: bool) -> None:
+    if slot != BASE_SLOT and slot not in table:
+        raise ValueError(f"model: no adapter in slot {slot}")
+    if train and (slot == BASE_SLOT or not table[slot].trainable):
         raise ValueError("model: this adapter is a frozen snapshot and cannot be trained")
+
+
+def validate(group: TrainGroup, vocab_size: int, max_len: int) -> None:
+    """Raise ValueError naming the bad field. Pure: safe to call from any thread before queueing."""
     _, required = get_loss(group.loss_fn)
     if not group.data:
         raise ValueError("data: empty batch")

@@ -1,0 +1,453 @@
+"""The Tinker HTTP surface (/api/v1): validate, translate, call the service. No tensors here.
+
+Status codes follow what the SDKs do with them: permanent problems are 400/404/422 (never 409, 402
+or 5xx, which the SDK retries for minutes), and every error body is JSON with a `detail` message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from mintd.api import proto
+from mintd.api.auth import Authenticator
+from mintd.engine.sampling import SampleResult
+from mintd.service.futures import Future
+from mintd.service.tinker import TinkerService
+
+router = APIRouter(prefix="/api/v1")
+
+
+class Body(BaseModel):
+    """Request bodies: unknown fields are ignored (every SDK release adds some)."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+def service(request: Request) -> TinkerService:
+    return request.app.state.service
+
+
+def owner(request: Request, x_api_key: str | None = Header(None)) -> str:
+    auth: Authenticator = request.app.state.auth
+    return auth.owner(x_api_key)
+
+
+def _future(fut: Future, **extra: Any) -> dict[str, Any]:
+    return {"request_id": fut.request_id, **extra}
+
+
+# bootstrap, sessions, health -------------------------------------------------------------------
+
+
+@router.post("/client/config")
+def client_config() -> dict[str, Any]:
+    return {"pjwt_auth_enabled": True, "sample_max_concurrent_requests": 256}
+
+
+@router.post("/client/dynamic_config")
+def dynamic_config() -> dict[str, Any]:
+    return {}
+
+
+@router.post("/auth/token")
+def auth_token(request: Request, x_api_key: str | None = Header(None)) -> dict[str, Any]:
+    auth: Authenticator = request.app.state.auth
+    return {"jwt": auth.issue(auth.owner_of_key(x_api_key))}
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/get_server_capabilities")
+def capabilities(svc: TinkerService = Depends(service)) -> dict[str, Any]:
+    return {"supported_models": svc.capabilities()}
+
+
+@router.post("/telemetry")
+def telemetry() -> dict[str, str]:
+    return {"status": "accepted"}
+
+
+class CreateSession(Body):
+    tags: list[str] = []
+    user_metadata: dict[str, Any] | None = None
+
+
+@router.post("/create_session")
+def create_session(body: CreateSession, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    return {
+        "type": "create_session",
+        "session_id": svc.create_session(who, body.tags, body.user_metadata or {}),
+    }
+
+
+class SessionRef(Body):
+    session_id: str
+
+
+@router.post("/session_heartbeat")
+def heartbeat(body: SessionRef, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    svc.heartbeat(body.session_id, who)
+    return {"type": "session_heartbeat"}
+
+
+class FinishSession(Body):
+    reason: dict[str, Any] | None = None
+
+
+@router.post("/sessions/{session_id}/finish")
+def finish_session(
+    session_id: str, body: FinishSession, who: str = Depends(owner), svc: TinkerService = Depends(service)
+):
+    svc.finish_session(session_id, who, (body.reason or {}).get("type", "success"))
+    return {}
+
+
+@router.get("/sessions/{session_id}")
+def get_session(session_id: str, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    return svc.session_view(who, session_id)
+
+
+@router.get("/sessions")
+def list_sessions(who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    return {"sessions": svc.session_ids(who)}
+
+
+# training ---------------------------------------------------------------------------------------
+
+
+class CreateModel(Body):
+    session_id: str
+    model_seq_id: int
+    base_model: str
+    lora_config: dict[str, Any] = {}
+    user_metadata: dict[str, Any] | None = None
+
+
+@router.post("/create_model")
+def create_model(body: CreateModel, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    fut = svc.create_model(
+        who, body.session_id, body.model_seq_id, body.base_model, body.lora_config, body.user_metadata or {}
+    )
+    return _future(fut, model_id=f"{body.session_id}:train:{body.model_seq_id}")
+
+
+class ModelRef(Body):
+    model_id: str
+
+
+@router.post("/get_info")
+def get_info(body: ModelRef, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    return svc.get_info(body.model_id, who)
+
+
+@router.post("/unload_model")
+def unload_model(body: ModelRef, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    return _future(svc.unload_model(who, body.model_id), model_id=body.model_id)
+
+
+class FwdBwdInput(Body):
+    data: list[dict[str, Any]]
+    loss_fn: str = "cross_entropy"
+    loss_fn_config: dict[str, Any] | None = None
+
+
+class FwdBwdJson(Body):
+    model_id: str
+    seq_id: int
+    forward_backward_input: FwdBwdInput | None = None
+    forward_input: FwdBwdInput | None = None
+
+
+def _fwd_bwd(fields: dict[str, Any], forward_only: bool, who: str, svc: TinkerService) -> dict[str, Any]:
+    fut = svc.forward_backward(
+        who,
+        fields["model_id"],
+        fields["seq_id"],
+        fields["data"],
+        fields.get("loss_fn") or "cross_entropy",
+        fields.get("loss_fn_config"),
+        forward_only,
+    )
+    return _future(fut, model_id=fields["model_id"])
+
+
+async def _fwd_bwd_fields(request: Request, key: str) -> tuple[dict[str, Any], bool]:
+    """Both body encodings to one dict: 0.38 protobuf, or 0.22 JSON under `key`."""
+    if "application/x-protobuf" in request.headers.get("content-type", ""):
+        if request.headers.get("content-encoding", "identity") not in ("identity", ""):
+            raise ValueError("content-encoding: compressed protobuf bodies are not enabled on this server")
+        fields = proto.decode_forward_backward_request(await request.body())
+        return fields, bool(fields.get("forward_only"))
+    body = FwdBwdJson.model_validate(await request.json())
+    payload = getattr(body, key) or body.forward_backward_input or body.forward_input
+    if payload is None:
+        raise ValueError(f"{key}: missing")
+    fields = {"model_id": body.model_id, "seq_id": body.seq_id, **payload.model_dump()}
+    return fields, key == "forward_input"
+
+
+@router.post("/forward_backward")
+async def forward_backward(
+    request: Request, who: str = Depends(owner), svc: TinkerService = Depends(service)
+):
+    fields, forward_only = await _fwd_bwd_fields(request, "forward_backward_input")
+    return _fwd_bwd(fields, forward_only, who, svc)
+
+
+@router.post("/forward")
+async def forward(request: Request, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    fields, _ = await _fwd_bwd_fields(request, "forward_input")
+    return _fwd_bwd(fields, True, who, svc)
+
+
+class OptimStep(Body):
+    model_id: str
+    seq_id: int
+    adam_params: dict[str, Any] | None = None
+    optimizer_params: dict[str, Any] | None = None
+    optim_params: dict[str, Any] | None = None
+
+
+@router.post("/optim_step")
+def optim_step(body: OptimStep, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    params = dict(body.adam_params or body.optimizer_params or body.optim_params or {})
+    kind = params.pop("type", "adam")
+    if kind not in ("adam", "adamw"):
+        raise ValueError(f"optimizer_params.type: {kind!r} is not supported; use adam")
+    return _future(svc.optim_step(who, body.model_id, body.seq_id, params), model_id=body.model_id)
+
+
+class SaveWeights(Body):
+    model_id: str
+    seq_id: int
+    path: str | None = None
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+    sampling_session_seq_id: int | None = None
+
+
+@router.post("/save_weights")
+def save_weights(body: SaveWeights, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    if body.path is None:
+        raise ValueError("path: a checkpoint name is required")
+    fut = svc.save_weights(who, body.model_id, body.seq_id, body.path, body.ttl_seconds, body.overwrite)
+    return _future(fut, model_id=body.model_id)
+
+
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(
+    body: SaveWeights, who: str = Depends(owner), svc: TinkerService = Depends(service)
+):
+    fut = svc.save_weights_for_sampler(
+        who, body.model_id, body.seq_id, body.path, body.ttl_seconds, body.sampling_session_seq_id
+    )
+    return _future(fut, model_id=body.model_id)
+
+
+class LoadWeights(Body):
+    path: str
+    optimizer: bool = False
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
+@router.post("/load_weights")
+def load_weights(body: LoadWeights, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    if body.model_id is not None:
+        if body.seq_id is None:
+            raise ValueError("seq_id: required when loading into model_id")
+        fut = svc.load_weights(who, body.model_id, body.seq_id, body.path, body.optimizer)
+        return _future(fut, model_id=body.model_id)
+    if body.session_id is None or body.model_seq_id is None:
+        raise ValueError("load_weights: needs model_id + seq_id, or session_id + model_seq_id")
+    fut = svc.create_model_from_state(
+        who, body.session_id, body.model_seq_id, body.path, body.optimizer, body.user_metadata or {}
+    )
+    return _future(fut, model_id=f"{body.session_id}:train:{body.model_seq_id}")
+
+
+class WeightsInfo(Body):
+    tinker_path: str
+
+
+@router.post("/weights_info")
+def weights_info(body: WeightsInfo, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    return svc.weights_info(who, body.tinker_path)
+
+
+# sampling ---------------------------------------------------------------------------------------
+
+
+class CreateSamplingSession(Body):
+    session_id: str
+    sampling_session_seq_id: int
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+@router.post("/create_sampling_session")
+def create_sampling_session(
+    body: CreateSamplingSession, who: str = Depends(owner), svc: TinkerService = Depends(service)
+):
+    sampler_id = svc.create_sampling_session(
+        who, body.session_id, body.sampling_session_seq_id, body.base_model, body.model_path
+    )
+    return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+
+@router.get("/samplers/{sampler_id}")
+def get_sampler(sampler_id: str, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    return svc.get_sampler(who, sampler_id)
+
+
+class SampleBody(Body):
+    sampling_session_id: str
+    seq_id: int
+    prompt: dict[str, Any]
+    num_samples: int = Field(1, ge=1, le=1024)
+    sampling_params: dict[str, Any] = {}
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = Field(0, ge=0, le=1024)
+    topk_sample_logprobs: int = 0
+    prompt_alt_tokens_k: int = 0
+    target_prompt_logprobs: dict[str, Any] | None = None
+    prompt_logprobs_last_n: int | None = Field(None, ge=0)
+
+
+@router.post("/asample")
+def asample(body: SampleBody, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    for name in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
+        if getattr(body, name):
+            raise ValueError(f"{name}: not supported by this server (use 0)")
+    if body.target_prompt_logprobs is not None:
+        raise ValueError("target_prompt_logprobs: not supported by this server")
+    fut, sequence_ids = svc.sample(
+        who,
+        body.sampling_session_id,
+        body.seq_id,
+        body.prompt,
+        body.num_samples,
+        body.sampling_params,
+        body.prompt_logprobs or body.prompt_logprobs_last_n is not None,
+        body.topk_prompt_logprobs,
+        body.prompt_logprobs_last_n,
+    )
+    return _future(fut, sample_sequence_ids=sequence_ids)
+
+
+# futures ----------------------------------------------------------------------------------------
+
+
+class RetrieveFuture(Body):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(
+    body: RetrieveFuture, request: Request, who: str = Depends(owner), svc: TinkerService = Depends(service)
+):
+    fut = svc.futures.get(body.request_id)
+    if fut is None:
+        return JSONResponse({"detail": f"request {body.request_id} is unknown or its result expired"}, 410)
+    if not await svc.futures.wait(fut, request.app.state.long_poll_s):
+        return {"type": "try_again", "request_id": fut.request_id, "queue_state": "active"}
+    if fut.error is not None:
+        return {"error": str(fut.error), "category": fut.error.category}
+    wants_proto = "application/x-protobuf" in request.headers.get("accept", "")
+    return _result_response(fut.result, wants_proto)
+
+
+def _result_response(result: Any, wants_proto: bool) -> Any:
+    if isinstance(result, SampleResult):
+        if wants_proto:
+            return Response(proto.encode_sample_response(result), media_type="application/x-protobuf")
+        return {"type": "sample", **_sample_json(result)}
+    if isinstance(result, dict) and "loss_fn_outputs" in result:
+        outputs = [{k: v.numpy() for k, v in o.items()} for o in result["loss_fn_outputs"]]
+        if wants_proto:
+            body = proto.encode_forward_backward_output(outputs, result["metrics"])
+            return Response(body, media_type="application/x-protobuf")
+        return {
+            "loss_fn_output_type": "ArrayRecord",
+            "loss_fn_outputs": [{k: _tensor_json(v) for k, v in o.items()} for o in outputs],
+            "metrics": result["metrics"],
+        }
+    return result
+
+
+def _tensor_json(a: np.ndarray) -> dict[str, Any]:
+    return {"data": a.flatten().tolist(), "dtype": "float32", "shape": list(a.shape)}
+
+
+def _sample_json(result: SampleResult) -> dict[str, Any]:
+    out = dataclasses.asdict(result)
+    if result.topk_prompt_logprobs is not None:
+        out["topk_prompt_logprobs"] = [
+            None if row is None else [list(pair) for pair in row] for row in result.topk_prompt_logprobs
+        ]
+    return out
+
+
+# REST: training runs and checkpoints -------------------------------------------------------------
+
+
+@router.get("/training_runs/{run_id}/checkpoints")
+def list_checkpoints(run_id: str, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    checkpoints = svc.list_checkpoints(who, run_id)
+    return {
+        "checkpoints": checkpoints,
+        "cursor": {"offset": 0, "limit": len(checkpoints), "total_count": len(checkpoints)},
+    }
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
+def delete_checkpoint(
+    run_id: str, checkpoint_id: str, who: str = Depends(owner), svc: TinkerService = Depends(service)
+):
+    svc.delete_checkpoint(who, run_id, checkpoint_id)
+    return {}
+
+
+class Ttl(Body):
+    ttl_seconds: int | None = None
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl")
+def set_ttl(
+    run_id: str,
+    checkpoint_id: str,
+    body: Ttl,
+    who: str = Depends(owner),
+    svc: TinkerService = Depends(service),
+):
+    svc.set_checkpoint_ttl(who, run_id, checkpoint_id, body.ttl_seconds)
+    return {}
+
+
+@router.get("/training_runs/{run_id}")
+def get_training_run(run_id: str, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    return svc.training_run(who, run_id)
+
+
+@router.get("/training_runs")
+def list_training_runs(
+    limit: int = 20, offset: int = 0, who: str = Depends(owner), svc: TinkerService = Depends(service)
+):
+    runs = svc.training_runs(who)
+    return {
+        "training_runs": runs[offset : offset + limit],
+        "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)},
+    }

@@ -1,0 +1,109 @@
+"""Assembling a server: engines for the named base models, the control plane, the HTTP app."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+import threading
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from mintd.api.app import create_app
+from mintd.api.auth import Authenticator
+from mintd.config import EngineSettings, ServeSettings
+from mintd.engine.engine import Engine
+from mintd.service.checkpoints import CheckpointStore
+from mintd.service.futures import FutureStore
+from mintd.service.scheduler import SchedulerLimits
+from mintd.service.tinker import TinkerService
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _secret(data_dir: Path) -> bytes:
+    """The JWT signing key: made once per data dir, so tokens survive a restart."""
+    path = data_dir / "jwt-secret"
+    if not path.is_file():
+        path.write_bytes(secrets.token_bytes(32))
+        path.chmod(0o600)
+    return path.read_bytes()
+
+
+def parse_keys(keys: list[str]) -> dict[str, str]:
+    """`KEY` (owner named after the key's prefix) or `OWNER=KEY`."""
+    out = {}
+    for item in keys:
+        owner, sep, key = item.partition("=")
+        if not sep:
+            owner, key = f"key-{item[:8]}", item
+        if not key or not owner:
+            raise ValueError(f"--api-key: {item!r} must be KEY or OWNER=KEY")
+        out[key] = owner
+    return out
+
+
+def build_app(
+    models: dict[str, Path],
+    settings: ServeSettings | None = None,
+    api_keys: list[str] | None = None,
+    engine_settings: EngineSettings | None = None,
+) -> tuple[FastAPI, TinkerService]:
+    settings = settings or ServeSettings()
+    keys = parse_keys(api_keys or [])
+    if not keys and not is_loopback(settings.host):
+        raise ValueError(f"--host {settings.host}: binding beyond loopback needs at least one --api-key")
+    if not models:
+        raise ValueError("--model: give at least one NAME=DIR")
+    data_dir = Path(settings.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engines = {name: Engine(path, engine_settings) for name, path in models.items()}
+    limits = SchedulerLimits(
+        max_train_tokens=settings.max_train_tokens,
+        max_sample_rows=settings.max_sample_rows,
+        seq_gap_timeout_s=settings.seq_gap_timeout_s,
+    )
+    service = TinkerService(
+        engines,
+        CheckpointStore(data_dir / "checkpoints"),
+        FutureStore(settings.future_retention_s),
+        limits,
+        settings.ephemeral_samplers_per_run,
+    )
+    auth = Authenticator(keys, _secret(data_dir))
+    return create_app(service, auth, settings.long_poll_s), service
+
+
+class ServerThread:
+    """A real uvicorn server on a background thread (the demo and the end-to-end tests use it)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="mintd-http", daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"server failed to start on {self.url}")
+            threading.Event().wait(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

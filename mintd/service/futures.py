@@ -1,0 +1,101 @@
+"""Futures: every queued request gets an id at once; its result is fetched later by long-poll.
+
+Submissions are idempotent by their natural key (for example `(model_id, seq_id)`): the SDK may send
+the same request twice (its outer retry loop makes a new idempotency header each time), and the second
+one must get the first one's id rather than run again. Results are kept `retention_s` after they
+complete; after that a poll gets "expired" (HTTP 410 upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Category = Literal["user", "server", "unknown"]
+
+
+class RequestError(Exception):
+    """A failure the client should see as a terminal error with this category."""
+
+    def __init__(self, message: str, category: Category = "user") -> None:
+        super().__init__(message)
+        self.category = category
+
+
+@dataclass
+class Future:
+    request_id: str
+    kind: str
+    created_at: float = field(default_factory=time.monotonic)
+    done_at: float | None = None
+    result: Any = None
+    error: RequestError | None = None
+    _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.done_at is not None
+
+
+class FutureStore:
+    def __init__(self, retention_s: float) -> None:
+        self.retention_s = retention_s
+        self._lock = threading.Lock()
+        self._futures: dict[str, Future] = {}
+        self._by_key: dict[tuple, str] = {}
+        self._ids = itertools.count(1)
+
+    def create(
+        self, kind: str, key: tuple | None = None, request_id: str | None = None
+    ) -> tuple[Future, bool]:
+        """(future, created). An existing future for `key` is returned with created=False."""
+        with self._lock:
+            self._expire()
+            if key is not None and key in self._by_key:
+                existing = self._futures.get(self._by_key[key])
+                if existing is not None:
+                    return existing, False
+            rid = request_id or f"req-{next(self._ids)}"
+            fut = Future(rid, kind)
+            self._futures[rid] = fut
+            if key is not None:
+                self._by_key[key] = rid
+            return fut, True
+
+    def get(self, request_id: str) -> Future | None:
+        with self._lock:
+            self._expire()
+            return self._futures.get(request_id)
+
+    def resolve(self, fut: Future, result: Any = None, error: RequestError | None = None) -> None:
+        """Called from any thread; wakes every long-poll waiting on `fut`."""
+        with self._lock:
+            fut.result, fut.error, fut.done_at = result, error, time.monotonic()
+            waiters, fut._waiters = fut._waiters, []
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    async def wait(self, fut: Future, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for `fut`; True if it is done."""
+        event = asyncio.Event()
+        with self._lock:
+            if fut.done:
+                return True
+            fut._waiters.append((asyncio.get_running_loop(), event))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+        return fut.done
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.retention_s
+        stale = [rid for rid, f in self._futures.items() if f.done_at is not None and f.done_at < cutoff]
+        for rid in stale:
+            del self._futures[rid]
+        if stale:
+            gone = set(stale)
+            self._by_key = {k: v for k, v in self._by_key.items() if v not in gone}

@@ -1,0 +1,344 @@
+"""The engine worker: the only thread that touches an engine.
+
+Policy lives here, mechanics in the engine. Each training run's requests execute strictly in seq_id
+order (early arrivals wait in a buffer). Ready forward_backward work of *all* runs is merged into one
+engine call; ready samples of all sampling sessions decode together. Both are taken round-robin with a
+per-round cap, so one busy client cannot starve the others. A run whose next seq_id never arrives is
+failed after `seq_gap_timeout_s` with an error naming the missing id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mintd.engine.engine import Engine
+from mintd.engine.sampling import SampleRequest
+from mintd.engine.train import TrainGroup, TrainOutput
+from mintd.service.futures import Future, FutureStore, RequestError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOp:
+    """forward or forward_backward: batchable with other runs' ops."""
+
+    group: TrainGroup
+    forward_only: bool
+    finish: Callable[[TrainOutput], Any]
+    slot: Callable[[], int] | None = None  # read when the op runs: earlier ops may change the slot
+
+
+@dataclass
+class CallOp:
+    """Anything else on a run (optim_step, save, load): runs alone, in order."""
+
+    fn: Callable[[Engine], Any]
+
+
+@dataclass
+class _Queued:
+    future: Future
+    op: TrainOp | CallOp
+
+
+@dataclass
+class _RunQueue:
+    next_seq: int = 1
+    waiting: dict[int, _Queued] = field(default_factory=dict)
+    waiting_since: float = field(default_factory=time.monotonic)
+    failed: str | None = None
+
+    def head(self) -> _Queued | None:
+        return self.waiting.get(self.next_seq)
+
+
+@dataclass
+class SampleOp:
+    request: SampleRequest | Callable[[Engine], SampleRequest]  # a callable resolves the slot lazily
+    finish: Callable[[Any], Any]
+
+
+@dataclass
+class SchedulerLimits:
+    max_train_ops_per_run: int = 4  # per round: fair share between runs
+    max_train_tokens: int = 65536  # per merged forward_backward call
+    max_sample_rows: int = 64  # per decode batch
+    seq_gap_timeout_s: float = 300.0
+
+
+class EngineWorker:
+    def __init__(self, engine: Engine, futures: FutureStore, limits: SchedulerLimits, name: str) -> None:
+        self.engine = engine
+        self.futures = futures
+        self.limits = limits
+        self._cv = threading.Condition()
+        self._runs: dict[str, _RunQueue] = {}
+        self._rr = 0
+        self._samples: dict[str, deque[tuple[Future, SampleOp]]] = {}
+        self._direct: deque[tuple[Future, CallOp]] = deque()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    # submission (any thread) ---------------------------------------------------------------------
+
+    def add_run(self, model_id: str, next_seq: int = 1) -> None:
+        with self._cv:
+            self._runs.setdefault(model_id, _RunQueue(next_seq=next_seq))
+
+    def remove_run(self, model_id: str) -> None:
+        with self._cv:
+            queue = self._runs.pop(model_id, None)
+        for item in queue.waiting.values() if queue else ():
+            self.futures.resolve(item.future, error=RequestError(f"model {model_id} was unloaded"))
+
+    def submit_run_op(self, model_id: str, seq_id: int, future: Future, op: TrainOp | CallOp) -> None:
+        with self._cv:
+            queue = self._runs.get(model_id)
+            if queue is None or queue.failed:
+                reason = queue.failed if queue else f"unknown model_id {model_id}"
+                self.futures.resolve(future, error=RequestError(reason))
+                return
+            if seq_id < queue.next_seq or seq_id in queue.waiting:
+                self.futures.resolve(future, error=RequestError(f"seq_id {seq_id} was already used"))
+                return
+            if not queue.waiting:
+                queue.waiting_since = time.monotonic()
+            queue.waiting[seq_id] = _Queued(future, op)
+            self._cv.notify()
+
+    def submit_sample(self, session_id: str, future: Future, op: SampleOp) -> None:
+        with self._cv:
+            self._samples.setdefault(session_id, deque()).append((future, op))
+            self._cv.notify()
+
+    def submit_call(self, future: Future, op: CallOp) -> None:
+        """Work outside any run's order (creating a run, loading a sampler)."""
+        with self._cv:
+            self._direct.append((future, op))
+            self._cv.notify()
+
+    def call(self, fn: Callable[[Engine], Any], timeout: float = 600.0) -> Any:
+        """Run `fn(engine)` on the worker thread and wait for it (for short synchronous requests)."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def wrapped(engine: Engine) -> None:
+            try:
+                box["result"] = fn(engine)
+            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = exc
+            finally:
+                done.set()
+
+        with self._cv:
+            self._direct.append((None, CallOp(wrapped)))
+            self._cv.notify()
+        if not done.wait(timeout):
+            raise TimeoutError("engine worker did not answer")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # the loop (worker thread) ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._has_work():
+                    self._fail_stalled_runs()
+                    self._cv.wait(timeout=1.0)
+                if self._stop:
+                    return
+                direct = list(self._direct)
+                self._direct.clear()
+                calls, train = self._take_run_ops()
+                samples = self._take_samples()
+            for fut, op in direct:
+                self._run_call(fut, op)
+            for fut, op in calls:
+                self._run_call(fut, op)
+            if train:
+                self._run_train(train)
+            if samples:
+                self._run_samples(samples)
+
+    def _has_work(self) -> bool:
+        return (
+            bool(self._direct)
+            or any(self._samples.values())
+            or any(q.head() is not None for q in self._runs.values())
+        )
+
+    def _fail_stalled_runs(self) -> None:
+        now = time.monotonic()
+        for model_id, queue in self._runs.items():
+            if (
+                queue.waiting
+                and queue.head() is None
+                and now - queue.waiting_since > self.limits.seq_gap_timeout_s
+            ):
+                queue.failed = (
+                    f"model {model_id}: seq_id {queue.next_seq} never arrived within "
+                    f"{self.limits.seq_gap_timeout_s:.0f}s; the training run is stopped"
+                )
+                for item in queue.waiting.values():
+                    self.futures.resolve(item.future, error=RequestError(queue.failed))
+                queue.waiting.clear()
+
+    def _take_run_ops(self) -> tuple[list[tuple[Future, CallOp]], list[tuple[Future, TrainOp]]]:
+        """Round-robin over runs: each gives its in-order head ops (up to the fair-share cap)."""
+        calls: list[tuple[Future, CallOp]] = []
+        train: list[tuple[Future, TrainOp]] = []
+        ids = list(self._runs)
+        if not ids:
+            return calls, train
+        self._rr = (self._rr + 1) % len(ids)
+        tokens = 0
+        for model_id in ids[self._rr :] + ids[: self._rr]:
+            queue = self._runs[model_id]
+            took_train = False
+            for _ in range(self.limits.max_train_ops_per_run):
+                item = queue.head()
+                if item is None:
+                    break
+                if isinstance(item.op, TrainOp):
+                    size = sum(len(d.tokens) for d in item.op.group.data)
+                    if train and tokens + size > self.limits.max_train_tokens:
+                        break
+                    tokens += size
+                    train.append((item.future, item.op))
+                    took_train = True
+                elif took_train:  # calls run before the batch, so this one waits for the next round
+                    break
+                else:
+                    calls.append((item.future, item.op))
+                del queue.waiting[queue.next_seq]
+                queue.next_seq += 1
+                queue.waiting_since = time.monotonic()
+        return calls, train
+        self._rr = (self._rr + 1) % len(ids)
+        tokens = 0
+        for model_id in ids[self._rr :] + ids[: self._rr]:
+            queue = self._runs[model_id]
+            for _ in range(self.limits.max_train_ops_per_run):
+                item = queue.head()
+                if item is None:
+                    break
+                if isinstance(item.op, TrainOp):
+                    size = sum(len(d.tokens) for d in item.op.group.data)
+                    if train and tokens + size > self.limits.max_train_tokens:
+                        break
+                    tokens += size
+                    train.append((item.future, item.op))
+                elif train or calls:  # a call waits for this round's batch; it runs next round
+                    break
+                else:
+                    calls.append((item.future, item.op))
+                del queue.waiting[queue.next_seq]
+                queue.next_seq += 1
+                queue.waiting_since = time.monotonic()
+                if isinstance(item.op, CallOp):
+                    break
+        return calls, train
+
+    def _take_samples(self) -> list[tuple[Future, SampleOp]]:
+        taken: list[tuple[Future, SampleOp]] = []
+        rows = 0
+        queues = [q for q in self._samples.values() if q]
+        while queues and rows < self.limits.max_sample_rows:
+            for q in list(queues):
+                if not q:
+                    queues.remove(q)
+                    continue
+                fut, op = q.popleft()
+                taken.append((fut, op))
+                rows += op.request.num_samples if isinstance(op.request, SampleRequest) else 1
+            queues = [q for q in queues if q]
+        self._samples = {k: v for k, v in self._samples.items() if v}
+        return taken
+
+    def _run_call(self, fut: Future | None, op: CallOp) -> None:
+        try:
+            result = op.fn(self.engine)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the future's error
+            if fut is not None:
+                self.futures.resolve(fut, error=_as_request_error(exc))
+            return
+        if fut is not None:
+            self.futures.resolve(fut, result)
+
+    def _run_train(self, items: list[tuple[Future, TrainOp]]) -> None:
+        for _, op in items:
+            if op.slot is not None:
+                op.group.slot = op.slot()
+        for forward_only in (False, True):
+            batch = [
+                (f, op)
+                for f, op in items
+                if op.forward_only == forward_only
+                and self._valid(f, lambda op=op, fo=forward_only: self.engine.check_train(op.group, fo))
+            ]
+            if not batch:
+                continue
+            try:
+                outputs = self.engine.forward_backward(
+                    [op.group for _, op in batch], forward_only=forward_only
+                )
+            except Exception as exc:  # noqa: BLE001 - checked already, so this is the server's fault
+                for fut, _ in batch:
+                    self.futures.resolve(fut, error=_as_request_error(exc, "server"))
+                continue
+            for (fut, op), out in zip(batch, outputs, strict=True):
+                self.futures.resolve(fut, op.finish(out))
+
+    def _run_samples(self, items: list[tuple[Future, SampleOp]]) -> None:
+        ready: list[tuple[Future, SampleOp, SampleRequest]] = []
+        for fut, op in items:
+            try:
+                req = op.request(self.engine) if callable(op.request) else op.request
+                self.engine.check_sample(req)
+            except Exception as exc:  # noqa: BLE001
+                self.futures.resolve(fut, error=_as_request_error(exc))
+                continue
+            ready.append((fut, op, req))
+        if not ready:
+            return
+        try:
+            results = self.engine.sample([req for _, _, req in ready])
+        except Exception as exc:  # noqa: BLE001 - checked already, so this is the server's fault
+            for fut, _, _ in ready:
+                self.futures.resolve(fut, error=_as_request_error(exc, "server"))
+            return
+        for (fut, op, _), res in zip(ready, results, strict=True):
+            self.futures.resolve(fut, op.finish(res))
+
+    def _valid(self, fut: Future, check: Callable[[], None]) -> bool:
+        try:
+            check()
+        except Exception as exc:  # noqa: BLE001
+            self.futures.resolve(fut, error=_as_request_error(exc))
+            return False
+        return True
+
+
+def _as_request_error(exc: Exception, blame: str = "user") -> RequestError:
+    if isinstance(exc, RequestError):
+        return exc
+    if blame == "user" and isinstance(exc, (ValueError, KeyError, FileNotFoundError)):
+        return RequestError(str(exc).strip("'\""), "user")
+    log.exception("engine work failed", exc_info=exc)
+    return RequestError(f"internal error: {type(exc).__name__}", "server")

@@ -1,0 +1,602 @@
+"""The control plane behind the Tinker API: sessions, training runs, samplers, checkpoints, futures.
+
+It knows names (model ids, sampler ids, tinker:// paths) and maps them to engine slots; the engine
+only ever sees slots. Methods raise ValueError for bad input (HTTP 400) and NotFound for unknown or
+foreign objects (HTTP 404, so other owners' objects do not leak). Engine work is queued on the base
+model's worker and answered through futures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mintd.engine import sampling, train
+from mintd.engine.adapters import BASE_SLOT, LoraSpec
+from mintd.engine.engine import Engine
+from mintd.engine.optim import AdamParams
+from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
+from mintd.engine.train import TrainGroup, TrainOutput
+from mintd.service import wire
+from mintd.service.checkpoints import (
+    CheckpointNotFound,
+    CheckpointStore,
+    TinkerPath,
+    check_name,
+    check_ttl,
+)
+from mintd.service.futures import Future, FutureStore, RequestError
+from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
+
+
+class NotFound(LookupError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str
+    tags: list[str]
+    user_metadata: dict[str, Any]
+    created_at: float = field(default_factory=time.time)
+    last_heartbeat: float = field(default_factory=time.time)
+    finished: str | None = None
+    run_ids: list[str] = field(default_factory=list)
+    sampler_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    model_id: str
+    session_id: str
+    owner: str
+    base_model: str
+    spec: LoraSpec
+    user_metadata: dict[str, Any]
+    slot: int = BASE_SLOT
+    ephemeral: OrderedDict[str, int] = field(default_factory=OrderedDict)  # sampler id -> snapshot slot
+    last_request_time: float = field(default_factory=time.time)
+
+
+@dataclass
+class Sampler:
+    id: str
+    owner: str
+    base_model: str
+    model_path: str | None
+    slot: int | None  # None until the first sample loads the checkpoint (a scheduled cold load)
+
+
+@dataclass
+class BaseModelHandle:
+    name: str
+    model_dir: Path
+    engine: Engine
+    worker: EngineWorker
+
+
+class TinkerService:
+    def __init__(
+        self,
+        models: dict[str, Engine],
+        store: CheckpointStore,
+        futures: FutureStore,
+        limits: SchedulerLimits,
+        ephemeral_samplers_per_run: int = 8,
+    ) -> None:
+        self.models = {
+            name: BaseModelHandle(name, e.model_dir, e, EngineWorker(e, futures, limits, name))
+            for name, e in models.items()
+        }
+        self.store = store
+        self.futures = futures
+        self.ephemeral_per_run = ephemeral_samplers_per_run
+        self._lock = threading.RLock()
+        self._sessions: dict[str, Session] = {}
+        self._runs: dict[str, Run] = {}
+        self._samplers: dict[str, Sampler] = {}
+        self._sample_seq = itertools.count()
+
+    def close(self) -> None:
+        for handle in self.models.values():
+            handle.worker.stop()
+
+    # lookups ------------------------------------------------------------------------------------
+
+    def base(self, name: str | None, field_name: str = "base_model") -> BaseModelHandle:
+        if name is None and len(self.models) == 1:
+            return next(iter(self.models.values()))
+        handle = self.models.get(name.split(":", 1)[0] if name else "")
+        if handle is None:
+            raise ValueError(
+                f"{field_name}: unknown base model {name!r}; this server has {sorted(self.models)}"
+            )
+        return handle
+
+    def session(self, session_id: str, owner: str, live: bool = False) -> Session:
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None or s.owner != owner:
+            raise NotFound(f"session {session_id} not found")
+        if live and s.finished:
+            raise ValueError(f"session_id: session {session_id} is finished ({s.finished})")
+        return s
+
+    def run(self, model_id: str, owner: str) -> Run:
+        with self._lock:
+            r = self._runs.get(model_id)
+        if r is None or r.owner != owner:
+            raise NotFound(f"model_id: training run {model_id} not found")
+        return r
+
+    def sampler(self, sampler_id: str, owner: str) -> Sampler:
+        with self._lock:
+            s = self._samplers.get(sampler_id)
+        if s is None or s.owner != owner:
+            raise NotFound(f"sampling_session_id: sampler {sampler_id} not found")
+        return s
+
+    def _owned_path(self, path: str, owner: str, field_name: str = "path") -> TinkerPath:
+        p = TinkerPath.parse(path, field_name)
+        record = self.store.read_run(p.run_id)
+        if record is None or record["owner"] != owner:
+            raise NotFound(f"{field_name}: checkpoint {path} not found")
+        return p
+
+    # sessions -----------------------------------------------------------------------------------
+
+    def create_session(self, owner: str, tags: list[str], user_metadata: dict[str, Any]) -> str:
+        session = Session(f"s-{uuid.uuid4().hex[:16]}", owner, tags, user_metadata)
+        with self._lock:
+            self._sessions[session.id] = session
+        return session.id
+
+    def heartbeat(self, session_id: str, owner: str) -> None:
+        self.session(session_id, owner).last_heartbeat = time.time()
+
+    def finish_session(self, session_id: str, owner: str, reason: str) -> None:
+        s = self.session(session_id, owner)
+        s.finished = s.finished or reason  # first wins
+
+    # training runs ------------------------------------------------------------------------------
+
+    def _submit_direct(self, handle: BaseModelHandle, key: tuple, kind: str, fn) -> Future:
+        fut, created = self.futures.create(kind, key)
+        if created:
+            handle.worker.submit_call(fut, CallOp(fn))
+        return fut
+
+    def create_model(
+        self,
+        owner: str,
+        session_id: str,
+        model_seq_id: int,
+        base_model: str,
+        lora_config: dict[str, Any],
+        user_metadata: dict[str, Any],
+    ) -> Future:
+        self.session(session_id, owner, live=True)
+        handle = self.base(base_model)
+        spec = LoraSpec(**lora_config)
+        model_id = f"{session_id}:train:{model_seq_id}"
+
+        def create(engine: Engine) -> dict[str, Any]:
+            slot = engine.create_adapter(spec)
+            self._register_run(Run(model_id, session_id, owner, handle.name, spec, user_metadata, slot))
+            return {"model_id": model_id, "type": "create_model"}
+
+        return self._submit_direct(handle, ("model", session_id, model_seq_id), "CreateModel", create)
+
+    def _register_run(self, run: Run) -> None:
+        with self._lock:
+            self._runs[run.model_id] = run
+            self._sessions[run.session_id].run_ids.append(run.model_id)
+        self.models[run.base_model].worker.add_run(run.model_id)
+        self.store.write_run(run.model_id, self._run_record(run))
+
+    def _run_record(self, run: Run) -> dict[str, Any]:
+        return {
+            "training_run_id": run.model_id,
+            "owner": run.owner,
+            "base_model": run.base_model,
+            "lora": run.spec.model_dump(),
+            "user_metadata": run.user_metadata,
+            "session_id": run.session_id,
+        }
+
+    def get_info(self, model_id: str, owner: str) -> dict[str, Any]:
+        run = self.run(model_id, owner)
+        handle = self.models[run.base_model]
+        return {
+            "type": "get_info",
+            "model_id": model_id,
+            "model_data": {
+                "arch": handle.engine.model.config.model_type,
+                "model_name": run.base_model,
+                "tokenizer_id": str(handle.model_dir.resolve()),
+            },
+            "is_lora": True,
+            "lora_rank": run.spec.rank,
+            "model_name": run.base_model,
+        }
+
+    def _run_op(self, owner: str, model_id: str, seq_id: int, kind: str, op_factory) -> Future:
+        """Queue a run op in seq order; a repeated (model_id, seq_id) gets the first future back.
+
+        Input errors found here still consume the seq_id (as a failed future) so that the run's queue
+        does not stall, and are then raised for an immediate 400."""
+        run = self.run(model_id, owner)
+        if not isinstance(seq_id, int) or seq_id < 1:
+            raise ValueError("seq_id: must be an integer >= 1")
+        fut, created = self.futures.create(kind, ("run", model_id, seq_id))
+        if not created:
+            return fut
+        worker = self.models[run.base_model].worker
+        try:
+            op = op_factory(run)
+        except (ValueError, NotFound) as exc:
+            worker.submit_run_op(model_id, seq_id, fut, CallOp(lambda _e, exc=exc: _raise(exc)))
+            raise
+        run.last_request_time = time.time()
+        worker.submit_run_op(model_id, seq_id, fut, op)
+        return fut
+
+    def forward_backward(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int,
+        data: list[Any],
+        loss_fn: str,
+        loss_fn_config: dict[str, Any] | None,
+        forward_only: bool,
+    ) -> Future:
+        def make(run: Run) -> TrainOp:
+            handle = self.models[run.base_model]
+            config = {k: float(v) for k, v in (loss_fn_config or {}).items() if isinstance(v, (int, float))}
+            group = TrainGroup(run.slot, [wire.datum(d, i) for i, d in enumerate(data)], loss_fn, config)
+            train.validate(group, handle.engine.vocab_size, handle.engine.max_len)
+            return TrainOp(group, forward_only, _forward_result, slot=lambda: run.slot)
+
+        return self._run_op(owner, model_id, seq_id, "Forward" if forward_only else "ForwardBackward", make)
+
+    def optim_step(self, owner: str, model_id: str, seq_id: int, params: dict[str, Any]) -> Future:
+        def make(run: Run) -> CallOp:
+            adam = AdamParams(**params)
+            return CallOp(lambda e: {"metrics": e.optim_step(run.slot, adam), "type": "optim_step"})
+
+        return self._run_op(owner, model_id, seq_id, "OptimStep", make)
+
+    def save_weights(
+        self, owner: str, model_id: str, seq_id: int, name: str, ttl_seconds: int | None, overwrite: bool
+    ) -> Future:
+        """save_state: weights and optimizer state, loadable for training."""
+
+        def make(run: Run) -> CallOp:
+            path = TinkerPath(model_id, "weights", check_name(name))
+            check_ttl(ttl_seconds)
+            return CallOp(lambda e: self._save(e, run, path, ttl_seconds, overwrite, with_optimizer=True))
+
+        return self._run_op(owner, model_id, seq_id, "SaveWeights", make)
+
+    def save_weights_for_sampler(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int,
+        name: str | None,
+        ttl_seconds: int | None,
+        sampling_session_seq_id: int | None,
+    ) -> Future:
+        def make(run: Run) -> CallOp:
+            if name is None:  # ephemeral: a snapshot slot and a sampler, no disk round trip
+                seq = (
+                    sampling_session_seq_id if sampling_session_seq_id is not None else next(self._sample_seq)
+                )
+                sampler_id = f"{run.session_id}:sample:{seq}"
+                return CallOp(lambda e: self._ephemeral_sampler(e, run, sampler_id))
+            path = TinkerPath(model_id, "sampler_weights", check_name(name))
+            check_ttl(ttl_seconds)
+            return CallOp(lambda e: self._save(e, run, path, ttl_seconds, True, with_optimizer=False))
+
+        return self._run_op(owner, model_id, seq_id, "SaveWeightsForSampler", make)
+
+    def _save(
+        self,
+        engine: Engine,
+        run: Run,
+        path: TinkerPath,
+        ttl: int | None,
+        overwrite: bool,
+        with_optimizer: bool,
+    ) -> dict[str, Any]:
+        spec, tensors = engine.export_adapter(run.slot, with_optimizer=with_optimizer)
+        meta = {
+            "base_model": run.base_model,
+            "fingerprint": engine.fingerprint,
+            "lora": spec.model_dump(),
+            "has_optimizer": with_optimizer,
+        }
+        self.store.save(path, tensors, meta, ttl_seconds=ttl, overwrite=overwrite)
+        kind = "save_weights" if with_optimizer else "save_weights_for_sampler"
+        return {"path": str(path), "type": kind}
+
+    def _ephemeral_sampler(self, engine: Engine, run: Run, sampler_id: str) -> dict[str, Any]:
+        slot = engine.snapshot(run.slot)
+        with self._lock:
+            self._samplers[sampler_id] = Sampler(sampler_id, run.owner, run.base_model, None, slot)
+            self._sessions[run.session_id].sampler_ids.append(sampler_id)
+            run.ephemeral[sampler_id] = slot
+            while len(run.ephemeral) > self.ephemeral_per_run:  # bounded: the oldest snapshots go
+                old_id, old_slot = run.ephemeral.popitem(last=False)
+                self._samplers.pop(old_id, None)
+                engine.drop(old_slot)
+        return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+
+    def _read_checkpoint(self, engine: Engine, path: TinkerPath, base_model: str):
+        info, tensors = self.store.load(path)
+        if info.meta["fingerprint"] != engine.fingerprint:
+            trained_on = info.meta["base_model"]
+            raise ValueError(
+                f"path: checkpoint {path} was trained on base model {trained_on!r}, not {base_model!r}"
+            )
+        return info, LoraSpec(**info.meta["lora"]), tensors
+
+    def load_weights(self, owner: str, model_id: str, seq_id: int, path: str, optimizer: bool) -> Future:
+        """Legacy load_state: replace a run's adapter (and optionally optimizer) from a checkpoint."""
+
+        def make(run: Run) -> CallOp:
+            p = self._owned_path(path, owner)
+
+            def load(engine: Engine) -> dict[str, Any]:
+                info, spec, tensors = self._read_checkpoint(engine, p, run.base_model)
+                slot = engine.load_adapter(spec, _select(tensors, optimizer))
+                engine.drop(run.slot)
+                run.slot, run.spec = slot, spec
+                return {"path": path, "model_id": model_id, "type": "load_weights"}
+
+            return CallOp(load)
+
+        return self._run_op(owner, model_id, seq_id, "LoadWeights", make)
+
+    def create_model_from_state(
+        self,
+        owner: str,
+        session_id: str,
+        model_seq_id: int,
+        path: str,
+        optimizer: bool,
+        user_metadata: dict[str, Any],
+    ) -> Future:
+        """0.38 create-via-load: a new run whose adapter (and optimizer) come from a checkpoint."""
+        self.session(session_id, owner, live=True)
+        p = self._owned_path(path, owner)
+        record = self.store.read_run(p.run_id)
+        handle = self.base(record["base_model"])
+        model_id = f"{session_id}:train:{model_seq_id}"
+
+        def create(engine: Engine) -> dict[str, Any]:
+            _, spec, tensors = self._read_checkpoint(engine, p, handle.name)
+            slot = engine.load_adapter(spec, _select(tensors, optimizer))
+            metadata = user_metadata or record.get("user_metadata") or {}
+            self._register_run(Run(model_id, session_id, owner, handle.name, spec, metadata, slot))
+            return {"model_id": model_id, "path": path, "type": "load_weights"}
+
+        return self._submit_direct(handle, ("model", session_id, model_seq_id), "LoadWeights", create)
+
+    def weights_info(self, owner: str, path: str) -> dict[str, Any]:
+        p = self._owned_path(path, owner, "tinker_path")
+        try:
+            meta = self.store.info(p).meta
+        except CheckpointNotFound as exc:
+            raise NotFound(str(exc)) from None
+        lora = meta["lora"]
+        return {
+            "base_model": meta["base_model"],
+            "is_lora": True,
+            "lora_rank": lora["rank"],
+            "train_attn": lora["train_attn"],
+            "train_mlp": lora["train_mlp"],
+            "train_unembed": lora["train_unembed"],
+        }
+
+    def unload_model(self, owner: str, model_id: str) -> Future:
+        run = self.run(model_id, owner)
+        handle = self.models[run.base_model]
+
+        def unload(engine: Engine) -> dict[str, Any]:
+            handle.worker.remove_run(model_id)
+            for slot in [run.slot, *run.ephemeral.values()]:
+                engine.drop(slot)
+            with self._lock:
+                self._runs.pop(model_id, None)
+                for sampler_id in run.ephemeral:
+                    self._samplers.pop(sampler_id, None)
+            return {"model_id": model_id, "type": "unload_model"}
+
+        return self._submit_direct(handle, ("unload", model_id), "UnloadModel", unload)
+
+    # sampling -----------------------------------------------------------------------------------
+
+    def create_sampling_session(
+        self, owner: str, session_id: str, seq: int, base_model: str | None, model_path: str | None
+    ) -> str:
+        self.session(session_id, owner, live=True)
+        sampler_id = f"{session_id}:sample:{seq}"
+        with self._lock:
+            existing = self._samplers.get(sampler_id)
+        if existing is not None:
+            return sampler_id
+        if model_path is not None:
+            p = self._owned_path(model_path, owner, "model_path")
+            try:
+                self.store.info(p)
+            except CheckpointNotFound as exc:
+                raise NotFound(f"model_path: {exc}") from None
+            handle = self.base(self.store.read_run(p.run_id)["base_model"])
+            sampler = Sampler(sampler_id, owner, handle.name, model_path, None)
+        else:
+            handle = self.base(base_model)
+            sampler = Sampler(sampler_id, owner, handle.name, None, BASE_SLOT)
+        with self._lock:
+            self._samplers[sampler_id] = sampler
+            self._sessions[session_id].sampler_ids.append(sampler_id)
+        return sampler_id
+
+    def get_sampler(self, owner: str, sampler_id: str) -> dict[str, Any]:
+        s = self.sampler(sampler_id, owner)
+        return {"sampler_id": s.id, "base_model": s.base_model, "model_path": s.model_path}
+
+    def sample(
+        self,
+        owner: str,
+        sampler_id: str,
+        seq_id: int,
+        prompt: Any,
+        num_samples: int,
+        sampling_params: dict[str, Any],
+        prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
+        prompt_logprobs_last_n: int | None,
+    ) -> tuple[Future, list[str]]:
+        sampler = self.sampler(sampler_id, owner)
+        handle = self.models[sampler.base_model]
+        tokens = wire.tokens(prompt, "prompt")
+        params = SamplingParams(**{k: v for k, v in sampling_params.items() if v is not None or k == "stop"})
+        request = SampleRequest(BASE_SLOT, tokens, params, num_samples, prompt_logprobs, topk_prompt_logprobs)
+        sampling.validate(request, handle.engine.vocab_size, handle.engine.max_len)
+        sequence_ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(num_samples)]
+        fut, created = self.futures.create("Sample", ("sample", sampler_id, seq_id))
+        if created:
+
+            def resolve(engine: Engine) -> SampleRequest:
+                request.slot = self._sampler_slot(engine, sampler)
+                return request
+
+            def finish(result: SampleResult) -> SampleResult:
+                if prompt_logprobs_last_n is not None and result.prompt_logprobs is not None:
+                    keep = len(result.prompt_logprobs) - prompt_logprobs_last_n
+                    result.prompt_logprobs = [
+                        None if i < keep else v for i, v in enumerate(result.prompt_logprobs)
+                    ]
+                return result
+
+            handle.worker.submit_sample(sampler_id, fut, SampleOp(resolve, finish))
+        return fut, sequence_ids
+
+    def _sampler_slot(self, engine: Engine, sampler: Sampler) -> int:
+        """Runs on the worker: a checkpoint sampler's adapter is loaded once, on first use."""
+        if sampler.slot is None:
+            p = TinkerPath.parse(sampler.model_path, "model_path")
+            _, spec, tensors = self._read_checkpoint(engine, p, sampler.base_model)
+            sampler.slot = engine.load_adapter(spec, _select(tensors, False), trainable=False)
+        if sampler.slot != BASE_SLOT and sampler.slot not in engine.slots:
+            raise RequestError(f"sampler {sampler.id} expired; save the weights for sampling again")
+        return sampler.slot
+
+    # REST views ---------------------------------------------------------------------------------
+
+    def list_checkpoints(self, owner: str, run_id: str) -> list[dict[str, Any]]:
+        record = self.store.read_run(run_id)
+        if record is None or record["owner"] != owner:
+            raise NotFound(f"training run {run_id} not found")
+        return [_checkpoint_view(c) for c in self.store.list(run_id)]
+
+    def delete_checkpoint(self, owner: str, run_id: str, checkpoint_id: str) -> None:
+        p = self._owned_path(f"tinker://{run_id}/{checkpoint_id}", owner, "checkpoint_id")
+        try:
+            self.store.delete(p)
+        except CheckpointNotFound as exc:
+            raise NotFound(str(exc)) from None
+
+    def set_checkpoint_ttl(
+        self, owner: str, run_id: str, checkpoint_id: str, ttl_seconds: int | None
+    ) -> None:
+        p = self._owned_path(f"tinker://{run_id}/{checkpoint_id}", owner, "checkpoint_id")
+        try:
+            self.store.set_ttl(p, check_ttl(ttl_seconds))
+        except CheckpointNotFound as exc:
+            raise NotFound(str(exc)) from None
+
+    def training_run(self, owner: str, run_id: str) -> dict[str, Any]:
+        record = self.store.read_run(run_id)
+        if record is None or record["owner"] != owner:
+            raise NotFound(f"training run {run_id} not found")
+        checkpoints = self.store.list(run_id)
+        latest = {kind: None for kind in ("training", "sampler")}
+        for c in checkpoints:
+            latest[c.checkpoint_type] = _checkpoint_view(c)
+        with self._lock:
+            live = self._runs.get(run_id)
+        return {
+            "training_run_id": run_id,
+            "base_model": record["base_model"],
+            "model_owner": owner,
+            "is_lora": True,
+            "corrupted": False,
+            "lora_rank": record["lora"]["rank"],
+            "last_request_time": _iso(live.last_request_time if live else time.time()),
+            "last_checkpoint": latest["training"],
+            "last_sampler_checkpoint": latest["sampler"],
+            "user_metadata": record.get("user_metadata") or None,
+        }
+
+    def training_runs(self, owner: str) -> list[dict[str, Any]]:
+        ids = [r for r in self.store.run_ids() if (self.store.read_run(r) or {}).get("owner") == owner]
+        return [self.training_run(owner, r) for r in ids]
+
+    def session_view(self, owner: str, session_id: str) -> dict[str, Any]:
+        s = self.session(session_id, owner)
+        return {"training_run_ids": s.run_ids, "sampler_ids": s.sampler_ids, "user_metadata": s.user_metadata}
+
+    def session_ids(self, owner: str) -> list[str]:
+        with self._lock:
+            return [s.id for s in self._sessions.values() if s.owner == owner]
+
+    def capabilities(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "model_name": h.name,
+                "max_context_length": h.engine.max_len,
+                "trainable": True,
+                "sampleable": True,
+            }
+            for h in self.models.values()
+        ]
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+def _select(tensors: dict, optimizer: bool) -> dict:
+    """Adapter weights, plus optimizer state only when asked for."""
+    return tensors if optimizer else {k: v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def _forward_result(out: TrainOutput) -> dict[str, Any]:
+    return {"loss_fn_outputs": [{"logprobs": lp} for lp in out.logprobs], "metrics": {"loss:sum": out.loss}}
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _checkpoint_view(c) -> dict[str, Any]:
+    return {
+        "checkpoint_id": c.checkpoint_id,
+        "checkpoint_type": c.checkpoint_type,
+        "time": _iso(c.created_at),
+        "tinker_path": c.path,
+        "size_bytes": c.size_bytes,
+        "public": False,
+        "expires_at": None if c.expires_at is None else _iso(c.expires_at),
+    }
