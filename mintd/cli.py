@@ -87,10 +87,27 @@ def make_tiny_model_cmd(
     )
 
 
-@app.command()
-def demo() -> None:
-    """Placeholder: the end-to-end demo arrives with the service. For now it only says so and exits 0."""
-    console.print("The mintd demo arrives with the training and serving service; nothing to run yet.")
+@app.command(
+    help=(
+        "The main job: train three policies at once through the official tinker SDK.\n\n"
+        "Builds a tiny base model if absent, starts an in-process mintd server, and runs a supervised "
+        "then an RL phase (importance sampling, group-relative advantages) for three LoRA policies "
+        "concurrently, each with its own goal and reward. Prints progress, then each policy's reward "
+        "before and after."
+    )
+)
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="Where the demo keeps its model and server state.")] = Path(
+        "data/demo"
+    ),
+    sl_steps: Annotated[int, typer.Option(min=1, help="Supervised steps per policy.")] = 30,
+    rl_steps: Annotated[int, typer.Option(min=1, help="RL iterations per policy.")] = 12,
+) -> None:
+    from mintd.demo import run_demo
+
+    outcomes = run_demo(data_dir, sl_steps, rl_steps, console)
+    if any(o.error for _, o in outcomes):
+        raise typer.Exit(1)
 
 
 def _parse_models(items: list[str]) -> dict[str, Path]:

@@ -1,0 +1,259 @@
+"""`mintd demo`: three policies learn at once over one resident base model, through the official SDK.
+
+Each policy is a LoRA adapter with its own goal and reward. A supervised phase teaches the answer
+format from a few demonstrations; an RL phase (importance sampling, group-relative advantages) then
+raises the reward on the policy's own samples. All three run concurrently against one in-process
+`mintd` server, which merges their forward_backward calls and their samples into shared batches.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
+
+
+@dataclass
+class Goal:
+    name: str
+    prompts: list[str]
+    demonstration: Callable[[str], str]  # the ideal completion of a prompt (for the SL phase)
+    reward: Callable[[str, str], float]  # (prompt, completion) -> [0, 1]
+
+
+def _ready(value):
+    """tinker 0.38 returns futures from client factories (0.22 returned the client itself)."""
+    return value.result() if hasattr(value, "result") and not hasattr(value, "sample") else value
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"-?\d+", text)]
+
+
+def _count_demo(prompt: str) -> str:
+    last = _numbers(prompt)[-1]
+    return " " + " ".join(str(last + i) for i in range(1, 4))
+
+
+def _count_reward(prompt: str, completion: str) -> float:
+    want = _numbers(_count_demo(prompt))
+    got = _numbers(completion)[:3]
+    return sum(g == w for g, w in zip(got, want, strict=False)) / len(want)
+
+
+def _sum_reward(prompt: str, completion: str) -> float:
+    a, b = _numbers(prompt)[:2]
+    got = _numbers(completion)
+    return float(bool(got) and got[0] == a + b)
+
+
+def _color_reward(prompt: str, completion: str) -> float:
+    words = re.findall(r"[a-z]+", completion.lower())
+    return float(bool(words) and words[0] in COLORS)
+
+
+GOALS = [
+    Goal(
+        "counter",
+        [f"Count: {n} {n + 1} {n + 2}" for n in (1, 4, 10, 20, 31, 50)],
+        _count_demo,
+        _count_reward,
+    ),
+    Goal(
+        "adder",
+        [f"{a} + {b} =" for a, b in ((3, 4), (10, 5), (2, 2), (7, 1), (6, 3), (12, 8))],
+        lambda p: f" {sum(_numbers(p)[:2])}",
+        _sum_reward,
+    ),
+    Goal(
+        "colorist",
+        ["Name a color:", "Pick a color:", "Your favorite color:", "A color, please:"],
+        lambda p: " " + COLORS[len(p) % len(COLORS)],
+        _color_reward,
+    ),
+]
+
+
+@dataclass
+class Outcome:
+    reward_before: float = 0.0
+    reward_after: float = 0.0
+    checkpoints: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class Policy:
+    """One goal, one LoRA training client, its own loop (a tinker-cookbook style recipe)."""
+
+    def __init__(
+        self, goal: Goal, service_client, tokenizer, progress: Progress, task, sl_steps: int, rl_steps: int
+    ):
+        import tinker
+
+        self.t = tinker
+        self.goal = goal
+        self.tokenizer = tokenizer
+        self.progress = progress
+        self.task = task
+        self.sl_steps, self.rl_steps = sl_steps, rl_steps
+        self.client = service_client.create_lora_training_client(
+            base_model="tiny", rank=16, seed=len(goal.name)
+        )
+        self.eos = tokenizer.eos_token_id
+        self.outcome = Outcome()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def evaluate(self, sampler, samples: int = 8) -> float:
+        params = self.t.types.SamplingParams(max_tokens=12, temperature=1.0)
+        futures = [
+            (p, sampler.sample(self.t.types.ModelInput.from_ints(self.encode(p)), samples, params))
+            for p in self.goal.prompts
+        ]
+        rewards = [
+            self.goal.reward(p, self.tokenizer.decode(s.tokens, skip_special_tokens=True))
+            for p, f in futures
+            for s in f.result().sequences
+        ]
+        return sum(rewards) / len(rewards)
+
+    def supervised_datum(self, prompt: str):
+        prompt_ids = self.encode(prompt)
+        completion = self.encode(self.goal.demonstration(prompt)) + [self.eos]
+        ids = prompt_ids + completion
+        weights = [0.0] * (len(prompt_ids) - 1) + [1.0] * len(completion)  # learn the answer only
+        return self.t.types.Datum(
+            model_input=self.t.types.ModelInput.from_ints(ids[:-1]),
+            loss_fn_inputs={"target_tokens": ids[1:], "weights": weights},
+        )
+
+    def rl_data(self, sampler, group_size: int = 8) -> tuple[list, float]:
+        params = self.t.types.SamplingParams(max_tokens=12, temperature=1.0)
+        futures = [
+            (p, sampler.sample(self.t.types.ModelInput.from_ints(self.encode(p)), group_size, params))
+            for p in self.goal.prompts
+        ]
+        data, all_rewards = [], []
+        for prompt, fut in futures:
+            seqs = fut.result().sequences
+            rewards = [
+                self.goal.reward(prompt, self.tokenizer.decode(s.tokens, skip_special_tokens=True))
+                for s in seqs
+            ]
+            all_rewards += rewards
+            mean = sum(rewards) / len(rewards)
+            prompt_ids = self.encode(prompt)
+            for seq, r in zip(seqs, rewards, strict=True):
+                if r == mean or not seq.tokens:
+                    continue  # no signal in this sample
+                ids = prompt_ids + list(seq.tokens)
+                pad = [0.0] * (len(prompt_ids) - 1)
+                data.append(
+                    self.t.types.Datum(
+                        model_input=self.t.types.ModelInput.from_ints(ids[:-1]),
+                        loss_fn_inputs={
+                            "target_tokens": ids[1:],
+                            "logprobs": pad + list(seq.logprobs),
+                            "advantages": pad + [r - mean] * len(seq.tokens),
+                        },
+                    )
+                )
+        return data, sum(all_rewards) / len(all_rewards)
+
+    def run(self) -> None:
+        adam = self.t.types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
+        try:
+            self.outcome.reward_before = self.evaluate(
+                _ready(self.client.save_weights_and_get_sampling_client())
+            )
+            for _ in range(self.sl_steps):
+                batch = [self.supervised_datum(p) for p in self.goal.prompts]
+                fb = self.client.forward_backward(batch, "cross_entropy")
+                self.client.optim_step(adam).result()
+                loss = fb.result().metrics["loss:sum"]
+                self.progress.update(self.task, advance=1, status=f"supervised  loss {loss:6.2f}")
+            self.outcome.checkpoints.append(self.client.save_state("after-sl").result().path)
+            rl_adam = self.t.types.AdamParams(learning_rate=5e-3, grad_clip_norm=1.0)
+            for step in range(self.rl_steps):
+                data, reward = self.rl_data(_ready(self.client.save_weights_and_get_sampling_client()))
+                if data:
+                    self.client.forward_backward(data, "importance_sampling").result()
+                    self.client.optim_step(rl_adam).result()
+                self.progress.update(self.task, advance=1, status=f"RL  step {step + 1}  reward {reward:.2f}")
+            final = self.client.save_weights_for_sampler("final").result().path
+            self.outcome.checkpoints.append(final)
+            self.outcome.reward_after = self.evaluate(_ready(self.client.create_sampling_client(final)))
+            self.progress.update(self.task, status=f"done  reward {self.outcome.reward_after:.2f}")
+        except Exception as exc:  # noqa: BLE001 - reported in the table, the other policies go on
+            self.outcome.error = f"{type(exc).__name__}: {exc}"
+            self.progress.update(self.task, status="[red]failed")
+
+
+def run_demo(data_dir: Path, sl_steps: int, rl_steps: int, console: Console) -> list[tuple[str, Outcome]]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+    import tinker
+    from transformers import AutoTokenizer
+
+    from mintd.config import ServeSettings
+    from mintd.engine.tiny import make_tiny_model
+    from mintd.server import ServerThread, build_app
+
+    random.seed(0)
+    model_dir = data_dir / "tiny-qwen3"
+    if not (model_dir / "config.json").is_file():
+        console.print(f"building the tiny base model in {model_dir}")
+        make_tiny_model(model_dir, arch="qwen3", seed=0)
+    settings = ServeSettings(data_dir=data_dir / "server")
+    app, service = build_app({"tiny": model_dir}, settings)
+    columns = [
+        TextColumn("{task.description:>9}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    ]
+    with ServerThread(app) as server, Progress(*columns, console=console) as progress:
+        console.print(f"mintd serving base model 'tiny' at {server.url}; three policies start now")
+        client = tinker.ServiceClient(base_url=server.url, api_key="tml-demo")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        policies = [
+            Policy(
+                goal,
+                client,
+                tokenizer,
+                progress,
+                progress.add_task(goal.name, total=sl_steps + rl_steps, status="starting"),
+                sl_steps,
+                rl_steps,
+            )
+            for goal in GOALS
+        ]
+        threads = [threading.Thread(target=p.run, name=p.goal.name) for p in policies]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+    service.close()
+    table = Table(title=f"mintd demo: 3 policies trained concurrently in {elapsed:.0f}s")
+    for column in ("policy", "reward before → after", "checkpoints saved"):
+        table.add_column(column, overflow="fold")
+    for p in policies:
+        o = p.outcome
+        change = f"[red]{o.error}" if o.error else f"{o.reward_before:.2f} → [bold green]{o.reward_after:.2f}"
+        table.add_row(p.goal.name, change, "\n".join(o.checkpoints))
+    console.print(table)
+    return [(p.goal.name, p.outcome) for p in policies]
