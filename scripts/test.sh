@@ -2,6 +2,7 @@
 # Run the tests on any machine, setting up .venv first: bash scripts/test.sh [pytest args...]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup_venv.sh"
+bash scripts/sdk_envs.sh  # the client SDK venvs (.venv-sdk/) the end-to-end tests drive mintd with
 
 rc=0
 python -m pytest "$@" || rc=$?
