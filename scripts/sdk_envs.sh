@@ -47,28 +47,28 @@ for name in ["tinker", "torch", "numpy", *mods]:
     importlib.import_module(name)
 '
 
-build() {  # build NAME: (re)install one venv unless its stamp matches
-    local name="$1" dir=".venv-sdk/$1" req="${reqs[$1]}"
-    local want="$recipe $py_version $req" stamp="$dir/.mintd-sdk-installed"
-    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ -x "$dir/bin/python" ]; then
-        return 0
-    fi
+stamp_of() { printf '%s %s %s' "$recipe" "$py_version" "${reqs[$1]}"; }
+
+build() {  # build NAME: a fresh venv with its SDK installed, stamped
+    local dir=".venv-sdk/$1"
     rm -rf "$dir"
     "$main_py" -m venv "$dir"
-    # pip must not see the fallback while resolving, or it would count the main venv's packages
-    # as installed; the .pth is written after the install.
-    # (pipefail makes a pip failure fail the build; the filter drops this machine's harmless
-    # "Location ... is ignored" index warnings.)
-    "$dir/bin/python" -m pip install -q "$req" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
-    printf '%s\n' "$want" > "$stamp"
+    # The fallback .pth is written only after pip is done: seeing the main venv's packages, pip would
+    # count them as installed instead of giving the SDK its own. pipefail makes a pip failure fail the
+    # build; grep drops the harmless "Location ... is ignored" warnings of this machine's pip config.
+    "$dir/bin/python" -m pip install -q --no-compile "${reqs[$1]}" 2>&1 \
+        | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+    stamp_of "$1" > "$dir/.mintd-sdk-installed"
 }
 
 mkdir -p .venv-sdk
 names=(tinker-0.22 tinker-0.38 mint-0.2)
 stale=()
 for name in "${names[@]}"; do
-    want="$recipe $py_version ${reqs[$name]}"
-    [ "$(cat ".venv-sdk/$name/.mintd-sdk-installed" 2>/dev/null)" = "$want" ] || stale+=("$name")
+    if [ ! -x ".venv-sdk/$name/bin/python" ] \
+        || [ "$(cat ".venv-sdk/$name/.mintd-sdk-installed" 2>/dev/null)" != "$(stamp_of "$name")" ]; then
+        stale+=("$name")
+    fi
 done
 
 if [ "${#stale[@]}" -gt 0 ]; then
