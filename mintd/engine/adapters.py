@@ -123,8 +123,15 @@ class AdapterSlots:
         weights = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in src.weights.items()}
         return self.add(Adapter(src.spec, weights, trainable=False))
 
-    def load(self, spec: LoraSpec, tensors: dict[str, torch.Tensor], trainable: bool = True) -> int:
-        """Import flat tensors (as produced by `Adapter.state_dict`) into a new slot, checking shapes."""
+    def load(
+        self, spec: LoraSpec, tensors: dict[str, torch.Tensor], trainable: bool = True, copy: bool = True
+    ) -> int:
+        """Import flat tensors (as produced by `Adapter.state_dict`) into a new slot, checking shapes.
+
+        By default each tensor is cloned, so the slot owns its memory whatever the caller does next.
+        `copy=False` adopts the tensors as they are (a packed load hands over views of one buffer it
+        just allocated): the caller guarantees they are private to this slot, float32 and on the device.
+        """
         weights = {}
         expected = {t.name: t for t in self.targets_for(spec)}
         for name, target in expected.items():
@@ -137,7 +144,7 @@ class AdapterSlots:
                 t = tensors[key]
                 if tuple(t.shape) != shape:
                     raise ValueError(f"adapter tensors: {key} has shape {tuple(t.shape)}, expected {shape}")
-                pair.append(t.detach().to(self.device, torch.float32).clone())
+                pair.append(t.detach().to(self.device, torch.float32).clone() if copy else t.detach())
             weights[name] = (pair[0], pair[1])
         extra = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".lora_A", ".lora_B"))} - set(expected)
         if extra:

@@ -68,10 +68,13 @@ class Engine:
             tensors.update(self._optimizers[slot].state_dict())
         return adapter.spec, {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
-    def load_adapter(self, spec: LoraSpec, tensors: dict[str, torch.Tensor], trainable: bool = True) -> int:
-        """Load flat tensors into a new slot; optimizer entries, when present, restore the optimizer."""
+    def load_adapter(
+        self, spec: LoraSpec, tensors: dict[str, torch.Tensor], trainable: bool = True, copy: bool = True
+    ) -> int:
+        """Load flat tensors into a new slot; optimizer entries, when present, restore the optimizer.
+        `copy=False`: adopt the weight tensors without cloning (see `AdapterSlots.load`)."""
         weights = {k: v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
-        slot = self.slots.load(spec, weights, trainable=trainable)
+        slot = self.slots.load(spec, weights, trainable=trainable, copy=copy)
         if trainable:
             try:
                 self._attach_optimizer(slot).load_state_dict(tensors)

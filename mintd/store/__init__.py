@@ -1,0 +1,1 @@
+"""Adapter storage formats: conversion of engine adapters to and from files others can read."""
