@@ -220,9 +220,6 @@ class OptimStep(Body):
 @router.post("/optim_step")
 def optim_step(body: OptimStep, who: str = Depends(owner), svc: TinkerService = Depends(service)):
     params = dict(body.adam_params or body.optimizer_params or body.optim_params or {})
-    kind = params.pop("type", "adam")
-    if kind not in ("adam", "adamw"):
-        raise ValueError(f"optimizer_params.type: {kind!r} is not supported; use adam")
     return _future(svc.optim_step(who, body.model_id, body.seq_id, params), model_id=body.model_id)
 
 

@@ -74,7 +74,7 @@ def validate(group: TrainGroup, vocab_size: int, max_len: int) -> None:
             if name not in d.inputs:
                 raise ValueError(f"{where}.loss_fn_inputs: {group.loss_fn} needs {name}")
         for name, t in d.inputs.items():
-            if name != "target_tokens" and t.shape[0] != n:
+            if name != "target_tokens" and (t.dim() == 0 or t.shape[0] != n):
                 raise ValueError(
                     f"{where}.loss_fn_inputs.{name}: shape {tuple(t.shape)} does not match {n} tokens"
                 )

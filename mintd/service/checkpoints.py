@@ -25,8 +25,8 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _TEN_YEARS = 10 * 365 * 24 * 3600
 
 
-class CheckpointNotFound(KeyError):
-    pass
+class CheckpointNotFound(LookupError):
+    """An unknown or expired checkpoint (a LookupError, not a KeyError, so its message prints plainly)."""
 
 
 @dataclass(frozen=True)

@@ -83,12 +83,17 @@ class FutureStore:
     async def wait(self, fut: Future, timeout: float) -> bool:
         """Wait up to `timeout` seconds for `fut`; True if it is done."""
         event = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), event)
         with self._lock:
             if fut.done:
                 return True
-            fut._waiters.append((asyncio.get_running_loop(), event))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+            fut._waiters.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:  # a poll that timed out (or was cancelled) leaves no waiter behind on a pending future
+            with self._lock, contextlib.suppress(ValueError):
+                fut._waiters.remove(waiter)
         return fut.done
 
     def _expire(self) -> None:

@@ -66,6 +66,14 @@ class SampleOp:
 
 
 @dataclass
+class _Round:
+    direct: list[tuple[Future | None, CallOp]]
+    calls: list[tuple[Future, CallOp]]
+    train: list[tuple[Future, TrainOp]]
+    samples: list[tuple[Future, SampleOp]]
+
+
+@dataclass
 class SchedulerLimits:
     max_train_ops_per_run: int = 4  # per round: fair share between runs
     max_train_tokens: int = 65536  # per merged forward_backward call
@@ -156,25 +164,38 @@ class EngineWorker:
     # the loop (worker thread) ----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stop and not self._has_work():
-                    self._fail_stalled_runs()
-                    self._cv.wait(timeout=1.0)
-                if self._stop:
-                    return
-                direct = list(self._direct)
-                self._direct.clear()
-                calls, train = self._take_run_ops()
-                samples = self._take_samples()
-            for fut, op in direct:
-                self._run_call(fut, op)
-            for fut, op in calls:
-                self._run_call(fut, op)
-            if train:
-                self._run_train(train)
-            if samples:
-                self._run_samples(samples)
+        """The worker never dies: a bug in one round fails that round's requests, not the server."""
+        while (work := self._take()) is not None:
+            try:
+                self._execute(work)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("engine worker round failed", exc_info=exc)
+                error = RequestError(f"internal error: {type(exc).__name__}", "server")
+                for fut, *_ in (*work.direct, *work.calls, *work.train, *work.samples):
+                    if fut is not None and not fut.done:
+                        self.futures.resolve(fut, error=error)
+
+    def _take(self) -> _Round | None:
+        """Wait for ready work and take one round of it; None once stopped."""
+        with self._cv:
+            self._fail_stalled_runs()  # every round: other runs' work must not hide a stalled run
+            while not self._stop and not self._has_work():
+                self._cv.wait(timeout=1.0)
+                self._fail_stalled_runs()
+            if self._stop:
+                return None
+            direct = list(self._direct)
+            self._direct.clear()
+            calls, train = self._take_run_ops()
+            return _Round(direct, calls, train, self._take_samples())
+
+    def _execute(self, work: _Round) -> None:
+        for fut, op in (*work.direct, *work.calls):
+            self._run_call(fut, op)
+        if work.train:
+            self._run_train(work.train)
+        if work.samples:
+            self._run_samples(work.samples)
 
     def _has_work(self) -> bool:
         return (
@@ -193,7 +214,7 @@ class EngineWorker:
             ):
                 queue.failed = (
                     f"model {model_id}: seq_id {queue.next_seq} never arrived within "
-                    f"{self.limits.seq_gap_timeout_s:.0f}s; the training run is stopped"
+                    f"{self.limits.seq_gap_timeout_s:g}s; the training run is stopped"
                 )
                 for item in queue.waiting.values():
                     self.futures.resolve(item.future, error=RequestError(queue.failed))
@@ -229,30 +250,6 @@ class EngineWorker:
                 del queue.waiting[queue.next_seq]
                 queue.next_seq += 1
                 queue.waiting_since = time.monotonic()
-        return calls, train
-        self._rr = (self._rr + 1) % len(ids)
-        tokens = 0
-        for model_id in ids[self._rr :] + ids[: self._rr]:
-            queue = self._runs[model_id]
-            for _ in range(self.limits.max_train_ops_per_run):
-                item = queue.head()
-                if item is None:
-                    break
-                if isinstance(item.op, TrainOp):
-                    size = sum(len(d.tokens) for d in item.op.group.data)
-                    if train and tokens + size > self.limits.max_train_tokens:
-                        break
-                    tokens += size
-                    train.append((item.future, item.op))
-                elif train or calls:  # a call waits for this round's batch; it runs next round
-                    break
-                else:
-                    calls.append((item.future, item.op))
-                del queue.waiting[queue.next_seq]
-                queue.next_seq += 1
-                queue.waiting_since = time.monotonic()
-                if isinstance(item.op, CallOp):
-                    break
         return calls, train
 
     def _take_samples(self) -> list[tuple[Future, SampleOp]]:
@@ -338,7 +335,7 @@ class EngineWorker:
 def _as_request_error(exc: Exception, blame: str = "user") -> RequestError:
     if isinstance(exc, RequestError):
         return exc
-    if blame == "user" and isinstance(exc, (ValueError, KeyError, FileNotFoundError)):
+    if blame == "user" and isinstance(exc, (ValueError, LookupError, FileNotFoundError)):
         return RequestError(str(exc).strip("'\""), "user")
     log.exception("engine work failed", exc_info=exc)
     return RequestError(f"internal error: {type(exc).__name__}", "server")

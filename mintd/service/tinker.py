@@ -145,10 +145,15 @@ class TinkerService:
         return s
 
     def _owned_path(self, path: str, owner: str, field_name: str = "path") -> TinkerPath:
+        """A checkpoint of this owner that exists now; anything else is not found (no existence leak)."""
         p = TinkerPath.parse(path, field_name)
         record = self.store.read_run(p.run_id)
         if record is None or record["owner"] != owner:
             raise NotFound(f"{field_name}: checkpoint {path} not found")
+        try:
+            self.store.info(p)
+        except CheckpointNotFound as exc:
+            raise NotFound(f"{field_name}: {exc}") from None
         return p
 
     # sessions -----------------------------------------------------------------------------------
@@ -231,8 +236,8 @@ class TinkerService:
     def _run_op(self, owner: str, model_id: str, seq_id: int, kind: str, op_factory) -> Future:
         """Queue a run op in seq order; a repeated (model_id, seq_id) gets the first future back.
 
-        Input errors found here still consume the seq_id (as a failed future) so that the run's queue
-        does not stall, and are then raised for an immediate 400."""
+        Any refusal here (bad input, or a bug) still consumes the seq_id, as a failed future, so that the
+        run's queue does not stall; it is then raised for an immediate 4xx."""
         run = self.run(model_id, owner)
         if not isinstance(seq_id, int) or seq_id < 1:
             raise ValueError("seq_id: must be an integer >= 1")
@@ -242,8 +247,9 @@ class TinkerService:
         worker = self.models[run.base_model].worker
         try:
             op = op_factory(run)
-        except (ValueError, NotFound) as exc:
-            worker.submit_run_op(model_id, seq_id, fut, CallOp(lambda _e, exc=exc: _raise(exc)))
+        except Exception as exc:
+            error = _refusal(exc)
+            worker.submit_run_op(model_id, seq_id, fut, CallOp(lambda _e, error=error: _raise(error)))
             raise
         run.last_request_time = time.time()
         worker.submit_run_op(model_id, seq_id, fut, op)
@@ -270,7 +276,11 @@ class TinkerService:
 
     def optim_step(self, owner: str, model_id: str, seq_id: int, params: dict[str, Any]) -> Future:
         def make(run: Run) -> CallOp:
-            adam = AdamParams(**params)
+            hp = dict(params)
+            kind = hp.pop("type", "adam")
+            if kind not in ("adam", "adamw"):
+                raise ValueError(f"optimizer_params.type: {kind!r} is not supported; use adam")
+            adam = AdamParams(**hp)
             return CallOp(lambda e: {"metrics": e.optim_step(run.slot, adam), "type": "optim_step"})
 
         return self._run_op(owner, model_id, seq_id, "OptimStep", make)
@@ -393,11 +403,7 @@ class TinkerService:
         return self._submit_direct(handle, ("model", session_id, model_seq_id), "LoadWeights", create)
 
     def weights_info(self, owner: str, path: str) -> dict[str, Any]:
-        p = self._owned_path(path, owner, "tinker_path")
-        try:
-            meta = self.store.info(p).meta
-        except CheckpointNotFound as exc:
-            raise NotFound(str(exc)) from None
+        meta = self.store.info(self._owned_path(path, owner, "tinker_path")).meta
         lora = meta["lora"]
         return {
             "base_model": meta["base_model"],
@@ -437,10 +443,6 @@ class TinkerService:
             return sampler_id
         if model_path is not None:
             p = self._owned_path(model_path, owner, "model_path")
-            try:
-                self.store.info(p)
-            except CheckpointNotFound as exc:
-                raise NotFound(f"model_path: {exc}") from None
             handle = self.base(self.store.read_run(p.run_id)["base_model"])
             sampler = Sampler(sampler_id, owner, handle.name, model_path, None)
         else:
@@ -511,20 +513,13 @@ class TinkerService:
         return [_checkpoint_view(c) for c in self.store.list(run_id)]
 
     def delete_checkpoint(self, owner: str, run_id: str, checkpoint_id: str) -> None:
-        p = self._owned_path(f"tinker://{run_id}/{checkpoint_id}", owner, "checkpoint_id")
-        try:
-            self.store.delete(p)
-        except CheckpointNotFound as exc:
-            raise NotFound(str(exc)) from None
+        self.store.delete(self._owned_path(f"tinker://{run_id}/{checkpoint_id}", owner, "checkpoint_id"))
 
     def set_checkpoint_ttl(
         self, owner: str, run_id: str, checkpoint_id: str, ttl_seconds: int | None
     ) -> None:
         p = self._owned_path(f"tinker://{run_id}/{checkpoint_id}", owner, "checkpoint_id")
-        try:
-            self.store.set_ttl(p, check_ttl(ttl_seconds))
-        except CheckpointNotFound as exc:
-            raise NotFound(str(exc)) from None
+        self.store.set_ttl(p, check_ttl(ttl_seconds))
 
     def training_run(self, owner: str, run_id: str) -> dict[str, Any]:
         record = self.store.read_run(run_id)
@@ -575,6 +570,13 @@ class TinkerService:
 
 def _raise(exc: Exception) -> None:
     raise exc
+
+
+def _refusal(exc: Exception) -> RequestError:
+    """What a later poll of a refused request's future reports."""
+    if isinstance(exc, (ValueError, NotFound)):
+        return RequestError(str(exc), "user")
+    return RequestError(f"internal error: {type(exc).__name__}", "server")
 
 
 def _select(tensors: dict, optimizer: bool) -> dict:

@@ -18,7 +18,10 @@ _DTYPES = {"int64": torch.int64, "float32": torch.float32}
 def tensor(value: Any, field: str) -> torch.Tensor:
     """TensorData `{data, dtype, shape?, sparse_crow_indices?, sparse_col_indices?}` (or a bare list)."""
     if isinstance(value, list):
-        return torch.tensor(value)
+        try:
+            return torch.tensor(value)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"{field}: malformed tensor ({exc})") from None
     if not isinstance(value, dict) or "data" not in value:
         raise ValueError(f"{field}: expected TensorData with a 'data' list")
     dtype = _DTYPES.get(value.get("dtype", "float32"))
@@ -33,12 +36,13 @@ def tensor(value: Any, field: str) -> torch.Tensor:
             if shape is None or len(shape) != 2 or crow is None or col is None:
                 raise ValueError(f"{field}: sparse CSR needs a 2-D shape, crow and col indices")
             values = torch.tensor(data, dtype=dtype)
+            # check_invariants: indices out of range must be an error here, not memory corruption later
             return torch.sparse_csr_tensor(
-                torch.tensor(crow), torch.tensor(col), values, size=tuple(shape)
+                torch.tensor(crow), torch.tensor(col), values, size=tuple(shape), check_invariants=True
             ).to_dense()
         t = torch.tensor(data, dtype=dtype)
         return t.reshape(shape) if shape is not None else t
-    except (RuntimeError, TypeError) as exc:
+    except (RuntimeError, TypeError, IndexError) as exc:
         raise ValueError(f"{field}: malformed tensor ({exc})") from None
 
 

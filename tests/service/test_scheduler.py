@@ -1,0 +1,202 @@
+"""EngineWorker without HTTP, over a real tiny engine: seq order, seq gaps, duplicates, merging."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mintd.engine.adapters import LoraSpec
+from mintd.engine.engine import Engine
+from mintd.engine.train import Datum, TrainGroup
+from mintd.service.futures import Future, FutureStore
+from mintd.service.scheduler import CallOp, EngineWorker, SchedulerLimits, TrainOp
+from tests.service.worker_gate import Gate
+
+GAP_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def engine(qwen3_dir: Path) -> Engine:
+    return Engine(qwen3_dir)
+
+
+@pytest.fixture
+def futures() -> FutureStore:
+    return FutureStore(retention_s=600)
+
+
+@pytest.fixture
+def worker(engine: Engine, futures: FutureStore) -> Iterator[EngineWorker]:
+    w = EngineWorker(engine, futures, SchedulerLimits(seq_gap_timeout_s=GAP_S), "test")
+    yield w
+    w.stop()
+
+
+def wait_done(fut: Future, timeout: float = 10.0) -> Future:
+    deadline = time.monotonic() + timeout
+    while not fut.done:
+        assert time.monotonic() < deadline, f"{fut.kind} {fut.request_id} did not complete in {timeout}s"
+        time.sleep(0.005)
+    return fut
+
+
+def submit(
+    worker: EngineWorker, futures: FutureStore, model_id: str, seq_id: int, op: TrainOp | CallOp
+) -> Future:
+    fut, _ = futures.create(type(op).__name__, ("run", model_id, seq_id))
+    worker.submit_run_op(model_id, seq_id, fut, op)
+    return fut
+
+
+def record(log: list[Any], tag: Any, delay: float = 0.0) -> CallOp:
+    def fn(_engine: Engine) -> Any:
+        log.append(tag)
+        if delay:
+            time.sleep(delay)
+        return tag
+
+    return CallOp(fn)
+
+
+def train_op(slot: int, log: list[Any], tag: Any, seed: int = 0) -> TrainOp:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 1000, (9,), generator=g)
+    group = TrainGroup(slot, [Datum(ids[:-1], {"target_tokens": ids[1:]})])
+
+    def finish(out: Any) -> Any:
+        log.append(tag)
+        return out.loss
+
+    return TrainOp(group, forward_only=False, finish=finish)
+
+
+def new_slot(worker: EngineWorker, seed: int = 0) -> int:
+    return worker.call(lambda e: e.create_adapter(LoraSpec(rank=4, seed=seed)))
+
+
+def test_out_of_order_submissions_run_in_seq_order(worker: EngineWorker, futures: FutureStore) -> None:
+    worker.add_run("m")
+    log: list[int] = []
+    assert [wait_done(f).result for f in [submit(worker, futures, "m", s, record(log, s)) for s in (3, 2, 1)]]
+    assert log == [1, 2, 3]
+
+
+def test_mixed_ops_in_random_arrival_order_run_in_seq_order(
+    worker: EngineWorker, futures: FutureStore
+) -> None:
+    """forward_backward (batchable) and calls (optim_step, save, ...) interleaved, arriving shuffled."""
+    slot = new_slot(worker)
+    worker.add_run("m")
+    log: list[int] = []
+    ops: dict[int, Callable[[], TrainOp | CallOp]] = {
+        s: (lambda s=s: train_op(slot, log, s, seed=s)) if s % 3 else (lambda s=s: record(log, s))
+        for s in range(1, 13)
+    }
+    order = list(ops)
+    random.Random(0).shuffle(order)
+    futs = [submit(worker, futures, "m", s, ops[s]()) for s in order]
+    for f in futs:
+        assert wait_done(f).error is None, f.error
+    assert log == sorted(ops)
+
+
+def test_seq_gap_fails_the_run_naming_the_missing_seq_id(worker: EngineWorker, futures: FutureStore) -> None:
+    worker.add_run("gap")
+    worker.add_run("other")
+    log: list[Any] = []
+    assert wait_done(submit(worker, futures, "gap", 1, record(log, 1))).error is None
+    started = time.monotonic()
+    early = submit(worker, futures, "gap", 3, record(log, 3))  # seq 2 never comes
+    wait_done(early, timeout=GAP_S + 5)
+    waited = time.monotonic() - started
+    assert early.error is not None and early.error.category == "user"
+    assert "seq_id 2" in str(early.error) and "never arrived" in str(early.error), early.error
+    assert waited >= GAP_S * 0.9, f"the run failed after {waited:.2f}s, before seq_gap_timeout_s"
+    for late_seq in (2, 4):  # the missing one arriving late, and later ones: all get the run's error
+        late = wait_done(submit(worker, futures, "gap", late_seq, record(log, late_seq)), timeout=1.0)
+        assert late.error is not None and "seq_id 2" in str(late.error), late.error
+    assert log == [1], "nothing after the gap may run"
+    other = wait_done(submit(worker, futures, "other", 1, record(log, "other")))
+    assert other.error is None and log == [1, "other"], "another run on the same worker is unaffected"
+
+
+def test_a_stalled_run_fails_on_time_while_other_runs_keep_the_worker_busy(
+    worker: EngineWorker, futures: FutureStore
+) -> None:
+    worker.add_run("busy")
+    worker.add_run("gap")
+    log: list[Any] = []
+    gate = Gate(worker)
+    busy = [submit(worker, futures, "busy", s, record(log, s, delay=0.1)) for s in range(1, 31)]
+    stalled = submit(worker, futures, "gap", 2, record(log, "never"))  # seq 1 never comes
+    started = time.monotonic()
+    gate.open()
+    wait_done(stalled, timeout=GAP_S + 5)
+    failed_after = time.monotonic() - started
+    assert stalled.error is not None and "seq_id 1" in str(stalled.error)
+    assert not busy[-1].done, (
+        f"the stalled run was failed only after {failed_after:.1f}s, when the busy run had drained"
+    )
+    assert failed_after < GAP_S + 1.5
+    for f in busy:
+        assert wait_done(f).error is None
+    assert "never" not in log
+
+
+def test_duplicate_seq_id_is_rejected(worker: EngineWorker, futures: FutureStore) -> None:
+    worker.add_run("m")
+    log: list[Any] = []
+    waiting = submit(worker, futures, "m", 2, record(log, "first 2"))
+    dup_fut, _ = futures.create("CallOp")  # a second submission of seq 2 while the first still waits
+    worker.submit_run_op("m", 2, dup_fut, record(log, "second 2"))
+    wait_done(dup_fut, timeout=1.0)
+    assert dup_fut.error is not None and "seq_id 2 was already used" in str(dup_fut.error)
+    assert not waiting.done
+    assert wait_done(submit(worker, futures, "m", 1, record(log, 1))).error is None
+    assert wait_done(waiting).error is None
+    replay, _ = futures.create("CallOp")  # and once it has run
+    worker.submit_run_op("m", 1, replay, record(log, "second 1"))
+    assert "seq_id 1 was already used" in str(wait_done(replay, timeout=1.0).error)
+    assert log == [1, "first 2"]
+
+
+def test_unknown_run_is_an_error(worker: EngineWorker, futures: FutureStore) -> None:
+    fut, _ = futures.create("CallOp")
+    worker.submit_run_op("nobody", 1, fut, record([], 1))
+    assert "unknown model_id nobody" in str(wait_done(fut, timeout=1.0).error)
+
+
+def test_ready_train_ops_of_different_runs_share_one_engine_call(
+    worker: EngineWorker, futures: FutureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slots = [new_slot(worker, seed=i) for i in range(3)]
+    calls: list[list[int]] = []
+    real = worker.engine.forward_backward
+
+    def spy(groups: list[TrainGroup], forward_only: bool = False) -> Any:
+        calls.append([g.slot for g in groups])
+        return real(groups, forward_only)
+
+    monkeypatch.setattr(worker.engine, "forward_backward", spy)
+    for i in range(3):
+        worker.add_run(f"r{i}")
+    log: list[Any] = []
+    gate = Gate(worker)
+    futs = [submit(worker, futures, f"r{i}", 1, train_op(slots[i], log, i, seed=i)) for i in range(3)]
+    gate.open()
+    merged = [wait_done(f).result for f in futs]
+    assert [sorted(c) for c in calls] == [slots], f"expected one merged call over {slots}, got {calls}"
+
+    monkeypatch.setattr(worker.engine, "forward_backward", real)
+    alone = []
+    for i in range(3):  # the same work one run at a time gives the same losses (rows are independent)
+        slot = new_slot(worker, seed=i)
+        worker.add_run(f"solo{i}")
+        alone.append(wait_done(submit(worker, futures, f"solo{i}", 1, train_op(slot, log, i, seed=i))).result)
+    assert merged == pytest.approx(alone, rel=1e-5)
