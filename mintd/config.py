@@ -41,3 +41,21 @@ class ServeSettings(BaseSettings):
     max_sample_rows: int = Field(64, ge=1, description="rows decoded together in one engine batch")
     max_train_tokens: int = Field(65536, ge=1, description="tokens merged into one forward_backward call")
     ephemeral_samplers_per_run: int = Field(8, ge=1, description="sampler snapshots kept per training run")
+
+
+class CatalogSettings(BaseSettings):
+    """The adapter catalog's database: SQLite in the data dir unless a URL (e.g. PostgreSQL) is given."""
+
+    model_config = SettingsConfigDict(env_prefix="MINTD_", extra="ignore")
+
+    catalog_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; unset means sqlite:///<data_dir>/catalog.db. "
+        "PostgreSQL: postgresql+psycopg://user@host/db",
+    )
+    catalog_busy_timeout_ms: int = Field(
+        10_000, ge=0, description="SQLite: how long a writer waits for the write lock before failing"
+    )
+    catalog_cache_mb: int = Field(
+        64, ge=1, description="SQLite page cache per connection; bounds catalog memory at any catalog size"
+    )
