@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from mintd.cli_adapters import adapters_app
+
 app = typer.Typer(
     name="mintd",
     help=(
@@ -22,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(adapters_app, name="adapters")
 console = Console()
 
 

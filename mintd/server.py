@@ -13,12 +13,14 @@ from fastapi import FastAPI
 
 from mintd.api.app import create_app
 from mintd.api.auth import Authenticator
-from mintd.config import EngineSettings, ServeSettings
+from mintd.catalog import Catalog, CatalogDB
+from mintd.config import CatalogSettings, EngineSettings, ServeSettings
 from mintd.engine.engine import Engine
 from mintd.service.checkpoints import CheckpointStore
 from mintd.service.futures import FutureStore
 from mintd.service.scheduler import SchedulerLimits
 from mintd.service.tinker import TinkerService
+from mintd.store.blobs import BlobStore
 
 
 def is_loopback(host: str) -> bool:
@@ -80,7 +82,9 @@ def build_app(
         settings.ephemeral_samplers_per_run,
     )
     auth = Authenticator(keys, _secret(data_dir))
-    return create_app(service, auth, settings.long_poll_s), service
+    catalog = Catalog(CatalogDB.from_settings(CatalogSettings(), data_dir))
+    blobs = BlobStore(data_dir / "blobs")
+    return create_app(service, auth, settings.long_poll_s, catalog=catalog, blobs=blobs), service
 
 
 class ServerThread:

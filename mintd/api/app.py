@@ -8,6 +8,7 @@ with a one-line message: no stack trace ever reaches a client, and no error body
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,9 +16,15 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from mintd import __version__
+from mintd.api import catalog as catalog_routes
 from mintd.api import tinker
 from mintd.api.auth import Authenticator, Unauthorized
+from mintd.catalog.errors import CatalogNotFound
 from mintd.service.tinker import NotFound, TinkerService
+
+if TYPE_CHECKING:
+    from mintd.catalog import Catalog
+    from mintd.store.blobs import Blobs
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +37,23 @@ def _field_errors(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def create_app(service: TinkerService, auth: Authenticator, long_poll_s: float = 25.0) -> FastAPI:
+def create_app(
+    service: TinkerService,
+    auth: Authenticator,
+    long_poll_s: float = 25.0,
+    catalog: Catalog | None = None,
+    blobs: Blobs | None = None,
+) -> FastAPI:
+    """The app; the catalog routes (/api/v1/catalog) are mounted only when a `catalog` is given."""
     app = FastAPI(title="mintd", version=__version__)
     app.state.service = service
     app.state.auth = auth
     app.state.long_poll_s = long_poll_s
+    app.state.catalog = catalog
+    app.state.blobs = blobs
     app.include_router(tinker.router)
+    if catalog is not None:
+        app.include_router(catalog_routes.router)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -52,6 +70,10 @@ def create_app(service: TinkerService, auth: Authenticator, long_poll_s: float =
     @app.exception_handler(NotFound)
     async def _missing(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(CatalogNotFound)
+    async def _not_in_catalog(_: Request, exc: CatalogNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc) or "not found"}, status_code=404)
 
     @app.exception_handler(Unauthorized)
     async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
