@@ -21,7 +21,8 @@ class _Group:
     start: int
     end: int
     slots: tuple[int, ...]  # distinct slots in the group, in row order
-    row_index: torch.Tensor | None  # per row: index into `slots` (None when the group has one slot)
+    # per row: index into `slots`; None when the group has one slot, or one row per slot in order
+    row_index: torch.Tensor | None
     targets: frozenset[str]
 
 
@@ -62,7 +63,7 @@ class LoraBatch:
                 members = row_slots[start:end]
                 distinct = tuple(dict.fromkeys(members))
                 index = None
-                if len(distinct) > 1:
+                if 1 < len(distinct) < len(members):
                     pos = {s: i for i, s in enumerate(distinct)}
                     index = torch.tensor([pos[s] for s in members], device=self.device)
                 targets = frozenset(self.table[slot].weights)
@@ -87,29 +88,53 @@ class LoraBatch:
             return cached
         group = self.groups[gi]
         pairs = [(self.table[s].weights[name], self.table[s].spec.scale) for s in group.slots]
-        if group.row_index is None:
+        if len(group.slots) == 1:
             (a, b), scale = pairs[0]
             weights = (a.t().to(dtype), (b * scale).t().to(dtype))
         else:
-            a = torch.stack([a for (a, _), _ in pairs])[group.row_index]
-            b = torch.stack([b * scale for (_, b), scale in pairs])[group.row_index]
-            weights = (a.transpose(1, 2).to(dtype), b.transpose(1, 2).to(dtype))
+            # A^T as a transposed view, B^T stored contiguous: the layouts CPU bmm runs fastest
+            a = torch.stack([a for (a, _), _ in pairs]).transpose(1, 2)
+            b = torch.stack([(b * scale).t() for (_, b), scale in pairs])
+            if group.row_index is not None:  # rows sharing a slot: repeat its weights per row
+                a, b = a[group.row_index], b[group.row_index]
+            weights = (a.to(dtype), b.to(dtype))
         self._weights[(name, gi)] = weights
         return weights
 
+    def _delta(self, name: str, gi: int, xs: torch.Tensor) -> torch.Tensor:
+        """scale · (xs Aᵀ) Bᵀ for the rows `xs` of group `gi`."""
+        a_t, b_t = self._group_weights(name, gi, xs.dtype)
+        if a_t.dim() == 2:
+            return (xs @ a_t) @ b_t
+        if xs.dim() == 2:  # [rows, in] inputs: one token per row
+            return torch.bmm(torch.bmm(xs.unsqueeze(1), a_t), b_t).squeeze(1)
+        if xs.dim() == 3:  # [rows, tokens, in]: bmm directly, sparing matmul's expand/reshape per call
+            return torch.bmm(torch.bmm(xs, a_t), b_t)
+        return (xs @ a_t) @ b_t
+
     def add_linear_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y[rows] += scale · (x[rows] Aᵀ) Bᵀ for each group that adapts `name`."""
-        for gi, group in enumerate(self.groups):
-            if name not in group.targets:
-                continue
-            a_t, b_t = self._group_weights(name, gi, x.dtype)
-            xs = x[group.start : group.end]
-            if a_t.dim() == 3 and xs.dim() == 2:  # [rows, in] inputs: one token per row
-                delta = torch.bmm(xs.unsqueeze(1) @ a_t, b_t).squeeze(1)
-            else:
-                delta = (xs @ a_t) @ b_t
-            y[group.start : group.end] += delta
-        return y
+        """y[rows] += scale · (x[rows] Aᵀ) Bᵀ for each group that adapts `name`.
+
+        Without autograd the deltas are added in place. Under autograd, an in-place add into a row
+        slice of `y` makes backward clone the whole output gradient once per group (CopySlices), so
+        there the deltas are concatenated (zeros for rows no group adapts) and added once: same values.
+        """
+        groups = [(gi, g) for gi, g in enumerate(self.groups) if name in g.targets]
+        if not groups:
+            return y
+        if not torch.is_grad_enabled():
+            for gi, group in groups:
+                y[group.start : group.end] += self._delta(name, gi, x[group.start : group.end])
+            return y
+        pieces, pos = [], 0
+        for gi, group in groups:
+            if group.start > pos:
+                pieces.append(torch.zeros_like(y[pos : group.start]))
+            pieces.append(self._delta(name, gi, x[group.start : group.end]).to(y.dtype))
+            pos = group.end
+        if pos < len(y):
+            pieces.append(torch.zeros_like(y[pos:]))
+        return y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces))
 
     def token_slots(self, num_tokens: int) -> torch.Tensor:
         """Slot of every token of the flattened [rows * seq] activations (MoE experts need this)."""

@@ -137,6 +137,22 @@ def test_saved_folder_loads_in_peft(engines, dirs, tmp_path):
     )
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3-moe"])
+def test_folder_saved_by_peft_loads(engines, dirs, tmp_path, arch):
+    """The reverse direction: PeftModel.save_pretrained output (base lm_head copy included) reads back."""
+    spec = SPECS["all"]
+    tensors = _adapter(engines[arch], spec)
+    model = AutoModelForCausalLM.from_pretrained(dirs[arch])
+    peft_model = get_peft_model(model, peft_config(spec, _targets(tensors)))
+    set_peft_model_state_dict(peft_model, to_peft_state_dict(tensors))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(tmp_path)
+    loaded_spec, loaded = load_peft_folder(tmp_path)
+    assert (loaded_spec.rank, loaded_spec.alpha, loaded_spec.kinds) == (spec.rank, spec.alpha, spec.kinds)
+    _assert_same(loaded, tensors)
+
+
 def test_to_peft_rejects_non_lora_tensors():
     with pytest.raises(ValueError, match="not a LoRA tensor"):
         to_peft_state_dict({"model.layers.0.self_attn.q_proj.lora_A.exp_avg": torch.zeros(2, 4)})
