@@ -308,10 +308,10 @@ class TinkerService:
     ) -> Future:
         def make(run: Run) -> CallOp:
             if name is None:  # ephemeral: a snapshot slot and a sampler, no disk round trip
-                seq = (
-                    sampling_session_seq_id if sampling_session_seq_id is not None else next(self._sample_seq)
-                )
-                sampler_id = f"{run.session_id}:sample:{seq}"
+                if sampling_session_seq_id is not None:  # the session's counter, as the SDK numbers it
+                    sampler_id = f"{run.session_id}:sample:{sampling_session_seq_id}"
+                else:  # a client that sent none: a server-side number that cannot collide with those
+                    sampler_id = f"{run.session_id}:sample:server-{next(self._sample_seq)}"
                 return CallOp(lambda e: self._ephemeral_sampler(e, run, sampler_id))
             path = TinkerPath(model_id, "sampler_weights", check_name(name))
             check_ttl(ttl_seconds)
