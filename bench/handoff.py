@@ -95,7 +95,10 @@ def main() -> None:
     parser.add_argument("--size", default="base", help="tiny-model preset when no --model-dir (base >= 100M)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="mintd-handoff-") as tmp:
         tmp = Path(tmp)
@@ -124,6 +127,7 @@ def main() -> None:
                 "model_params": count_parameters(engine.model.config),
                 "lora_rank": args.rank,
                 "device": str(engine.device),
+                "threads": torch.get_num_threads(),
                 "repeats": args.repeats,
                 "adapter_only_s": round(med["adapter_only"], 4),
                 "adapter_disk_s": round(med["adapter_disk"], 4),
