@@ -31,9 +31,19 @@ def padded_forward(
         return model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position; `targets` is [T] or [T, K] (several candidates per position)."""
-    lse = torch.logsumexp(logits, dim=-1)
-    if targets.dim() == 1:
-        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    return logits.gather(-1, targets) - lse.unsqueeze(-1)
+def target_logprobs(logits: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """log p(target) per position for each row of padded `logits` [rows, T, V]; row j's targets are
+    [T_j] or [T_j, K] (several candidates per position). One gather over the whole batch, so backward
+    writes the logits gradient once instead of zero-filling a [rows, T, V] tensor per row."""
+    rows, width, _ = logits.shape
+    k = max(t.shape[1] if t.dim() == 2 else 1 for t in targets)
+    index = torch.zeros((rows, width, k), dtype=torch.long, device=logits.device)
+    for j, t in enumerate(targets):
+        t2 = t.view(len(t), -1)
+        index[j, : len(t), : t2.shape[1]] = t2
+    picked = logits.gather(-1, index) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    out = []
+    for j, t in enumerate(targets):
+        lp = picked[j, : len(t)]
+        out.append(lp[:, 0] if t.dim() == 1 else lp[:, : t.shape[1]])
+    return out

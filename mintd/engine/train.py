@@ -125,11 +125,11 @@ def forward_backward(
                 pad_id,
             )
             total = None
-            for j, i in enumerate(batch):
-                gi, datum = rows[i]
+            batch_inputs = [{k: v.to(device) for k, v in rows[i][1].inputs.items()} for i in batch]
+            batch_lps = target_logprobs(logits, [inputs["target_tokens"] for inputs in batch_inputs])
+            for i, inputs, lp in zip(batch, batch_inputs, batch_lps, strict=True):
+                gi = rows[i][0]
                 group = groups[gi]
-                inputs = {k: v.to(device) for k, v in datum.inputs.items()}
-                lp = target_logprobs(logits[j, : lengths[i]], inputs["target_tokens"])
                 loss = get_loss(group.loss_fn)[0](lp, inputs, group.loss_config)
                 logprobs[i] = lp.detach().cpu()
                 losses[gi] += loss.item()
