@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import math
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from mintd.catalog.db import CatalogDB
 from mintd.catalog.errors import CatalogConflict, CatalogNotFound
 from mintd.catalog.types import Gate, NewRevision, Provenance
 from mintd.config import CatalogSettings
+from tests.catalog.concurrency import run_writers
 
 T0 = 1_800_000_000.0
 PROV = Provenance(base_fingerprint="base-fp", lora_config={"rank": 8}, training_run_id="run-1", step=10)
@@ -537,25 +537,11 @@ def test_concurrent_registration_gives_unique_consecutive_numbers(tmp_path: Path
     url = f"sqlite:///{tmp_path / 'catalog.db'}"
     dbs = [CatalogDB(url), CatalogDB(url)]
     cats = [Catalog(d) for d in dbs]
-    numbers: list[int] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
 
-    def writer(k: int) -> None:
-        try:
-            for i in range(15):
-                rev = save(cats[k % 2], "alice", "pol", k * 100 + i)
-                with lock:
-                    numbers.append(rev.number)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+    def writer(k: int) -> list[int]:
+        return [save(cats[k % 2], "alice", "pol", k * 100 + i).number for i in range(15)]
 
-    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    numbers = run_writers(8, writer)
     assert sorted(numbers) == list(range(1, 121))
     assert cats[0].get_adapter("alice", "pol").last_number == 120
     assert len([e for e in cats[1].audit("alice", limit=1000) if e.action == "adapter.create"]) == 1

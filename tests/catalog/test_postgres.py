@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from mintd.catalog.api import Catalog
 from mintd.catalog.db import CatalogDB
 from mintd.catalog.errors import CatalogConflict, CatalogNotFound
 from mintd.catalog.types import Gate, NewRevision, Provenance
+from tests.catalog.concurrency import run_writers
 
 
 def _pg_bin() -> Path | None:
@@ -117,28 +117,16 @@ def test_postgres_migrations_and_lifecycle(pg_url: str) -> None:
 def test_postgres_concurrent_writers_get_consecutive_numbers(pg_url: str) -> None:
     dbs = [CatalogDB(pg_url) for _ in range(2)]
     cats = [Catalog(d) for d in dbs]
-    numbers: list[int] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
 
-    def writer(k: int) -> None:
-        try:
-            for i in range(10):
-                rev = cats[k % 2].register_revision(
-                    "carol", "shared", sha((k, i)), "sampler", provenance=PROV
-                )
-                cats[k % 2].promote("carol", "shared", "latest", rev.number)
-                with lock:
-                    numbers.append(rev.number)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+    def writer(k: int) -> list[int]:
+        numbers = []
+        for i in range(10):
+            rev = cats[k % 2].register_revision("carol", "shared", sha((k, i)), "sampler", provenance=PROV)
+            cats[k % 2].promote("carol", "shared", "latest", rev.number)
+            numbers.append(rev.number)
+        return numbers
 
-    threads = [threading.Thread(target=writer, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    numbers = run_writers(6, writer)
     assert sorted(numbers) == list(range(1, 61))
     assert cats[0].get_adapter("carol", "shared").last_number == 60
     for d in dbs:
