@@ -9,7 +9,7 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 else
     torch_req="torch==2.13.0"  # the CPU build; installed first so the package does not pull a CUDA one
 fi
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $torch_req"
+want="$(cat pyproject.toml scripts/_setup_venv.sh | sha256sum | cut -d' ' -f1) $torch_req"
 stamp=".venv/.mintd-installed"
 
 if [ ! -x .venv/bin/python ]; then
