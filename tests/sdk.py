@@ -25,6 +25,13 @@ SDK_ENVS: dict[str, Path] = {
 }
 
 
+# Appended to every script: once it has run to its end, leave without interpreter teardown. The SDK's
+# daemon event-loop thread can abort the process (SIGABRT) while torch and threads are torn down,
+# after the script's work and output are complete; that is the client library's shutdown, not the
+# server under test. An exception earlier in the script never reaches this line and still fails.
+_CLEAN_EXIT = "\n\nimport os as _os, sys as _sys\n_sys.stdout.flush()\n_sys.stderr.flush()\n_os._exit(0)\n"
+
+
 def sdk_python(env: str) -> Path:
     """The interpreter of SDK venv `env`; fails the test when the venv was never built."""
     python = SDK_ENVS[env]
@@ -49,7 +56,7 @@ def run_sdk_script(
     environ.update(env_vars or {})
     with tempfile.TemporaryDirectory(prefix="mintd-sdk-") as tmp:
         path = Path(tmp) / "sdk_script.py"  # a file, not -c, so tracebacks show the failing line
-        path.write_text(script)
+        path.write_text(script + _CLEAN_EXIT)
         try:
             proc = subprocess.run(
                 [str(python), str(path)],
