@@ -158,10 +158,11 @@ def serve(
 
     settings = ServeSettings(host=host, port=port, data_dir=data_dir)
     try:
-        app_, _ = build_app(_parse_models(model), settings, api_key or [])
+        models = _parse_models(model)
+        app_, _ = build_app(models, settings, api_key or [])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    console.print(f"mintd serving {', '.join(_parse_models(model))} on http://{host}:{port}")
+    console.print(f"mintd serving {', '.join(models)} on http://{host}:{port}")
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 

@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +181,3 @@ class CheckpointStore:
 
     def run_ids(self) -> list[str]:
         return sorted(p.parent.name for p in self.root.glob("*/run.json"))
-
-
-def info_dict(info: CheckpointInfo) -> dict[str, Any]:
-    return asdict(info)

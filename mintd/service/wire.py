@@ -77,9 +77,3 @@ def datum(value: Any, index: int) -> Datum:
         t = tensor(raw, f"{field}.loss_fn_inputs.{name}")
         inputs[name] = t.long() if name == "target_tokens" else t.float()
     return Datum(torch.tensor(ids, dtype=torch.long), inputs)
-
-
-def tensor_data(t: torch.Tensor) -> dict[str, Any]:
-    """A torch tensor as JSON TensorData."""
-    dtype = "int64" if not t.is_floating_point() else "float32"
-    return {"data": t.flatten().tolist(), "dtype": dtype, "shape": list(t.shape)}
