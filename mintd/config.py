@@ -41,6 +41,9 @@ class ServeSettings(BaseSettings):
     max_sample_rows: int = Field(64, ge=1, description="rows decoded together in one engine batch")
     max_train_tokens: int = Field(65536, ge=1, description="tokens merged into one forward_backward call")
     ephemeral_samplers_per_run: int = Field(8, ge=1, description="sampler snapshots kept per training run")
+    download_ttl_s: int = Field(
+        900, ge=60, description="how long a checkpoint download link (export, archive) stays valid"
+    )
 
 
 class CatalogSettings(BaseSettings):

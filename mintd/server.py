@@ -16,8 +16,9 @@ from mintd.api.auth import Authenticator
 from mintd.catalog import Catalog, CatalogDB
 from mintd.config import CatalogSettings, EngineSettings, ServeSettings
 from mintd.engine.engine import Engine
-from mintd.service.checkpoints import CheckpointStore
+from mintd.service.checkpoints import Checkpoints
 from mintd.service.futures import FutureStore
+from mintd.service.runs import RunRecords
 from mintd.service.scheduler import SchedulerLimits
 from mintd.service.tinker import TinkerService
 from mintd.store.blobs import BlobStore
@@ -74,17 +75,26 @@ def build_app(
         max_sample_rows=settings.max_sample_rows,
         seq_gap_timeout_s=settings.seq_gap_timeout_s,
     )
+    catalog = Catalog(CatalogDB.from_settings(CatalogSettings(), data_dir))
+    blobs = BlobStore(data_dir / "blobs")
     service = TinkerService(
         engines,
-        CheckpointStore(data_dir / "checkpoints"),
+        Checkpoints(catalog, blobs),
+        RunRecords(data_dir / "runs"),
         FutureStore(settings.future_retention_s),
         limits,
         settings.ephemeral_samplers_per_run,
     )
     auth = Authenticator(keys, _secret(data_dir))
-    catalog = Catalog(CatalogDB.from_settings(CatalogSettings(), data_dir))
-    blobs = BlobStore(data_dir / "blobs")
-    return create_app(service, auth, settings.long_poll_s, catalog=catalog, blobs=blobs), service
+    app = create_app(
+        service,
+        auth,
+        settings.long_poll_s,
+        catalog=catalog,
+        blobs=blobs,
+        download_ttl_s=settings.download_ttl_s,
+    )
+    return app, service
 
 
 class ServerThread:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from mintd import __version__
 from mintd.api import catalog as catalog_routes
-from mintd.api import tinker
+from mintd.api import exports, tinker
 from mintd.api.auth import Authenticator, Unauthorized
 from mintd.catalog.errors import CatalogNotFound
 from mintd.service.tinker import NotFound, TinkerService
@@ -43,6 +43,7 @@ def create_app(
     long_poll_s: float = 25.0,
     catalog: Catalog | None = None,
     blobs: Blobs | None = None,
+    download_ttl_s: int = 900,
 ) -> FastAPI:
     """The app; the catalog routes (/api/v1/catalog) are mounted only when a `catalog` is given."""
     app = FastAPI(title="mintd", version=__version__)
@@ -51,7 +52,9 @@ def create_app(
     app.state.long_poll_s = long_poll_s
     app.state.catalog = catalog
     app.state.blobs = blobs
+    app.state.download_ttl_s = download_ttl_s
     app.include_router(tinker.router)
+    app.include_router(exports.router)
     if catalog is not None:
         app.include_router(catalog_routes.router)
 

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import time
+from typing import Any
 
 
 class Unauthorized(Exception):
@@ -42,22 +43,37 @@ class Authenticator:
             raise Unauthorized("unknown API key")
         return owner
 
-    def issue(self, owner: str) -> str:
+    def sign(self, claims: dict[str, Any], ttl_s: int) -> str:
+        """A token (HS256 JWT) carrying `claims` until `ttl_s` from now."""
         now = int(time.time())
         header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-        payload = _b64(json.dumps({"sub": owner, "iat": now, "exp": now + self.jwt_ttl_s}).encode())
+        payload = _b64(json.dumps({**claims, "iat": now, "exp": now + ttl_s}).encode())
         signature = _b64(hmac.new(self.secret, f"{header}.{payload}".encode(), hashlib.sha256).digest())
         return f"{header}.{payload}.{signature}"
 
-    def owner(self, credential: str | None) -> str:
-        """Owner for a request's X-API-Key: one of our JWTs, or a raw API key."""
-        if credential and credential.startswith("eyJ") and credential.count(".") == 2:
-            header, payload, signature = credential.split(".")
+    def verify(self, token: str) -> dict[str, Any]:
+        """The claims of a token `sign` made and that has not expired; Unauthorized otherwise."""
+        try:
+            header, payload, signature = token.split(".")
             expected = _b64(hmac.new(self.secret, f"{header}.{payload}".encode(), hashlib.sha256).digest())
             if not hmac.compare_digest(signature, expected):
                 raise Unauthorized("invalid token")
             claims = json.loads(_unb64(payload))
-            if claims.get("exp", 0) < time.time():
-                raise Unauthorized("token expired")
+        except (ValueError, UnicodeDecodeError):
+            raise Unauthorized("invalid token") from None
+        if claims.get("exp", 0) < time.time():
+            raise Unauthorized("token expired")
+        return claims
+
+    def issue(self, owner: str) -> str:
+        """The JWT an SDK exchanges its API key for."""
+        return self.sign({"sub": owner}, self.jwt_ttl_s)
+
+    def owner(self, credential: str | None) -> str:
+        """Owner for a request's X-API-Key: one of our JWTs, or a raw API key."""
+        if credential and credential.startswith("eyJ") and credential.count(".") == 2:
+            claims = self.verify(credential)
+            if "aud" in claims:  # a download link's token is not an API credential
+                raise Unauthorized("invalid token")
             return claims["sub"]
         return self.owner_of_key(credential)

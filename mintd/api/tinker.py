@@ -230,13 +230,27 @@ class SaveWeights(Body):
     ttl_seconds: int | None = None
     overwrite: bool = False
     sampling_session_seq_id: int | None = None
+    user_metadata: dict[str, Any] | None = None  # kept as the revision's metadata
+    age_encryption_recipients: list[str] | None = None  # save_weights_external only
+
+
+def _checkpoint_name(body: SaveWeights) -> str:
+    if body.path is None:
+        raise ValueError("path: a checkpoint name is required")
+    return body.path
 
 
 @router.post("/save_weights")
 def save_weights(body: SaveWeights, who: str = Depends(owner), svc: TinkerService = Depends(service)):
-    if body.path is None:
-        raise ValueError("path: a checkpoint name is required")
-    fut = svc.save_weights(who, body.model_id, body.seq_id, body.path, body.ttl_seconds, body.overwrite)
+    fut = svc.save_weights(
+        who,
+        body.model_id,
+        body.seq_id,
+        _checkpoint_name(body),
+        body.ttl_seconds,
+        body.overwrite,
+        body.user_metadata,
+    )
     return _future(fut, model_id=body.model_id)
 
 
@@ -245,8 +259,24 @@ def save_weights_for_sampler(
     body: SaveWeights, who: str = Depends(owner), svc: TinkerService = Depends(service)
 ):
     fut = svc.save_weights_for_sampler(
-        who, body.model_id, body.seq_id, body.path, body.ttl_seconds, body.sampling_session_seq_id
+        who,
+        body.model_id,
+        body.seq_id,
+        body.path,
+        body.ttl_seconds,
+        body.sampling_session_seq_id,
+        body.user_metadata,
     )
+    return _future(fut, model_id=body.model_id)
+
+
+@router.post("/save_weights_external")
+def save_weights_external(
+    body: SaveWeights, who: str = Depends(owner), svc: TinkerService = Depends(service)
+):
+    if body.age_encryption_recipients:
+        raise ValueError("age_encryption_recipients: encrypted exports are not supported by this server")
+    fut = svc.save_weights_external(who, body.model_id, body.seq_id, _checkpoint_name(body), body.ttl_seconds)
     return _future(fut, model_id=body.model_id)
 
 

@@ -141,12 +141,12 @@ class Catalog:
 
     # revisions --------------------------------------------------------------------------------------
 
-    def resolve(self, owner: str, ref: str) -> Revision:
-        """The live revision a ref names (see `mintd.catalog.refs` for the grammar)."""
+    def resolve(self, owner: str, ref: str, *, field: str = "ref") -> Revision:
+        """The live revision a ref names (see `mintd.catalog.refs` for the grammar); errors name `field`."""
         owner = validate.owner(owner)
-        parsed = refs.parse(ref, owner)
+        parsed = refs.parse(ref, owner, field)
         with self.db.read() as conn:
-            return q.revision_from_row(q.find_revision(conn, owner, parsed, self._clock(), ref))
+            return q.revision_from_row(q.find_revision(conn, owner, parsed, self._clock(), ref, field))
 
     def lineage(self, owner: str, ref: str, *, limit: int = 1000) -> list[Revision]:
         """Ancestors of a revision through its parents, nearest first (breadth-first). Ancestors since
@@ -174,6 +174,30 @@ class Catalog:
                 rows = conn.execute(q.REVISION.where(q.r.id.in_(chunk)))
                 found.update((row.id, q.revision_from_row(row)) for row in rows if row[1] == owner)
         return [found[i] for i in order[:limit] if i in found]
+
+    def tinker_checkpoints(self, owner: str, run_id: str) -> list[Revision]:
+        """The live revisions a training run's `tinker://<run_id>/...` paths name, oldest first (where an
+        overwrite re-used a path, only the newest revision under it: the one the path resolves to)."""
+        owner = validate.owner(owner)
+        validate.text(run_id, "run_id", optional=False, max_len=256)
+        if "/" in run_id:
+            raise ValueError(f"run_id: {run_id!r} must not contain '/'")
+        low = f"{validate.TINKER_SCHEME}{run_id}/"
+        high = low[:-1] + chr(ord("/") + 1)  # a range scan on the tinker_path index
+        stmt = q.REVISION.where(q.o.name == owner, q.r.tinker_path >= low, q.r.tinker_path < high).order_by(
+            q.r.id.desc()
+        )
+        now = self._clock()
+        newest: dict[str, Revision] = {}
+        with self.db.read() as conn:
+            for row in conn.execute(stmt):
+                newest.setdefault(row.tinker_path, q.revision_from_row(row))
+        live = [
+            rev
+            for rev in newest.values()
+            if rev.deleted_at is None and (rev.expires_at is None or rev.expires_at > now)
+        ]
+        return sorted(live, key=lambda rev: rev.id)
 
     def register_revision(
         self,

@@ -20,7 +20,11 @@ JSON_MAX_BYTES = 64 * 1024
 TEXT_MAX = 512
 TINKER_SCHEME = "tinker://"
 # Tinker checkpoint kinds and the revision kind each save produces.
-TINKER_KINDS = {"weights": RevisionKind.STATE.value, "sampler_weights": RevisionKind.SAMPLER.value}
+TINKER_KINDS = {
+    "weights": RevisionKind.STATE.value,
+    "sampler_weights": RevisionKind.SAMPLER.value,
+    "external_weights": RevisionKind.EXTERNAL.value,
+}
 _TINKER_MAX = 1024
 
 
@@ -130,7 +134,8 @@ def tinker_kind(path: str, field: str = "tinker_path") -> str:
         raise ValueError(f"{field}: {path!r} must look like tinker://<training_run_id>/<kind>/<name>")
     if parts[1] not in TINKER_KINDS:
         raise ValueError(
-            f"{field}: unknown checkpoint kind {parts[1]!r} (expected weights or sampler_weights)"
+            f"{field}: unknown checkpoint kind {parts[1]!r} "
+            "(expected weights, sampler_weights or external_weights)"
         )
     return TINKER_KINDS[parts[1]]
 

@@ -1,32 +1,30 @@
-"""Checkpoints addressed by `tinker://<training_run_id>/<kind>/<name>`, kept under the data dir.
+"""Tinker checkpoints as catalog revisions: every save is a packed blob plus a revision with provenance.
 
-Each checkpoint is a folder holding the adapter's tensors (safetensors; optimizer state too for
-`weights/`) and a metadata file. It is written to a temporary folder, fsynced, then renamed into
-place, so a half-written checkpoint is never visible.
+A save puts the packed adapter into the content-addressed blob store (temporary file, fsync, rename),
+then registers the revision in the catalog; that commit is the acknowledgment. A crash before it leaves
+at most an unreferenced blob (collected by `mintd adapters gc`), a crash after it loses nothing.
+
+`tinker://<training_run_id>/<kind>/<name>` is one way to name a revision; `name`, `name@N`,
+`name:alias` and `owner/...` are the others, and every load accepts all of them.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from mintd.catalog import Catalog, Provenance, Revision
+from mintd.catalog.validate import TINKER_KINDS
+from mintd.engine.engine import Engine
+from mintd.store.blobs import BlobNotFound, Blobs
+from mintd.store.packed import PackedAdapter, load_packed_into, read_packed
+from mintd.store.peft import peft_files
 
-KINDS = {"weights": "training", "sampler_weights": "sampler"}
+# checkpoint kind in a tinker:// path -> the checkpoint_type the Tinker REST views report
+CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _TEN_YEARS = 10 * 365 * 24 * 3600
-
-
-class CheckpointNotFound(LookupError):
-    """An unknown or expired checkpoint (a LookupError, not a KeyError, so its message prints plainly)."""
 
 
 @dataclass(frozen=True)
@@ -35,18 +33,6 @@ class TinkerPath:
     kind: str
     name: str
 
-    @classmethod
-    def parse(cls, path: str, field: str = "path") -> TinkerPath:
-        if not path.startswith("tinker://"):
-            raise ValueError(f"{field}: {path!r} is not a tinker:// path")
-        parts = path[len("tinker://") :].split("/")
-        if len(parts) != 3 or not all(parts):
-            raise ValueError(f"{field}: {path!r} must look like tinker://<run>/<kind>/<name>")
-        if parts[1] not in KINDS:
-            kinds = " or ".join(KINDS)
-            raise ValueError(f"{field}: unknown checkpoint kind {parts[1]!r} (expected {kinds})")
-        return cls(*parts)
-
     def __str__(self) -> str:
         return f"tinker://{self.run_id}/{self.kind}/{self.name}"
 
@@ -54,20 +40,14 @@ class TinkerPath:
     def checkpoint_id(self) -> str:
         return f"{self.kind}/{self.name}"
 
-
-@dataclass
-class CheckpointInfo:
-    path: str
-    checkpoint_id: str
-    checkpoint_type: str
-    created_at: float
-    size_bytes: int
-    expires_at: float | None
-    meta: dict[str, Any]
+    @classmethod
+    def parse(cls, path: str) -> TinkerPath:
+        """A path the catalog already accepted (it validates the grammar)."""
+        return cls(*path[len("tinker://") :].split("/"))
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"path: checkpoint name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
     return name
 
@@ -78,106 +58,80 @@ def check_ttl(ttl_seconds: int | None) -> int | None:
     return ttl_seconds
 
 
-class CheckpointStore:
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+def run_adapter_name(run_id: str) -> str:
+    """The catalog adapter a training run saves into unless its metadata names one: `s-…:train:0`
+    becomes `s-….train.0` (adapter names cannot hold ':', which introduces an alias)."""
+    return run_id.replace(":", ".")
 
-    def _dir(self, p: TinkerPath) -> Path:
-        return self.root / p.run_id / p.kind / p.name
+
+class Checkpoints:
+    """The service's view of the catalog and the blob store: save, resolve, load, export."""
+
+    def __init__(self, catalog: Catalog, blobs: Blobs) -> None:
+        self.catalog = catalog
+        self.blobs = blobs
 
     def save(
         self,
-        p: TinkerPath,
-        tensors: dict[str, torch.Tensor],
-        meta: dict[str, Any],
+        owner: str,
+        adapter: str,
+        path: TinkerPath,
+        data: bytes,
+        provenance: Provenance,
+        *,
+        parents: tuple[str, ...] = (),
         ttl_seconds: int | None = None,
         overwrite: bool = False,
-    ) -> CheckpointInfo:
-        final = self._dir(p)
-        if final.exists() and not overwrite and not self._expired(final):
-            raise ValueError(f"path: checkpoint {p} already exists (pass overwrite=True to replace it)")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "adapter.safetensors")
-            now = time.time()
-            info = {
-                "meta": meta,
-                "created_at": now,
-                "expires_at": None if ttl_seconds is None else now + ttl_seconds,
-            }
-            (tmp / "checkpoint.json").write_text(json.dumps(info))
-            for f in tmp.iterdir():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return self.info(p)
-
-    def _expired(self, folder: Path) -> bool:
-        expires = json.loads((folder / "checkpoint.json").read_text()).get("expires_at")
-        return expires is not None and expires < time.time()
-
-    def info(self, p: TinkerPath) -> CheckpointInfo:
-        folder = self._dir(p)
-        if not (folder / "checkpoint.json").is_file() or self._expired(folder):
-            raise CheckpointNotFound(f"checkpoint {p} not found (or expired)")
-        data = json.loads((folder / "checkpoint.json").read_text())
-        return CheckpointInfo(
-            path=str(p),
-            checkpoint_id=p.checkpoint_id,
-            checkpoint_type=KINDS[p.kind],
-            created_at=data["created_at"],
-            size_bytes=(folder / "adapter.safetensors").stat().st_size,
-            expires_at=data["expires_at"],
-            meta=data["meta"],
+        metadata: dict[str, Any] | None = None,
+    ) -> Revision:
+        sha = self.blobs.put(data)
+        return self.catalog.register_revision(
+            owner,
+            adapter,
+            sha,
+            TINKER_KINDS[path.kind],
+            provenance=provenance,
+            parents=parents,
+            tinker_path=str(path),
+            ttl_seconds=ttl_seconds,
+            size_bytes=len(data),
+            metadata=metadata,
+            overwrite=overwrite,
         )
 
-    def load(self, p: TinkerPath) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
-        info = self.info(p)
-        return info, load_file(self._dir(p) / "adapter.safetensors")
+    def resolve(self, owner: str, ref: str, field: str = "path") -> Revision:
+        """The live revision `ref` names for `owner`; CatalogNotFound (404) otherwise."""
+        return self.catalog.resolve(owner, ref, field=field)
 
-    def list(self, run_id: str) -> list[CheckpointInfo]:
-        out = []
-        for kind in KINDS:
-            folder = self.root / run_id / kind
-            for child in sorted(folder.iterdir()) if folder.is_dir() else ():
-                if child.name.startswith(".tmp-"):
-                    continue
-                try:
-                    out.append(self.info(TinkerPath(run_id, kind, child.name)))
-                except CheckpointNotFound:
-                    continue
-        return sorted(out, key=lambda c: c.created_at)
+    def read(self, rev: Revision, field: str = "path") -> PackedAdapter:
+        """The revision's packed adapter, memory-mapped from its blob with every checksum verified."""
+        try:
+            return read_packed(self.blobs.path(rev.content_hash), verify=True)
+        except (ValueError, BlobNotFound) as exc:
+            raise ValueError(f"{field}: the stored bytes of {rev.ref} are unreadable: {exc}") from None
 
-    def delete(self, p: TinkerPath) -> None:
-        self.info(p)
-        shutil.rmtree(self._dir(p))
+    def load_into(
+        self, engine: Engine, rev: Revision, *, trainable: bool, optimizer: bool, field: str = "path"
+    ) -> int:
+        """A new engine slot holding the revision, after checking it was trained on this engine's base."""
+        if rev.provenance.base_fingerprint != engine.fingerprint:
+            raise ValueError(
+                f"{field}: {rev.ref} was trained on base model {rev.provenance.base_model!r} "
+                f"({rev.provenance.base_fingerprint[:12]}…), which is not this run's base model"
+            )
+        packed = self.read(rev, field)
+        return load_packed_into(engine, packed, trainable=trainable, with_optimizer=optimizer)
 
-    def set_ttl(self, p: TinkerPath, ttl_seconds: int | None) -> None:
-        self.info(p)
-        path = self._dir(p) / "checkpoint.json"
-        data = json.loads(path.read_text())
-        data["expires_at"] = None if ttl_seconds is None else time.time() + ttl_seconds
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+    def peft_files(self, rev: Revision) -> dict[str, bytes]:
+        """The revision as a Hugging Face PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+        packed = self.read(rev)
+        return peft_files(packed.header.spec, packed.tensors, rev.provenance.base_model or "")
 
-    def write_run(self, run_id: str, record: dict[str, Any]) -> None:
-        folder = self.root / run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "run.json.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(folder / "run.json")
+    def list(self, owner: str, run_id: str) -> list[Revision]:
+        return self.catalog.tinker_checkpoints(owner, run_id)
 
-    def read_run(self, run_id: str) -> dict[str, Any] | None:
-        path = self.root / run_id / "run.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+    def delete(self, owner: str, ref: str) -> None:
+        self.catalog.delete_revision(owner, ref)
 
-    def run_ids(self) -> list[str]:
-        return sorted(p.parent.name for p in self.root.glob("*/run.json"))
+    def set_ttl(self, owner: str, ref: str, ttl_seconds: int | None) -> None:
+        self.catalog.set_ttl(owner, ref, check_ttl(ttl_seconds))

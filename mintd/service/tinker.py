@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mintd.catalog import Provenance, Revision
+from mintd.catalog import validate as catalog_validate
+from mintd.catalog.errors import CatalogNotFound
 from mintd.engine import sampling, train
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
 from mintd.engine.engine import Engine
@@ -25,19 +28,20 @@ from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
 from mintd.engine.train import TrainGroup, TrainOutput
 from mintd.service import wire
 from mintd.service.checkpoints import (
-    CheckpointNotFound,
-    CheckpointStore,
+    CHECKPOINT_TYPES,
+    Checkpoints,
     TinkerPath,
     check_name,
     check_ttl,
+    run_adapter_name,
 )
+from mintd.service.errors import NotFound
 from mintd.service.futures import Future, FutureStore, RequestError
+from mintd.service.runs import RunRecords
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
+from mintd.store.packed import pack, split_state
 
-
-class NotFound(LookupError):
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "not found"
+__all__ = ["NotFound", "TinkerService"]
 
 
 @dataclass
@@ -61,9 +65,19 @@ class Run:
     base_model: str
     spec: LoraSpec
     user_metadata: dict[str, Any]
+    adapter: str  # the catalog adapter its saves become revisions of
     slot: int = BASE_SLOT
     ephemeral: OrderedDict[str, int] = field(default_factory=OrderedDict)  # sampler id -> snapshot slot
     last_request_time: float = field(default_factory=time.time)
+    # provenance, kept current by the ops as the worker runs them (so a save sees exactly its past)
+    step: int = 0
+    loss_fn: str | None = None
+    optimizer: dict[str, Any] | None = None
+    parent: str | None = None  # ref of the revision this adapter last came from (saved or loaded)
+
+    def continue_from(self, rev: Revision) -> None:
+        p = rev.provenance
+        self.step, self.loss_fn, self.optimizer, self.parent = p.step or 0, p.loss_fn, p.optimizer, rev.ref
 
 
 @dataclass
@@ -73,6 +87,7 @@ class Sampler:
     base_model: str
     model_path: str | None
     slot: int | None  # None until the first sample loads the checkpoint (a scheduled cold load)
+    revision: Revision | None = None  # what model_path resolved to when the sampler was made
 
 
 @dataclass
@@ -87,7 +102,8 @@ class TinkerService:
     def __init__(
         self,
         models: dict[str, Engine],
-        store: CheckpointStore,
+        checkpoints: Checkpoints,
+        runs: RunRecords,
         futures: FutureStore,
         limits: SchedulerLimits,
         ephemeral_samplers_per_run: int = 8,
@@ -96,7 +112,8 @@ class TinkerService:
             name: BaseModelHandle(name, e.model_dir, e, EngineWorker(e, futures, limits, name))
             for name, e in models.items()
         }
-        self.store = store
+        self.checkpoints = checkpoints
+        self.runs = runs
         self.futures = futures
         self.ephemeral_per_run = ephemeral_samplers_per_run
         self._lock = threading.RLock()
@@ -144,17 +161,26 @@ class TinkerService:
             raise NotFound(f"sampling_session_id: sampler {sampler_id} not found")
         return s
 
-    def _owned_path(self, path: str, owner: str, field_name: str = "path") -> TinkerPath:
-        """A checkpoint of this owner that exists now; anything else is not found (no existence leak)."""
-        p = TinkerPath.parse(path, field_name)
-        record = self.store.read_run(p.run_id)
+    def run_record(self, owner: str, run_id: str) -> dict[str, Any]:
+        """A training run of this owner, live or from an earlier server process."""
+        record = self.runs.read(run_id)
         if record is None or record["owner"] != owner:
-            raise NotFound(f"{field_name}: checkpoint {path} not found")
-        try:
-            self.store.info(p)
-        except CheckpointNotFound as exc:
-            raise NotFound(f"{field_name}: {exc}") from None
-        return p
+            raise NotFound(f"training run {run_id} not found")
+        return record
+
+    def revision(self, owner: str, ref: str, field_name: str = "path") -> Revision:
+        """Any ref (tinker:// path, name, name@N, name:alias) to this owner's live revision, or 404."""
+        return self.checkpoints.resolve(owner, ref, field_name)
+
+    def base_of(self, rev: Revision, field_name: str = "path") -> BaseModelHandle:
+        """The served base model a revision was trained on (matched by fingerprint, not by name)."""
+        for handle in self.models.values():
+            if handle.engine.fingerprint == rev.provenance.base_fingerprint:
+                return handle
+        raise ValueError(
+            f"{field_name}: {rev.ref} was trained on base model {rev.provenance.base_model!r}, which this "
+            f"server does not serve (it serves {sorted(self.models)})"
+        )
 
     # sessions -----------------------------------------------------------------------------------
 
@@ -192,10 +218,12 @@ class TinkerService:
         handle = self.base(base_model)
         spec = LoraSpec(**lora_config)
         model_id = f"{session_id}:train:{model_seq_id}"
+        adapter = _adapter_name(user_metadata, model_id)
 
         def create(engine: Engine) -> dict[str, Any]:
             slot = engine.create_adapter(spec)
-            self._register_run(Run(model_id, session_id, owner, handle.name, spec, user_metadata, slot))
+            run = Run(model_id, session_id, owner, handle.name, spec, user_metadata, adapter, slot)
+            self._register_run(run)
             return {"model_id": model_id, "type": "create_model"}
 
         return self._submit_direct(handle, ("model", session_id, model_seq_id), "CreateModel", create)
@@ -205,7 +233,7 @@ class TinkerService:
             self._runs[run.model_id] = run
             self._sessions[run.session_id].run_ids.append(run.model_id)
         self.models[run.base_model].worker.add_run(run.model_id)
-        self.store.write_run(run.model_id, self._run_record(run))
+        self.runs.write(run.model_id, self._run_record(run))
 
     def _run_record(self, run: Run) -> dict[str, Any]:
         return {
@@ -215,6 +243,7 @@ class TinkerService:
             "lora": run.spec.model_dump(),
             "user_metadata": run.user_metadata,
             "session_id": run.session_id,
+            "adapter": run.adapter,
         }
 
     def get_info(self, model_id: str, owner: str) -> dict[str, Any]:
@@ -270,7 +299,13 @@ class TinkerService:
             config = {k: float(v) for k, v in (loss_fn_config or {}).items() if isinstance(v, (int, float))}
             group = TrainGroup(run.slot, [wire.datum(d, i) for i, d in enumerate(data)], loss_fn, config)
             train.validate(group, handle.engine.vocab_size, handle.engine.max_len)
-            return TrainOp(group, forward_only, _forward_result, slot=lambda: run.slot)
+
+            def result(out: TrainOutput) -> dict[str, Any]:
+                if not forward_only:
+                    run.loss_fn = loss_fn
+                return _forward_result(out)
+
+            return TrainOp(group, forward_only, result, slot=lambda: run.slot)
 
         return self._run_op(owner, model_id, seq_id, "Forward" if forward_only else "ForwardBackward", make)
 
@@ -281,19 +316,34 @@ class TinkerService:
             if kind not in ("adam", "adamw"):
                 raise ValueError(f"optimizer_params.type: {kind!r} is not supported; use adam")
             adam = AdamParams(**hp)
-            return CallOp(lambda e: {"metrics": e.optim_step(run.slot, adam), "type": "optim_step"})
+
+            def step(engine: Engine) -> dict[str, Any]:
+                metrics = engine.optim_step(run.slot, adam)
+                run.step, run.optimizer = run.step + 1, {"type": kind, **adam.model_dump()}
+                return {"metrics": metrics, "type": "optim_step"}
+
+            return CallOp(step)
 
         return self._run_op(owner, model_id, seq_id, "OptimStep", make)
 
     def save_weights(
-        self, owner: str, model_id: str, seq_id: int, name: str, ttl_seconds: int | None, overwrite: bool
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int,
+        name: str,
+        ttl_seconds: int | None,
+        overwrite: bool,
+        user_metadata: dict[str, Any] | None = None,
     ) -> Future:
-        """save_state: weights and optimizer state, loadable for training."""
+        """save_state: weights and optimizer state, loadable for training (a `state` revision)."""
 
         def make(run: Run) -> CallOp:
             path = TinkerPath(model_id, "weights", check_name(name))
             check_ttl(ttl_seconds)
-            return CallOp(lambda e: self._save(e, run, path, ttl_seconds, overwrite, with_optimizer=True))
+            return CallOp(
+                lambda e: self._save(e, run, path, ttl_seconds, overwrite, user_metadata, "save_weights")
+            )
 
         return self._run_op(owner, model_id, seq_id, "SaveWeights", make)
 
@@ -305,9 +355,10 @@ class TinkerService:
         name: str | None,
         ttl_seconds: int | None,
         sampling_session_seq_id: int | None,
+        user_metadata: dict[str, Any] | None = None,
     ) -> Future:
         def make(run: Run) -> CallOp:
-            if name is None:  # ephemeral: a snapshot slot and a sampler, no disk round trip
+            if name is None:  # ephemeral: a snapshot slot and a sampler, no disk round trip, no revision
                 if sampling_session_seq_id is not None:  # the session's counter, as the SDK numbers it
                     sampler_id = f"{run.session_id}:sample:{sampling_session_seq_id}"
                 else:  # a client that sent none: a server-side number that cannot collide with those
@@ -315,9 +366,23 @@ class TinkerService:
                 return CallOp(lambda e: self._ephemeral_sampler(e, run, sampler_id))
             path = TinkerPath(model_id, "sampler_weights", check_name(name))
             check_ttl(ttl_seconds)
-            return CallOp(lambda e: self._save(e, run, path, ttl_seconds, True, with_optimizer=False))
+            kind = "save_weights_for_sampler"
+            return CallOp(lambda e: self._save(e, run, path, ttl_seconds, True, user_metadata, kind))
 
         return self._run_op(owner, model_id, seq_id, "SaveWeightsForSampler", make)
+
+    def save_weights_external(
+        self, owner: str, model_id: str, seq_id: int, name: str, ttl_seconds: int | None
+    ) -> Future:
+        """0.38: weights for use outside mintd; downloadable as a PEFT folder (`external_weights_urls`)."""
+
+        def make(run: Run) -> CallOp:
+            path = TinkerPath(model_id, "external_weights", check_name(name))
+            check_ttl(ttl_seconds)
+            kind = "save_weights_external"
+            return CallOp(lambda e: self._save(e, run, path, ttl_seconds, True, None, kind))
+
+        return self._run_op(owner, model_id, seq_id, "SaveWeightsExternal", make)
 
     def _save(
         self,
@@ -326,18 +391,39 @@ class TinkerService:
         path: TinkerPath,
         ttl: int | None,
         overwrite: bool,
-        with_optimizer: bool,
+        user_metadata: dict[str, Any] | None,
+        result_type: str,
     ) -> dict[str, Any]:
+        """Runs on the worker, after every earlier op of the run: pack, store, register, acknowledge."""
+        with_optimizer = path.kind == "weights"
         spec, tensors = engine.export_adapter(run.slot, with_optimizer=with_optimizer)
-        meta = {
-            "base_model": run.base_model,
-            "fingerprint": engine.fingerprint,
-            "lora": spec.model_dump(),
-            "has_optimizer": with_optimizer,
-        }
-        self.store.save(path, tensors, meta, ttl_seconds=ttl, overwrite=overwrite)
-        kind = "save_weights" if with_optimizer else "save_weights_for_sampler"
-        return {"path": str(path), "type": kind}
+        weights, optimizer = split_state(tensors)
+        data = pack(spec, weights, engine.fingerprint, optimizer if with_optimizer else None)
+        metadata = dict(user_metadata or {})
+        data_fingerprint = metadata.get("data_fingerprint")
+        provenance = Provenance(
+            base_fingerprint=engine.fingerprint,
+            base_model=run.base_model,
+            lora_config=spec.model_dump(),
+            training_run_id=run.model_id,
+            step=run.step,
+            loss_fn=run.loss_fn,
+            optimizer=run.optimizer,
+            data_fingerprint=data_fingerprint if isinstance(data_fingerprint, str) else None,
+        )
+        rev = self.checkpoints.save(
+            run.owner,
+            run.adapter,
+            path,
+            data,
+            provenance,
+            parents=(run.parent,) if run.parent else (),
+            ttl_seconds=ttl,
+            overwrite=overwrite,
+            metadata=metadata,
+        )
+        run.parent = rev.ref
+        return {"path": str(path), "size_bytes": len(data), "revision": rev.ref, "type": result_type}
 
     def _ephemeral_sampler(self, engine: Engine, run: Run, sampler_id: str) -> dict[str, Any]:
         slot = engine.snapshot(run.slot)
@@ -351,26 +437,17 @@ class TinkerService:
                 engine.drop(old_slot)
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
-    def _read_checkpoint(self, engine: Engine, path: TinkerPath, base_model: str):
-        info, tensors = self.store.load(path)
-        if info.meta["fingerprint"] != engine.fingerprint:
-            trained_on = info.meta["base_model"]
-            raise ValueError(
-                f"path: checkpoint {path} was trained on base model {trained_on!r}, not {base_model!r}"
-            )
-        return info, LoraSpec(**info.meta["lora"]), tensors
-
     def load_weights(self, owner: str, model_id: str, seq_id: int, path: str, optimizer: bool) -> Future:
-        """Legacy load_state: replace a run's adapter (and optionally optimizer) from a checkpoint."""
+        """Legacy load_state: replace a run's adapter (and optionally optimizer) from a revision."""
 
         def make(run: Run) -> CallOp:
-            p = self._owned_path(path, owner)
+            rev = self.revision(owner, path)
 
             def load(engine: Engine) -> dict[str, Any]:
-                info, spec, tensors = self._read_checkpoint(engine, p, run.base_model)
-                slot = engine.load_adapter(spec, _select(tensors, optimizer))
+                slot = self.checkpoints.load_into(engine, rev, trainable=True, optimizer=optimizer)
                 engine.drop(run.slot)
-                run.slot, run.spec = slot, spec
+                run.slot, run.spec = slot, engine.slots[slot].spec
+                run.continue_from(rev)
                 return {"path": path, "model_id": model_id, "type": "load_weights"}
 
             return CallOp(load)
@@ -386,27 +463,28 @@ class TinkerService:
         optimizer: bool,
         user_metadata: dict[str, Any],
     ) -> Future:
-        """0.38 create-via-load: a new run whose adapter (and optimizer) come from a checkpoint."""
+        """0.38 create-via-load: a new run whose adapter (and optimizer) come from a revision."""
         self.session(session_id, owner, live=True)
-        p = self._owned_path(path, owner)
-        record = self.store.read_run(p.run_id)
-        handle = self.base(record["base_model"])
+        rev = self.revision(owner, path)
+        handle = self.base_of(rev)
         model_id = f"{session_id}:train:{model_seq_id}"
+        adapter = _adapter_name(user_metadata, model_id)
 
         def create(engine: Engine) -> dict[str, Any]:
-            _, spec, tensors = self._read_checkpoint(engine, p, handle.name)
-            slot = engine.load_adapter(spec, _select(tensors, optimizer))
-            metadata = user_metadata or record.get("user_metadata") or {}
-            self._register_run(Run(model_id, session_id, owner, handle.name, spec, metadata, slot))
+            slot = self.checkpoints.load_into(engine, rev, trainable=True, optimizer=optimizer)
+            spec = engine.slots[slot].spec
+            run = Run(model_id, session_id, owner, handle.name, spec, user_metadata, adapter, slot)
+            run.continue_from(rev)
+            self._register_run(run)
             return {"model_id": model_id, "path": path, "type": "load_weights"}
 
         return self._submit_direct(handle, ("model", session_id, model_seq_id), "LoadWeights", create)
 
     def weights_info(self, owner: str, path: str) -> dict[str, Any]:
-        meta = self.store.info(self._owned_path(path, owner, "tinker_path")).meta
-        lora = meta["lora"]
+        rev = self.revision(owner, path, "tinker_path")
+        lora = rev.provenance.lora_config
         return {
-            "base_model": meta["base_model"],
+            "base_model": rev.provenance.base_model,
             "is_lora": True,
             "lora_rank": lora["rank"],
             "train_attn": lora["train_attn"],
@@ -441,10 +519,10 @@ class TinkerService:
             existing = self._samplers.get(sampler_id)
         if existing is not None:
             return sampler_id
-        if model_path is not None:
-            p = self._owned_path(model_path, owner, "model_path")
-            handle = self.base(self.store.read_run(p.run_id)["base_model"])
-            sampler = Sampler(sampler_id, owner, handle.name, model_path, None)
+        if model_path is not None:  # any ref: tinker:// path, name@N, name:alias (pinned here)
+            rev = self.revision(owner, model_path, "model_path")
+            handle = self.base_of(rev, "model_path")
+            sampler = Sampler(sampler_id, owner, handle.name, model_path, None, rev)
         else:
             handle = self.base(base_model)
             sampler = Sampler(sampler_id, owner, handle.name, None, BASE_SLOT)
@@ -497,9 +575,9 @@ class TinkerService:
     def _sampler_slot(self, engine: Engine, sampler: Sampler) -> int:
         """Runs on the worker: a checkpoint sampler's adapter is loaded once, on first use."""
         if sampler.slot is None:
-            p = TinkerPath.parse(sampler.model_path, "model_path")
-            _, spec, tensors = self._read_checkpoint(engine, p, sampler.base_model)
-            sampler.slot = engine.load_adapter(spec, _select(tensors, False), trainable=False)
+            sampler.slot = self.checkpoints.load_into(
+                engine, sampler.revision, trainable=False, optimizer=False, field="model_path"
+            )
         if sampler.slot != BASE_SLOT and sampler.slot not in engine.slots:
             raise RequestError(f"sampler {sampler.id} expired; save the weights for sampling again")
         return sampler.slot
@@ -507,28 +585,32 @@ class TinkerService:
     # REST views ---------------------------------------------------------------------------------
 
     def list_checkpoints(self, owner: str, run_id: str) -> list[dict[str, Any]]:
-        record = self.store.read_run(run_id)
-        if record is None or record["owner"] != owner:
-            raise NotFound(f"training run {run_id} not found")
-        return [_checkpoint_view(c) for c in self.store.list(run_id)]
+        self.run_record(owner, run_id)
+        return [_checkpoint_view(rev) for rev in self.checkpoints.list(owner, run_id)]
+
+    def checkpoint(self, owner: str, run_id: str, checkpoint_id: str) -> Revision:
+        """The revision a REST path's `<run>/checkpoints/<kind>/<name>` names."""
+        return self.revision(owner, f"tinker://{run_id}/{checkpoint_id}", "checkpoint_id")
 
     def delete_checkpoint(self, owner: str, run_id: str, checkpoint_id: str) -> None:
-        self.store.delete(self._owned_path(f"tinker://{run_id}/{checkpoint_id}", owner, "checkpoint_id"))
+        self.checkpoints.delete(owner, self.checkpoint(owner, run_id, checkpoint_id).ref)
 
     def set_checkpoint_ttl(
         self, owner: str, run_id: str, checkpoint_id: str, ttl_seconds: int | None
     ) -> None:
-        p = self._owned_path(f"tinker://{run_id}/{checkpoint_id}", owner, "checkpoint_id")
-        self.store.set_ttl(p, check_ttl(ttl_seconds))
+        rev = self.checkpoint(owner, run_id, checkpoint_id)
+        self.checkpoints.set_ttl(owner, rev.ref, ttl_seconds)
+
+    def peft_files(self, owner: str, ref: str) -> dict[str, bytes]:
+        """A revision as PEFT folder files, for the export downloads."""
+        return self.checkpoints.peft_files(self.revision(owner, ref, "ref"))
 
     def training_run(self, owner: str, run_id: str) -> dict[str, Any]:
-        record = self.store.read_run(run_id)
-        if record is None or record["owner"] != owner:
-            raise NotFound(f"training run {run_id} not found")
-        checkpoints = self.store.list(run_id)
-        latest = {kind: None for kind in ("training", "sampler")}
-        for c in checkpoints:
-            latest[c.checkpoint_type] = _checkpoint_view(c)
+        record = self.run_record(owner, run_id)
+        latest: dict[str, dict[str, Any] | None] = {kind: None for kind in CHECKPOINT_TYPES.values()}
+        for rev in self.checkpoints.list(owner, run_id):
+            view = _checkpoint_view(rev)
+            latest[view["checkpoint_type"]] = view
         with self._lock:
             live = self._runs.get(run_id)
         return {
@@ -545,7 +627,7 @@ class TinkerService:
         }
 
     def training_runs(self, owner: str) -> list[dict[str, Any]]:
-        ids = [r for r in self.store.run_ids() if (self.store.read_run(r) or {}).get("owner") == owner]
+        ids = [r for r in self.runs.ids() if (self.runs.read(r) or {}).get("owner") == owner]
         return [self.training_run(owner, r) for r in ids]
 
     def session_view(self, owner: str, session_id: str) -> dict[str, Any]:
@@ -574,14 +656,18 @@ def _raise(exc: Exception) -> None:
 
 def _refusal(exc: Exception) -> RequestError:
     """What a later poll of a refused request's future reports."""
-    if isinstance(exc, (ValueError, NotFound)):
+    if isinstance(exc, (ValueError, NotFound, CatalogNotFound)):
         return RequestError(str(exc), "user")
     return RequestError(f"internal error: {type(exc).__name__}", "server")
 
 
-def _select(tensors: dict, optimizer: bool) -> dict:
-    """Adapter weights, plus optimizer state only when asked for."""
-    return tensors if optimizer else {k: v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
+def _adapter_name(user_metadata: dict[str, Any] | None, run_id: str) -> str:
+    """The catalog adapter a run saves into: `user_metadata["adapter_name"]` (several runs may continue
+    one adapter) or one named after the run."""
+    name = (user_metadata or {}).get("adapter_name")
+    if name is None:
+        return run_adapter_name(run_id)
+    return catalog_validate.name(name, "user_metadata.adapter_name")
 
 
 def _forward_result(out: TrainOutput) -> dict[str, Any]:
@@ -592,13 +678,16 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _checkpoint_view(c) -> dict[str, Any]:
+def _checkpoint_view(rev: Revision) -> dict[str, Any]:
+    path = TinkerPath.parse(rev.tinker_path)
     return {
-        "checkpoint_id": c.checkpoint_id,
-        "checkpoint_type": c.checkpoint_type,
-        "time": _iso(c.created_at),
-        "tinker_path": c.path,
-        "size_bytes": c.size_bytes,
+        "checkpoint_id": path.checkpoint_id,
+        "checkpoint_type": CHECKPOINT_TYPES[path.kind],
+        "time": _iso(rev.created_at),
+        "tinker_path": rev.tinker_path,
+        "size_bytes": rev.size_bytes,
         "public": False,
-        "expires_at": None if c.expires_at is None else _iso(c.expires_at),
+        "user_metadata": rev.metadata or None,
+        "expires_at": None if rev.expires_at is None else _iso(rev.expires_at),
+        "revision": rev.ref,
     }

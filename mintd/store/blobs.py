@@ -53,6 +53,10 @@ class Blobs(Protocol):
 
     def exists(self, sha: str) -> bool: ...
 
+    def path(self, sha: str) -> Path:
+        """A local file holding the blob, to memory-map (a remote backend would serve it from a cache)."""
+        ...
+
     def delete(self, sha: str) -> None:
         """Remove a blob; removing one that is absent is not an error (so retries are safe)."""
         ...

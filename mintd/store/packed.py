@@ -440,11 +440,18 @@ def _private_copy(group: torch.Tensor, device: torch.device) -> torch.Tensor:
 # engine -------------------------------------------------------------------------------------------
 
 
-def load_packed_into(engine: Engine, source: Source, trainable: bool = False, verify: bool = True) -> int:
+def load_packed_into(
+    engine: Engine,
+    source: Source | PackedAdapter,
+    trainable: bool = False,
+    verify: bool = True,
+    with_optimizer: bool = True,
+) -> int:
     """Packed adapter -> a new engine slot. The weights' group is copied once into one private float32
     tensor on the engine's device and the slot adopts views of it (no per-tensor copies). Optimizer
-    state, used only by a trainable slot, goes to the engine's optimizer, which copies it itself."""
-    packed = read_packed(source, verify=verify)
+    state, used only by a trainable slot (and skipped when `with_optimizer` is False: a fresh optimizer),
+    goes to the engine's optimizer, which copies it itself."""
+    packed = source if isinstance(source, PackedAdapter) else read_packed(source, verify=verify)
     if packed.header.base_fingerprint != engine.fingerprint:
         raise ValueError(
             f"packed adapter: trained on base model {packed.header.base_fingerprint[:12]}..., "
@@ -453,7 +460,7 @@ def load_packed_into(engine: Engine, source: Source, trainable: bool = False, ve
     needed = {e.group for e in packed.header.weights.values()}
     private = {name: _private_copy(packed.groups[name], engine.device) for name in needed}
     tensors = _views(private, packed.header.weights)
-    if trainable:
+    if trainable and with_optimizer:
         tensors.update(packed.optimizer)
     return engine.load_adapter(packed.header.spec, tensors, trainable=trainable, copy=False)
 

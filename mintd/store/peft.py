@@ -14,7 +14,10 @@ innermost, so its keys carry one `base_layer.` per wrapper around it.
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
+import tempfile
 from pathlib import Path
 
 import torch
@@ -202,6 +205,24 @@ def save_peft_folder(
     config.base_model_name_or_path = base_model_name
     config.save_pretrained(str(directory))
     save_file(to_peft_state_dict(tensors), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def peft_files(spec: LoraSpec, tensors: dict[str, torch.Tensor], base_model_name: str) -> dict[str, bytes]:
+    """The files of a PEFT folder as bytes (what a download hands out), written by `save_peft_folder`."""
+    with tempfile.TemporaryDirectory(prefix="mintd-peft-") as tmp:
+        save_peft_folder(tmp, spec, tensors, base_model_name)
+        return {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir())}
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    """A .tar.gz holding `files` at its root (the Tinker checkpoint archive layout)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz", compresslevel=1) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 def _read_config(directory: Path) -> dict:

@@ -1,0 +1,39 @@
+"""Training-run records: who owns a run, on which base model, with which LoRA config.
+
+A run's adapter lives in an engine slot and its saves in the catalog; this small record is what
+outlives the process, so the REST views (`GET training_runs`) and create-from-state still know a run
+after a restart. One JSON file per run, replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class RunRecords:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, run_id: str) -> Path:
+        return self.root / f"{run_id}.json"
+
+    def write(self, run_id: str, record: dict[str, Any]) -> None:
+        tmp = self._file(run_id).with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self._file(run_id))
+
+    def read(self, run_id: str) -> dict[str, Any] | None:
+        if "/" in run_id or run_id.startswith("."):
+            return None
+        path = self._file(run_id)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def ids(self) -> list[str]:
+        return sorted(p.stem for p in self.root.glob("*.json"))
