@@ -1,4 +1,5 @@
-"""The adapter catalog over HTTP (/api/v1/catalog): browse, resolve, evaluate, promote, audit.
+"""The adapter catalog over HTTP (/api/v1/catalog): browse, resolve, evaluate, promote, audit, and
+import / export PEFT archives.
 
 Thin: validate the body, call `Catalog` as the authenticated owner, serialize its frozen results.
 Another owner's objects answer 404 exactly like missing ones (the catalog guarantees the wording);
@@ -11,9 +12,13 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 
-from mintd.api.tinker import Body, owner
+from mintd.api.tinker import Body, owner, service
 from mintd.catalog import Alias, Catalog, Gate, Revision
+from mintd.service.tinker import TinkerService
+from mintd.store.peft import tar_gz
 
 router = APIRouter(prefix="/api/v1/catalog", tags=["catalog"])
 
@@ -113,6 +118,32 @@ def lineage(
 @router.delete("/revisions")
 def delete_revision(ref: str, who: str = Depends(owner), cat: Catalog = Depends(catalog)) -> dict[str, Any]:
     return revision_json(cat.delete_revision(who, ref))
+
+
+@router.post("/adapters/{name}/import")
+async def import_archive(
+    name: str,
+    request: Request,
+    base_model: str | None = None,
+    who: str = Depends(owner),
+    svc: TinkerService = Depends(service),
+) -> dict[str, Any]:
+    """Body: a PEFT folder as .tar or .tar.gz. Becomes the adapter's next `external` revision."""
+    archive = await request.body()
+    rev = await run_in_threadpool(svc.import_peft_archive, who, name, archive, base_model)
+    return revision_json(rev)
+
+
+@router.get("/export")
+def export_archive(ref: str, who: str = Depends(owner), svc: TinkerService = Depends(service)) -> Response:
+    """A revision as a PEFT folder in a .tar.gz (optimizer state is never exported)."""
+    rev = svc.revision(who, ref, "ref")
+    filename = f"{rev.adapter}-{rev.number}.tar.gz"
+    return Response(
+        tar_gz(svc.peft_files(who, rev.ref)),
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
 
 
 # evaluations ---------------------------------------------------------------------------------------

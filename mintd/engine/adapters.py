@@ -123,6 +123,26 @@ class AdapterSlots:
         weights = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in src.weights.items()}
         return self.add(Adapter(src.spec, weights, trainable=False))
 
+    def check(self, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """The target names, after checking `tensors` hold exactly this spec's targets at this base
+        model's shapes (ValueError naming the first mismatch). Reads no slot, so any thread may call it."""
+        expected = {t.name: t for t in self.targets_for(spec)}
+        for name, target in expected.items():
+            for suffix, shape in zip(("lora_A", "lora_B"), target.shapes(spec.rank), strict=True):
+                key = f"{name}.{suffix}"
+                if key not in tensors:
+                    raise ValueError(f"adapter tensors: missing {key}")
+                if tuple(tensors[key].shape) != shape:
+                    raise ValueError(
+                        f"adapter tensors: {key} has shape {tuple(tensors[key].shape)}, expected {shape}"
+                    )
+        extra = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".lora_A", ".lora_B"))} - set(expected)
+        if extra:
+            raise ValueError(
+                f"adapter tensors: unknown target {sorted(extra)[0]} for this base model / config"
+            )
+        return list(expected)
+
     def load(
         self, spec: LoraSpec, tensors: dict[str, torch.Tensor], trainable: bool = True, copy: bool = True
     ) -> int:
@@ -132,23 +152,12 @@ class AdapterSlots:
         `copy=False` adopts the tensors as they are (a packed load hands over views of one buffer it
         just allocated): the caller guarantees they are private to this slot, float32 and on the device.
         """
-        weights = {}
-        expected = {t.name: t for t in self.targets_for(spec)}
-        for name, target in expected.items():
-            a_shape, b_shape = target.shapes(spec.rank)
-            pair = []
-            for suffix, shape in (("lora_A", a_shape), ("lora_B", b_shape)):
-                key = f"{name}.{suffix}"
-                if key not in tensors:
-                    raise ValueError(f"adapter tensors: missing {key}")
-                t = tensors[key]
-                if tuple(t.shape) != shape:
-                    raise ValueError(f"adapter tensors: {key} has shape {tuple(t.shape)}, expected {shape}")
-                pair.append(t.detach().to(self.device, torch.float32).clone() if copy else t.detach())
-            weights[name] = (pair[0], pair[1])
-        extra = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".lora_A", ".lora_B"))} - set(expected)
-        if extra:
-            raise ValueError(
-                f"adapter tensors: unknown target {sorted(extra)[0]} for this base model / config"
-            )
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(self.device, torch.float32).clone() if copy else t.detach()
+
+        weights = {
+            name: (own(tensors[f"{name}.lora_A"]), own(tensors[f"{name}.lora_B"]))
+            for name in self.check(spec, tensors)
+        }
         return self.add(Adapter(spec, weights, trainable=trainable))

@@ -68,6 +68,10 @@ class Engine:
             tensors.update(self._optimizers[slot].state_dict())
         return adapter.spec, {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
+    def check_adapter(self, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
+        """ValueError unless the tensors fit this base model (safe from any thread: reads no slot)."""
+        self.slots.check(spec, tensors)
+
     def load_adapter(
         self, spec: LoraSpec, tensors: dict[str, torch.Tensor], trainable: bool = True, copy: bool = True
     ) -> int:

@@ -84,19 +84,32 @@ class Checkpoints:
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> Revision:
-        sha = self.blobs.put(data)
-        return self.catalog.register_revision(
+        return self.add(
             owner,
             adapter,
-            sha,
+            data,
             TINKER_KINDS[path.kind],
-            provenance=provenance,
+            provenance,
             parents=parents,
             tinker_path=str(path),
             ttl_seconds=ttl_seconds,
-            size_bytes=len(data),
-            metadata=metadata,
             overwrite=overwrite,
+            metadata=metadata,
+        )
+
+    def add(
+        self,
+        owner: str,
+        adapter: str,
+        data: bytes,
+        kind: str,
+        provenance: Provenance,
+        **revision: Any,
+    ) -> Revision:
+        """Store packed bytes durably, then register them (the acknowledgment) as the next revision."""
+        sha = self.blobs.put(data)
+        return self.catalog.register_revision(
+            owner, adapter, sha, kind, provenance=provenance, size_bytes=len(data), **revision
         )
 
     def resolve(self, owner: str, ref: str, field: str = "path") -> Revision:

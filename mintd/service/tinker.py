@@ -9,6 +9,7 @@ model's worker and answered through futures.
 from __future__ import annotations
 
 import itertools
+import tempfile
 import threading
 import time
 import uuid
@@ -40,6 +41,7 @@ from mintd.service.futures import Future, FutureStore, RequestError
 from mintd.service.runs import RunRecords
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
 from mintd.store.packed import pack, split_state
+from mintd.store.peft import load_peft_folder, untar_peft
 
 __all__ = ["NotFound", "TinkerService"]
 
@@ -600,6 +602,32 @@ class TinkerService:
     ) -> None:
         rev = self.checkpoint(owner, run_id, checkpoint_id)
         self.checkpoints.set_ttl(owner, rev.ref, ttl_seconds)
+
+    def import_peft_archive(
+        self,
+        owner: str,
+        adapter: str,
+        archive: bytes,
+        base_model: str | None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Revision:
+        """A PEFT folder archive (.tar/.tar.gz) -> the next `external` revision of `adapter`, after
+        checking it fits the named base model; a bad archive stores nothing."""
+        catalog_validate.name(adapter, "name")
+        handle = self.base(base_model)
+        with tempfile.TemporaryDirectory(prefix="mintd-import-") as tmp:
+            try:
+                untar_peft(archive, tmp)
+                spec, tensors = load_peft_folder(tmp)
+                handle.engine.check_adapter(spec, tensors)
+            except ValueError as exc:  # name the archive, not our temporary folder
+                raise ValueError(str(exc).replace(tmp + "/", "archive: ").replace(tmp, "archive")) from None
+        fingerprint = handle.engine.fingerprint
+        provenance = Provenance(
+            base_fingerprint=fingerprint, base_model=handle.name, lora_config=spec.model_dump()
+        )
+        data = pack(spec, tensors, fingerprint)
+        return self.checkpoints.add(owner, adapter, data, "external", provenance, metadata=metadata)
 
     def peft_files(self, owner: str, ref: str) -> dict[str, bytes]:
         """A revision as PEFT folder files, for the export downloads."""

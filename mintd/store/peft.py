@@ -225,6 +225,38 @@ def tar_gz(files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
+def untar_peft(data: bytes, directory: Path | str, max_bytes: int = 8 << 30) -> None:
+    """Unpack a PEFT folder archive (.tar or .tar.gz, files at its root or in one top folder) into
+    `directory`. Only the two PEFT files are taken, as regular files: no links, no paths outside."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            for name, member in _peft_members(tar, max_bytes).items():
+                (Path(directory) / name).write_bytes(tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"archive: not a readable tar or tar.gz file ({e})") from None
+
+
+def _peft_members(tar: tarfile.TarFile, max_bytes: int) -> dict[str, tarfile.TarInfo]:
+    found: dict[str, tarfile.TarInfo] = {}
+    for member in tar.getmembers():
+        parts = [p for p in member.name.split("/") if p not in ("", ".")]
+        if ".." in parts or member.name.startswith("/") or len(parts) > 2:
+            raise ValueError(f"archive: unexpected member {member.name!r} (a PEFT folder is flat)")
+        if parts and parts[-1] in (CONFIG_FILE, WEIGHTS_FILE):
+            if not member.isfile():
+                raise ValueError(f"archive: {member.name!r} must be a regular file")
+            if parts[-1] in found:
+                raise ValueError(f"archive: {parts[-1]} appears twice")
+            found[parts[-1]] = member
+    if sum(m.size for m in found.values()) > max_bytes:
+        raise ValueError(f"archive: larger than {max_bytes} bytes unpacked")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if name not in found:
+            raise ValueError(f"archive: no {name} (expected a PEFT adapter folder)")
+    return found
+
+
 def _read_config(directory: Path) -> dict:
     path = directory / CONFIG_FILE
     if not path.is_file():
