@@ -47,7 +47,9 @@ def _future(fut: Future, **extra: Any) -> dict[str, Any]:
 
 @router.post("/client/config")
 def client_config() -> dict[str, Any]:
-    return {"pjwt_auth_enabled": True, "sample_max_concurrent_requests": 256}
+    # use_pyqwest_transport=False: the SDKs' pyqwest transport follows redirects even when a request
+    # asks it not to, which breaks the archive download (a 302 the SDK must see); httpx's does not.
+    return {"pjwt_auth_enabled": True, "sample_max_concurrent_requests": 256, "use_pyqwest_transport": False}
 
 
 @router.post("/client/dynamic_config")
