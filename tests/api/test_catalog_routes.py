@@ -177,6 +177,8 @@ def test_tenant_isolation(qwen3_dir: Path, tmp_path: Path) -> None:
                 ("POST", "/adapters/secret/aliases/prod", None, {"ref": "2"}),
                 ("POST", "/adapters/secret/aliases/prod/rollback", None, None),
                 ("DELETE", "/revisions", {"ref": "alice/secret@2"}, None),
+                ("GET", "/export", {"ref": "secret:prod"}, None),
+                ("GET", "/export", {"ref": "tinker://runA/sampler_weights/s"}, None),
             ]
             for method, path, params, body in calls:
                 resp = bob.request(method, path, params=params, json=body)

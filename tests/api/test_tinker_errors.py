@@ -554,6 +554,15 @@ def test_owners_cannot_see_each_others_runs(keyed_url: str) -> None:
         rejected(bob.post("create_model", body), 404, session)  # nor create runs in alice's session
         r = bob.http.delete(f"/training_runs/{model_id}/checkpoints/sampler_weights/ckpt")
         rejected(r, 404)
+        checkpoint = f"training_runs/{model_id}/checkpoints/sampler_weights/ckpt"
+        rejected(bob.http.put(f"/{checkpoint}/ttl", json={"ttl_seconds": 3600}), 404)
+        rejected(bob.get(f"{checkpoint}/external_weights_urls"), 404)
+        rejected(bob.get(f"{checkpoint}/archive", follow_redirects=False), 404)
+        rejected(bob.get("catalog/export", params={"ref": path}), 404)
+        revision = alice.get("catalog/resolve", params={"ref": path}).json()["ref"]
+        rejected(bob.get("catalog/resolve", params={"ref": revision}), 404)
+        link = alice.get(f"{checkpoint}/external_weights_urls").json()["urls"]["adapter_config.json"]
+        assert httpx.get(link).status_code == 200  # a signed link is for whoever holds it, like S3's
 
         with TinkerHTTP(keyed_url, api_key=bob.ok("auth/token")["jwt"]) as bob_jwt:  # JWT: same owner
             rejected(bob_jwt.post("get_info", {"model_id": model_id}), 404, model_id)
