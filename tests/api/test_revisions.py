@@ -203,9 +203,7 @@ def test_import_refuses_malformed_archives_and_stores_nothing(server: LiveServer
     blobs = server.service.checkpoints.blobs
 
     def imported(archive: bytes, base_model: str = "tiny") -> httpx.Response:
-        return c.http.post(
-            "/catalog/adapters/new/import", params={"base_model": base_model}, content=archive
-        )
+        return c.http.post("/catalog/adapters/new/import", params={"base_model": base_model}, content=archive)
 
     before = sorted(blobs.iter_hashes())
     for archive, words in [
