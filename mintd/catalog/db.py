@@ -98,7 +98,9 @@ def _tune_sqlite(engine: Engine, busy_timeout_ms: int, cache_mb: int) -> None:
         cur = dbapi_conn.cursor()
         for pragma in (
             "journal_mode=WAL",  # readers never block the writer, and vice versa
-            "synchronous=NORMAL",  # with WAL: durable across application crashes; fsync at checkpoints
+            # FULL: each commit is fsynced before it returns, so an acknowledged save also survives a
+            # power loss (NORMAL would survive only process crashes); bulk imports batch their commits
+            "synchronous=FULL",
             "foreign_keys=ON",
             f"busy_timeout={busy_timeout_ms}",
             f"cache_size=-{cache_mb * 1024}",  # KiB; caps memory per connection at any catalog size

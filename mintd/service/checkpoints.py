@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mintd.catalog import Catalog, Provenance, Revision
 from mintd.catalog.validate import TINKER_KINDS
-from mintd.engine.engine import Engine
 from mintd.store.blobs import BlobNotFound, Blobs
 from mintd.store.packed import PackedAdapter, load_packed_into, read_packed
-from mintd.store.peft import peft_files
+
+if TYPE_CHECKING:
+    from mintd.engine.engine import Engine
 
 # checkpoint kind in a tinker:// path -> the checkpoint_type the Tinker REST views report
 CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
@@ -137,6 +138,8 @@ class Checkpoints:
 
     def peft_files(self, rev: Revision) -> dict[str, bytes]:
         """The revision as a Hugging Face PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+        from mintd.store.peft import peft_files  # PEFT (and transformers) only when exporting
+
         packed = self.read(rev)
         return peft_files(packed.header.spec, packed.tensors, rev.provenance.base_model or "")
 

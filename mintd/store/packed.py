@@ -40,7 +40,6 @@ import numpy as np
 import torch
 
 from mintd.engine.adapters import LoraSpec
-from mintd.store.peft import load_peft_folder, save_peft_folder
 
 MAGIC = b"MINTLORA"
 FORMAT_VERSION = 1
@@ -470,11 +469,15 @@ def load_packed_into(
 
 def packed_to_peft_folder(packed: PackedAdapter, directory: Path | str, base_model_name: str) -> None:
     """Export for Hugging Face PEFT (`PeftModel.from_pretrained`); optimizer state is not exported."""
+    from mintd.store.peft import save_peft_folder  # PEFT pulls in transformers: only when converting
+
     save_peft_folder(directory, packed.header.spec, packed.tensors, base_model_name)
 
 
 def peft_folder_to_packed(directory: Path | str, fingerprint: str) -> bytes:
     """Import a PEFT LoRA folder trained on the base model with `fingerprint`; PEFT folders do not
     record a fingerprint, so the caller vouches for it and the engine checks the shapes on load."""
+    from mintd.store.peft import load_peft_folder
+
     spec, tensors = load_peft_folder(directory)
     return pack(spec, tensors, fingerprint)
