@@ -3,7 +3,10 @@
     ref := [owner "/"] adapter                 newest live revision
          | [owner "/"] adapter "@" number       that revision
          | [owner "/"] adapter ":" alias        whatever the alias points at
-         | "tinker://" run "/" kind "/" name    a Tinker save (kind: weights | sampler_weights)
+         | "tinker://" run "/" kind "/" name    a Tinker save (kind: weights | sampler_weights |
+                                                external_weights)
+         | "tinker://adapters/" ref             any of the first three, spelled so that SDKs which
+                                                insist on a tinker:// model_path accept it
 
 A ref is always read on behalf of an owner; an owner prefix naming someone else is answered as
 not-found, exactly like a name that does not exist.
@@ -17,6 +20,8 @@ from typing import NoReturn
 from mintd.catalog import validate
 from mintd.catalog.errors import CatalogNotFound
 
+CATALOG_PREFIX = validate.TINKER_SCHEME + "adapters/"
+
 
 @dataclass(frozen=True, slots=True)
 class Ref:
@@ -29,10 +34,14 @@ class Ref:
 def parse(text: object, owner: str, field: str = "ref") -> Ref:
     if not isinstance(text, str) or not text:
         raise ValueError(f"{field}: must be a non-empty string")
-    if text.startswith(validate.TINKER_SCHEME):
+    rest = text
+    if text.startswith(CATALOG_PREFIX):
+        rest = text[len(CATALOG_PREFIX) :]
+    elif text.startswith(validate.TINKER_SCHEME):
         validate.tinker_kind(text, field)
         return Ref(tinker_path=text)
-    rest = text
+    if not rest or rest.startswith(validate.TINKER_SCHEME):
+        _bad(text, field)
     if "/" in rest:
         prefix, rest = rest.split("/", 1)
         if not validate.OWNER_RE.fullmatch(prefix):
@@ -61,5 +70,5 @@ def _adapter(name: str, text: str, field: str) -> str:
 def _bad(text: str, field: str) -> NoReturn:
     raise ValueError(
         f"{field}: {text!r} is not a ref (expected [owner/]adapter, [owner/]adapter@N, "
-        "[owner/]adapter:alias or tinker://<run>/<kind>/<name>)"
+        "[owner/]adapter:alias, tinker://<run>/<kind>/<name> or tinker://adapters/<ref>)"
     )

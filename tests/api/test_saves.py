@@ -57,6 +57,21 @@ for name, link in urls.items():
 out["files"] = sorted(urls)
 listed = rest.list_checkpoints(training.model_id).result().checkpoints
 out["listed"] = sorted((c.checkpoint_id, c.checkpoint_type) for c in listed)
+
+# an alias, spelled as a tinker:// path (the SDK insists on the scheme), samples that revision
+promote = urllib.request.Request(
+    {url!r} + "/api/v1/catalog/adapters/poet/aliases/prod", data=json.dumps({{"ref": "2"}}).encode(),
+    headers={{"X-API-Key": "tml-e2e", "Content-Type": "application/json"}}, method="POST",
+)
+urllib.request.urlopen(promote).read()
+
+def scores(model_path):
+    client = service.create_sampling_client(model_path=model_path)
+    client = client.result() if hasattr(client, "result") and not hasattr(client, "sample") else client
+    return client.compute_logprobs(types.ModelInput.from_ints(ids)).result()
+
+out["by_alias"], out["by_path"] = scores("tinker://adapters/poet:prod"), scores(out["sampler"])
+out["by_number"] = scores("tinker://adapters/local/poet@2")
 print(json.dumps(out))
 """
 
@@ -123,6 +138,8 @@ def test_saves_are_revisions_with_provenance_and_export_as_peft(server, tmp_path
         ["sampler_weights/p1", "sampler"],
         ["weights/s1", "training"],
     ]
+
+    assert out["by_alias"] == out["by_path"] == out["by_number"]
 
     # The download is a PEFT folder whose weights are the revision's, and PEFT scores like our engine.
     assert out["files"] == sorted([CONFIG_FILE, WEIGHTS_FILE])

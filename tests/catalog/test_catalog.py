@@ -78,7 +78,15 @@ def alice(cat: Catalog) -> Catalog:
 
 
 def test_every_ref_form_names_the_same_revision(alice: Catalog) -> None:
-    refs = ["pol@1", "pol:prod", "alice/pol:prod", "alice/pol@1", "tinker://run-a/sampler_weights/s1"]
+    refs = [
+        "pol@1",
+        "pol:prod",
+        "alice/pol:prod",
+        "alice/pol@1",
+        "tinker://run-a/sampler_weights/s1",
+        "tinker://adapters/pol:prod",  # the catalog's refs, spelled for SDKs that insist on tinker://
+        "tinker://adapters/alice/pol@1",
+    ]
     rev, *others = [alice.resolve("alice", ref) for ref in refs]
     assert all(other == rev for other in others)
     assert (rev.ref, rev.kind, rev.content_hash) == ("alice/pol@1", "sampler", sha("alice/pol/1"))
@@ -90,6 +98,16 @@ def test_every_ref_form_names_the_same_revision(alice: Catalog) -> None:
         == alice.resolve("alice", "pol@2")
     )
     assert alice.resolve("alice", "tinker://run-a/weights/w2").number == 2
+    assert alice.resolve("alice", "tinker://adapters/pol").number == 2
+    for bad in [
+        "tinker://adapters/",
+        "tinker://adapters/tinker://run-a/weights/w2",
+        "tinker://adapters/alice/b/c",
+    ]:
+        with pytest.raises(ValueError, match="is not a ref"):
+            alice.resolve("alice", bad)
+    with pytest.raises(CatalogNotFound):
+        alice.resolve("alice", "tinker://adapters/bob/pol@1")
 
 
 def test_numbers_are_consecutive_per_adapter(cat: Catalog) -> None:
