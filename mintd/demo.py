@@ -90,6 +90,7 @@ class Outcome:
     reward_before: float = 0.0
     reward_after: float = 0.0
     checkpoints: list[str] = field(default_factory=list)
+    catalog: str = ""  # what the catalog did with the final revision
     error: str | None = None
 
 
@@ -107,8 +108,8 @@ class Policy:
         self.progress = progress
         self.task = task
         self.sl_steps, self.rl_steps = sl_steps, rl_steps
-        self.client = service_client.create_lora_training_client(
-            base_model="tiny", rank=16, seed=len(goal.name)
+        self.client = service_client.create_lora_training_client(  # saves become revisions of goal.name
+            base_model="tiny", rank=16, seed=len(goal.name), user_metadata={"adapter_name": goal.name}
         )
         self.eos = tokenizer.eos_token_id
         self.outcome = Outcome()
@@ -247,13 +248,32 @@ def run_demo(data_dir: Path, sl_steps: int, rl_steps: int, console: Console) -> 
         for t in threads:
             t.join()
         elapsed = time.monotonic() - started
+        for p in policies:
+            if not p.outcome.error:
+                p.outcome.catalog = _gate_and_promote(service.checkpoints.catalog, p)
     service.close()
     table = Table(title=f"mintd demo: 3 policies trained concurrently in {elapsed:.0f}s")
-    for column in ("policy", "reward before → after", "checkpoints saved"):
+    for column in ("policy", "reward before → after", "checkpoints saved", "catalog"):
         table.add_column(column, overflow="fold")
     for p in policies:
         o = p.outcome
         change = f"[red]{o.error}" if o.error else f"{o.reward_before:.2f} → [bold green]{o.reward_after:.2f}"
-        table.add_row(p.goal.name, change, "\n".join(o.checkpoints))
+        table.add_row(p.goal.name, change, "\n".join(o.checkpoints), o.catalog)
     console.print(table)
     return [(p.goal.name, p.outcome) for p in policies]
+
+
+def _gate_and_promote(catalog, policy: Policy) -> str:
+    """Record the final revision's reward as an evaluation, then promote `prod` to it, gated on beating
+    the untrained adapter: the catalog's evaluate → promote step of the adapter lifecycle."""
+    from mintd.catalog import CatalogConflict, Gate
+
+    final = catalog.resolve("local", policy.outcome.checkpoints[-1])
+    reward = policy.outcome.reward_after
+    catalog.add_evaluation("local", final.ref, "demo", "reward", reward, evaluator="mintd demo")
+    gate = Gate("demo", "reward", policy.outcome.reward_before + 0.05)
+    try:
+        catalog.promote("local", final.adapter, "prod", final.number, gate=gate)
+    except CatalogConflict:
+        return f"{final.ref}\n[yellow]not promoted (gate)"
+    return f"{final.ref}\n[green]prod →  @{final.number}"

@@ -38,8 +38,8 @@ def _save(c: TinkerHTTP, model_id: str, seq: int, name: str, kind: str = "save_w
     return c.result(c.ok(kind, {"model_id": model_id, "seq_id": seq, "path": name}))["path"]
 
 
-def _prompt_logprobs(c: TinkerHTTP, model_path: str) -> list[float]:
-    """Score PROMPT under a sampler made from `model_path` (any ref)."""
+def _sample_prompt(c: TinkerHTTP, model_path: str) -> dict[str, Any]:
+    """Submit one sample of PROMPT (with prompt logprobs) from a sampler made from `model_path`."""
     body = {"session_id": c.session(), "sampling_session_seq_id": 0, "model_path": model_path}
     sampler = c.ok("create_sampling_session", body)["sampling_session_id"]
     body = {
@@ -50,7 +50,12 @@ def _prompt_logprobs(c: TinkerHTTP, model_path: str) -> list[float]:
         "sampling_params": {"max_tokens": 1, "temperature": 1.0, "seed": 0},
         "prompt_logprobs": True,
     }
-    return c.result(c.ok("asample", body))["prompt_logprobs"][1:]
+    return c.ok("asample", body)
+
+
+def _prompt_logprobs(c: TinkerHTTP, model_path: str) -> list[float]:
+    """Score PROMPT under a sampler made from `model_path` (any ref)."""
+    return c.result(_sample_prompt(c, model_path))["prompt_logprobs"][1:]
 
 
 @pytest.fixture
@@ -141,16 +146,7 @@ def test_a_corrupt_blob_is_refused_clearly_and_nothing_changes(server: LiveServe
     blob.chmod(0o644)
     blob.write_bytes(bytes(bad))
 
-    body = {"session_id": c.session(), "sampling_session_seq_id": 0, "model_path": path}
-    sampler = c.ok("create_sampling_session", body)["sampling_session_id"]
-    sample = {
-        "sampling_session_id": sampler,
-        "seq_id": 0,
-        "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
-        "num_samples": 1,
-        "sampling_params": {"max_tokens": 2},
-    }
-    message = c.error(c.ok("asample", sample))
+    message = c.error(_sample_prompt(c, path))
     assert "unreadable" in message and "checksum" in message and rev.ref in message
     other = _run(c)
     message = c.error(c.ok("load_weights", {"model_id": other, "seq_id": 1, "path": path}))
