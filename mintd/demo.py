@@ -253,27 +253,31 @@ def run_demo(data_dir: Path, sl_steps: int, rl_steps: int, console: Console) -> 
                 p.outcome.catalog = _gate_and_promote(service.checkpoints.catalog, p)
     service.close()
     table = Table(title=f"mintd demo: 3 policies trained concurrently in {elapsed:.0f}s")
-    for column in ("policy", "reward before → after", "checkpoints saved", "catalog"):
+    for column in ("policy", "reward before → after", "revisions saved (catalog)"):
         table.add_column(column, overflow="fold")
     for p in policies:
         o = p.outcome
         change = f"[red]{o.error}" if o.error else f"{o.reward_before:.2f} → [bold green]{o.reward_after:.2f}"
-        table.add_row(p.goal.name, change, "\n".join(o.checkpoints), o.catalog)
+        table.add_row(p.goal.name, change, o.catalog)
     console.print(table)
     return [(p.goal.name, p.outcome) for p in policies]
 
 
 def _gate_and_promote(catalog, policy: Policy) -> str:
     """Record the final revision's reward as an evaluation, then promote `prod` to it, gated on beating
-    the untrained adapter: the catalog's evaluate → promote step of the adapter lifecycle."""
+    the untrained adapter: the catalog's evaluate → promote step of the adapter lifecycle. Returns the
+    adapter's revisions and the outcome, for the table."""
     from mintd.catalog import CatalogConflict, Gate
 
-    final = catalog.resolve("local", policy.outcome.checkpoints[-1])
+    revisions = [catalog.resolve("local", path) for path in policy.outcome.checkpoints]
+    lines = [f"{r.adapter}@{r.number}  {r.kind:<7}  {r.tinker_path.rsplit('/', 1)[1]}" for r in revisions]
+    final = revisions[-1]
     reward = policy.outcome.reward_after
     catalog.add_evaluation("local", final.ref, "demo", "reward", reward, evaluator="mintd demo")
     gate = Gate("demo", "reward", policy.outcome.reward_before + 0.05)
     try:
         catalog.promote("local", final.adapter, "prod", final.number, gate=gate)
+        lines.append(f"[green]prod → @{final.number}[/green] (reward {reward:.2f} passed the gate)")
     except CatalogConflict:
-        return f"{final.ref}\n[yellow]not promoted (gate)"
-    return f"{final.ref}\n[green]prod →  @{final.number}"
+        lines.append("[yellow]prod not moved[/yellow] (reward below the gate)")
+    return "\n".join(lines)
