@@ -66,7 +66,8 @@ def run_adapter_name(run_id: str) -> str:
 
 
 class Checkpoints:
-    """The service's view of the catalog and the blob store: save, resolve, load, export."""
+    """Revisions with their bytes: save (blob, then catalog), read, load into an engine, export.
+    Metadata-only operations (resolve, list, delete, TTL) go to `catalog` directly."""
 
     def __init__(self, catalog: Catalog, blobs: Blobs) -> None:
         self.catalog = catalog
@@ -113,10 +114,6 @@ class Checkpoints:
             owner, adapter, sha, kind, provenance=provenance, size_bytes=len(data), **revision
         )
 
-    def resolve(self, owner: str, ref: str, field: str = "path") -> Revision:
-        """The live revision `ref` names for `owner`; CatalogNotFound (404) otherwise."""
-        return self.catalog.resolve(owner, ref, field=field)
-
     def read(self, rev: Revision, field: str = "path") -> PackedAdapter:
         """The revision's packed adapter, memory-mapped from its blob with every checksum verified."""
         try:
@@ -142,12 +139,3 @@ class Checkpoints:
 
         packed = self.read(rev)
         return peft_files(packed.header.spec, packed.tensors, rev.provenance.base_model or "")
-
-    def list(self, owner: str, run_id: str) -> list[Revision]:
-        return self.catalog.tinker_checkpoints(owner, run_id)
-
-    def delete(self, owner: str, ref: str) -> None:
-        self.catalog.delete_revision(owner, ref)
-
-    def set_ttl(self, owner: str, ref: str, ttl_seconds: int | None) -> None:
-        self.catalog.set_ttl(owner, ref, check_ttl(ttl_seconds))

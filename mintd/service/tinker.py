@@ -115,6 +115,7 @@ class TinkerService:
             for name, e in models.items()
         }
         self.checkpoints = checkpoints
+        self.catalog = checkpoints.catalog
         self.runs = runs
         self.futures = futures
         self.ephemeral_per_run = ephemeral_samplers_per_run
@@ -172,7 +173,7 @@ class TinkerService:
 
     def revision(self, owner: str, ref: str, field_name: str = "path") -> Revision:
         """Any ref (tinker:// path, name, name@N, name:alias) to this owner's live revision, or 404."""
-        return self.checkpoints.resolve(owner, ref, field_name)
+        return self.catalog.resolve(owner, ref, field=field_name)
 
     def base_of(self, rev: Revision, field_name: str = "path") -> BaseModelHandle:
         """The served base model a revision was trained on (matched by fingerprint, not by name)."""
@@ -588,20 +589,20 @@ class TinkerService:
 
     def list_checkpoints(self, owner: str, run_id: str) -> list[dict[str, Any]]:
         self.run_record(owner, run_id)
-        return [_checkpoint_view(rev) for rev in self.checkpoints.list(owner, run_id)]
+        return [_checkpoint_view(rev) for rev in self.catalog.tinker_checkpoints(owner, run_id)]
 
     def checkpoint(self, owner: str, run_id: str, checkpoint_id: str) -> Revision:
         """The revision a REST path's `<run>/checkpoints/<kind>/<name>` names."""
         return self.revision(owner, f"tinker://{run_id}/{checkpoint_id}", "checkpoint_id")
 
     def delete_checkpoint(self, owner: str, run_id: str, checkpoint_id: str) -> None:
-        self.checkpoints.delete(owner, self.checkpoint(owner, run_id, checkpoint_id).ref)
+        self.catalog.delete_revision(owner, self.checkpoint(owner, run_id, checkpoint_id).ref)
 
     def set_checkpoint_ttl(
         self, owner: str, run_id: str, checkpoint_id: str, ttl_seconds: int | None
     ) -> None:
         rev = self.checkpoint(owner, run_id, checkpoint_id)
-        self.checkpoints.set_ttl(owner, rev.ref, ttl_seconds)
+        self.catalog.set_ttl(owner, rev.ref, check_ttl(ttl_seconds))
 
     def import_peft_archive(
         self,
@@ -636,7 +637,7 @@ class TinkerService:
     def training_run(self, owner: str, run_id: str) -> dict[str, Any]:
         record = self.run_record(owner, run_id)
         latest: dict[str, dict[str, Any] | None] = {kind: None for kind in CHECKPOINT_TYPES.values()}
-        for rev in self.checkpoints.list(owner, run_id):
+        for rev in self.catalog.tinker_checkpoints(owner, run_id):
             view = _checkpoint_view(rev)
             latest[view["checkpoint_type"]] = view
         with self._lock:
