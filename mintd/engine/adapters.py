@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from mintd.engine.lora import LoraTarget, TargetKind
+from mintd.engine.lora import LINEAR_KINDS, LoraTarget, TargetKind
 
 BASE_SLOT = 0
 
@@ -27,11 +27,31 @@ class LoraSpec(BaseModel):
     train_attn: bool = True
     train_mlp: bool = True
     train_unembed: bool = True
+    # Only these linear modules (leaf names such as q_proj, v_proj), each of an enabled kind; None: all of
+    # them. What most PEFT adapters use. Fused MoE experts follow train_mlp alone.
+    target_modules: tuple[str, ...] | None = None
 
     @model_validator(mode="after")
     def _some_target(self) -> LoraSpec:
         if not (self.train_attn or self.train_mlp or self.train_unembed):
             raise ValueError("lora_config: at least one of train_attn, train_mlp, train_unembed must be true")
+        if self.target_modules is not None:
+            unknown = [m for m in self.target_modules if m not in LINEAR_KINDS]
+            if unknown or not self.target_modules:
+                raise ValueError(
+                    f"lora_config.target_modules: {unknown or '[]'} not among {sorted(LINEAR_KINDS)}"
+                )
+            off = [m for m in self.target_modules if LINEAR_KINDS[m] not in self.kinds]
+            if off:
+                raise ValueError(
+                    f"lora_config.target_modules: {off[0]} is a {LINEAR_KINDS[off[0]]} module, "
+                    f"but train_{LINEAR_KINDS[off[0]]} is false"
+                )
+            self.target_modules = tuple(sorted(set(self.target_modules)))
+            # attention and unembedding have no other modules: the list decides them. (train_mlp stays as
+            # given: fused MoE experts, which the list does not name, follow it.)
+            listed = {LINEAR_KINDS[m] for m in self.target_modules}
+            self.train_attn, self.train_unembed = "attn" in listed, "unembed" in listed
         return self
 
     @property
@@ -46,6 +66,17 @@ class LoraSpec(BaseModel):
             "unembed": self.train_unembed,
         }
         return frozenset(k for k, on in flags.items() if on)
+
+    @property
+    def target_set(self) -> tuple:
+        """What decides which modules an adapter adapts: adapters alike here batch together."""
+        return tuple(sorted(self.kinds)), self.target_modules or ()  # () means all: never a real subset
+
+    def adapts(self, target: LoraTarget) -> bool:
+        if target.kind not in self.kinds:
+            return False
+        leaf = target.name.rpartition(".")[2]
+        return self.target_modules is None or bool(target.num_experts) or leaf in self.target_modules
 
 
 @dataclass
@@ -95,7 +126,10 @@ class AdapterSlots:
         return len(self._slots)
 
     def targets_for(self, spec: LoraSpec) -> list[LoraTarget]:
-        return [t for t in self.targets.values() if t.kind in spec.kinds]
+        targets = [t for t in self.targets.values() if spec.adapts(t)]
+        if not targets:
+            raise ValueError("lora_config: no module of this base model matches the LoRA targets")
+        return targets
 
     def add(self, adapter: Adapter) -> int:
         slot = self._next

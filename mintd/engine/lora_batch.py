@@ -32,9 +32,9 @@ def row_order(slots: list[int], table: AdapterSlots) -> list[int]:
     def key(i: int) -> tuple:
         s = slots[i]
         if s == BASE_SLOT:
-            return (0, 0, (), 0)
+            return (0, 0, ((), ()), 0)
         spec = table[s].spec
-        return (1, spec.rank, tuple(sorted(spec.kinds)), s)
+        return (1, spec.rank, spec.target_set, s)
 
     return sorted(range(len(slots)), key=key)
 
@@ -75,7 +75,7 @@ class LoraBatch:
         if slot == BASE_SLOT:
             return ()
         spec = self.table[slot].spec
-        return (spec.rank, spec.kinds)
+        return (spec.rank, spec.target_set)
 
     def select(self, rows: list[int]) -> LoraBatch:
         """The plan for a subset of rows (finished sequences leave a generation)."""

@@ -211,6 +211,8 @@ def pack(
             "train_attn": spec.train_attn,
             "train_mlp": spec.train_mlp,
             "train_unembed": spec.train_unembed,
+            # only when set, so files of adapters without it stay byte-identical to format 1 as first written
+            **({"target_modules": list(spec.target_modules)} if spec.target_modules else {}),
         },
         "targets": targets,
         "dtype": dtypes.pop(),
@@ -318,6 +320,7 @@ def _parse_header(raw: Any, where: str) -> PackedHeader:
             train_attn=lora.get("train_attn"),
             train_mlp=lora.get("train_mlp"),
             train_unembed=lora.get("train_unembed"),
+            target_modules=lora.get("target_modules"),
         )
     except ValueError as e:
         raise ValueError(f"{where}: header lora spec is invalid ({e})") from None

@@ -304,7 +304,7 @@ def load_peft_folder(directory: Path | str) -> tuple[LoraSpec, dict[str, torch.T
     if not tensors:
         raise ValueError(f"{weights}: holds no LoRA weights")
     modules = config.get("target_modules") or []
-    kinds = set()
+    kinds, leaves = set(), set()
     for target in {k.rpartition(".")[0] for k in tensors}:
         leaf = target.rpartition(".")[2]
         if is_expert_target(target):
@@ -315,11 +315,15 @@ def load_peft_folder(directory: Path | str) -> tuple[LoraSpec, dict[str, torch.T
         if not any(target == m or target.endswith("." + m) for m in modules):
             raise ValueError(f"{weights}: {target} is not among target_modules {modules}")
         kinds.add(LINEAR_KINDS[leaf])
+        leaves.add(leaf)
+    # the linear modules of the kinds present; a subset (PEFT's usual q_proj + v_proj) is kept as such
+    every = {leaf for leaf, kind in LINEAR_KINDS.items() if kind in {LINEAR_KINDS[x] for x in leaves}}
     spec = LoraSpec(
         rank=config["r"],
         alpha=float(config["lora_alpha"]),
         train_attn="attn" in kinds,
         train_mlp="mlp" in kinds,
         train_unembed="unembed" in kinds,
+        target_modules=None if leaves >= every else tuple(sorted(leaves)),
     )
     return spec, {k: v.to(torch.float32) for k, v in tensors.items()}

@@ -235,3 +235,23 @@ def test_download_links_are_bound_to_their_file_and_revision(server: LiveServer,
     rejected(c.get("training_runs", headers={"X-API-Key": token}), 401)  # not an API credential
     assert c.http.delete(f"/training_runs/{model_id}/checkpoints/external_weights/e").status_code == 200
     assert httpx.get(link).status_code == 404
+
+
+def test_a_run_can_adapt_only_some_modules(server: LiveServer, c: TinkerHTTP):
+    """lora_config.target_modules (an extension: PEFT's usual q_proj + v_proj) reaches the saved revision."""
+    body = {
+        "session_id": c.session(),
+        "model_seq_id": 0,
+        "base_model": "tiny",
+        "lora_config": {"rank": 4, "seed": 0, "train_mlp": False, "target_modules": ["v_proj", "q_proj"]},
+    }
+    model_id = c.result(c.ok("create_model", body))["model_id"]
+    c.step(model_id, 1, batch(0))
+    rev = server.service.revision("local", _save(c, model_id, 3, "qv"))
+    lora = rev.provenance.lora_config
+    assert lora["target_modules"] == ["q_proj", "v_proj"] and not lora["train_unembed"]  # the list decides
+    files = server.service.peft_files("local", rev.ref)
+    assert sorted(json.loads(files["adapter_config.json"])["target_modules"]) == ["q_proj", "v_proj"]
+
+    body = {**body, "model_seq_id": 1, "lora_config": {"rank": 4, "target_modules": ["nope_proj"]}}
+    rejected(c.post("create_model", body), 400, "target_modules", "nope_proj")

@@ -26,6 +26,8 @@ SPECS = [
     LoraSpec(rank=8, seed=13),
     LoraSpec(rank=8, seed=14),
     LoraSpec(rank=16, alpha=8, seed=15, train_mlp=False),
+    # PEFT's usual subset; rank 8 like two above, but another target set: a group of its own
+    LoraSpec(rank=8, seed=16, train_mlp=False, train_unembed=False, target_modules=("q_proj", "v_proj")),
 ]
 
 
@@ -56,7 +58,7 @@ def _mixed_groups(setup: Setup) -> list[TrainGroup]:
     """10 rows of lengths 3..26 mixing every adapter and the base, interleaved, one or two per group."""
     gen = torch.Generator().manual_seed(0)
     order = [setup.slots[0], BASE_SLOT, setup.slots[1], setup.slots[2], setup.slots[4], BASE_SLOT]
-    order += [setup.slots[3], setup.slots[0], setup.slots[2], setup.slots[4]]
+    order += [setup.slots[3], setup.slots[5], setup.slots[0], setup.slots[2], setup.slots[4], setup.slots[5]]
     groups = []
     for i, slot in enumerate(order):
         data = []

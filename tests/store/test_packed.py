@@ -95,8 +95,12 @@ def test_engine_packed_engine_is_bit_identical(engine):
     engine.drop(source)
 
 
-def test_packed_peft_packed_is_identical(engine, tmp_path):
-    data = _packed(engine)
+@pytest.mark.parametrize(
+    "spec", [SPEC, LoraSpec(rank=4, seed=2, train_mlp=False, target_modules=("q_proj", "v_proj", "lm_head"))]
+)
+def test_packed_peft_packed_is_identical(engine, tmp_path, spec):
+    data = _packed(engine, spec)
+    assert read_packed(data).header.spec.target_modules == spec.target_modules
     packed_to_peft_folder(read_packed(data), tmp_path, base_model_name="tiny")
     assert peft_folder_to_packed(tmp_path, engine.fingerprint) == data
 

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
 from mintd.config import EngineSettings
@@ -266,3 +266,42 @@ def test_base_layer_copy_is_ignored(engines, tmp_path):
         tmp_path, lambda s: s.update({"base_model.model.lm_head.base_layer.weight": torch.ones(3, 2)})
     )
     _assert_same(load_peft_folder(tmp_path)[1], tensors)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3-moe"])
+def test_a_typical_q_v_adapter_made_by_peft_loads_and_scores_alike(engines, dirs, tmp_path, arch):
+    """PEFT's usual choice, target_modules=["q_proj", "v_proj"] with its own random init, saved by PEFT:
+    it loads as that subset and the engine scores exactly as the PeftModel does."""
+    from mintd.engine.train import Datum, TrainGroup
+
+    model = AutoModelForCausalLM.from_pretrained(dirs[arch], dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(tmp_path)
+
+    spec, tensors = load_peft_folder(tmp_path)
+    assert spec.target_modules == ("q_proj", "v_proj") and spec.kinds == {"attn"}
+    assert (spec.rank, spec.scale) == (4, 2.0)
+    engine = engines[arch]
+    slot = engine.load_adapter(spec, tensors, trainable=False)
+    full = engine.create_adapter(LoraSpec(rank=4, seed=1))  # same rank, other target set: another group
+    seq = torch.arange(3, 30) % engine.vocab_size
+    datum = Datum(seq[:-1], {"target_tokens": seq[1:]})
+    ours = engine.forward_backward([TrainGroup(slot, [datum]), TrainGroup(full, [datum])], forward_only=True)
+    with torch.no_grad():
+        logits = peft_model(seq[None, :-1]).logits[0].float()
+    theirs = torch.log_softmax(logits, -1).gather(-1, seq[1:, None])[:, 0]
+    assert torch.allclose(ours[0].logprobs[0], theirs, atol=1e-4)
+    engine.drop(slot)
+    engine.drop(full)
+
+
+def test_target_modules_are_checked():
+    with pytest.raises(ValueError, match="not among"):
+        LoraSpec(target_modules=("qq_proj",))
+    with pytest.raises(ValueError, match="train_mlp is false"):
+        LoraSpec(train_mlp=False, target_modules=("q_proj", "down_proj"))
+    assert LoraSpec(target_modules=("v_proj", "q_proj", "q_proj")).target_modules == ("q_proj", "v_proj")
