@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 # checkpoint kind in a tinker:// path -> the checkpoint_type the Tinker REST views report
 CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_TEN_YEARS = 10 * 365 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -51,12 +50,6 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"path: checkpoint name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
     return name
-
-
-def check_ttl(ttl_seconds: int | None) -> int | None:
-    if ttl_seconds is not None and not 3600 <= ttl_seconds <= _TEN_YEARS:
-        raise ValueError("ttl_seconds: must be between 3600 and 10 years, or null (never expires)")
-    return ttl_seconds
 
 
 def run_adapter_name(run_id: str) -> str:

@@ -33,7 +33,6 @@ from mintd.service.checkpoints import (
     Checkpoints,
     TinkerPath,
     check_name,
-    check_ttl,
     run_adapter_name,
 )
 from mintd.service.errors import NotFound
@@ -343,7 +342,7 @@ class TinkerService:
 
         def make(run: Run) -> CallOp:
             path = TinkerPath(model_id, "weights", check_name(name))
-            check_ttl(ttl_seconds)
+            catalog_validate.ttl(ttl_seconds)
             return CallOp(
                 lambda e: self._save(e, run, path, ttl_seconds, overwrite, user_metadata, "save_weights")
             )
@@ -368,7 +367,7 @@ class TinkerService:
                     sampler_id = f"{run.session_id}:sample:server-{next(self._sample_seq)}"
                 return CallOp(lambda e: self._ephemeral_sampler(e, run, sampler_id))
             path = TinkerPath(model_id, "sampler_weights", check_name(name))
-            check_ttl(ttl_seconds)
+            catalog_validate.ttl(ttl_seconds)
             kind = "save_weights_for_sampler"
             return CallOp(lambda e: self._save(e, run, path, ttl_seconds, True, user_metadata, kind))
 
@@ -381,7 +380,7 @@ class TinkerService:
 
         def make(run: Run) -> CallOp:
             path = TinkerPath(model_id, "external_weights", check_name(name))
-            check_ttl(ttl_seconds)
+            catalog_validate.ttl(ttl_seconds)
             kind = "save_weights_external"
             return CallOp(lambda e: self._save(e, run, path, ttl_seconds, True, None, kind))
 
@@ -602,7 +601,7 @@ class TinkerService:
         self, owner: str, run_id: str, checkpoint_id: str, ttl_seconds: int | None
     ) -> None:
         rev = self.checkpoint(owner, run_id, checkpoint_id)
-        self.catalog.set_ttl(owner, rev.ref, check_ttl(ttl_seconds))
+        self.catalog.set_ttl(owner, rev.ref, ttl_seconds)
 
     def import_peft_archive(
         self,
