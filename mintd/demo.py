@@ -250,7 +250,7 @@ def run_demo(data_dir: Path, sl_steps: int, rl_steps: int, console: Console) -> 
         elapsed = time.monotonic() - started
         for p in policies:
             if not p.outcome.error:
-                p.outcome.catalog = _gate_and_promote(service.checkpoints.catalog, p)
+                p.outcome.catalog = _gate_and_promote(service.catalog, p)
     service.close()
     table = Table(title=f"mintd demo: 3 policies trained concurrently in {elapsed:.0f}s")
     for column in ("policy", "reward before → after", "revisions saved (catalog)"):

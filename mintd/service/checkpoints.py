@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mintd.catalog import Catalog, Provenance, Revision
-from mintd.catalog.validate import TINKER_KINDS
 from mintd.store.blobs import BlobNotFound, Blobs
 from mintd.store.packed import PackedAdapter, load_packed_into, read_packed
 
@@ -65,32 +64,6 @@ class Checkpoints:
     def __init__(self, catalog: Catalog, blobs: Blobs) -> None:
         self.catalog = catalog
         self.blobs = blobs
-
-    def save(
-        self,
-        owner: str,
-        adapter: str,
-        path: TinkerPath,
-        data: bytes,
-        provenance: Provenance,
-        *,
-        parents: tuple[str, ...] = (),
-        ttl_seconds: int | None = None,
-        overwrite: bool = False,
-        metadata: dict[str, Any] | None = None,
-    ) -> Revision:
-        return self.add(
-            owner,
-            adapter,
-            data,
-            TINKER_KINDS[path.kind],
-            provenance,
-            parents=parents,
-            tinker_path=str(path),
-            ttl_seconds=ttl_seconds,
-            overwrite=overwrite,
-            metadata=metadata,
-        )
 
     def add(
         self,

@@ -413,12 +413,13 @@ class TinkerService:
             optimizer=run.optimizer,
             data_fingerprint=data_fingerprint if isinstance(data_fingerprint, str) else None,
         )
-        rev = self.checkpoints.save(
+        rev = self.checkpoints.add(
             run.owner,
             run.adapter,
-            path,
             data,
+            catalog_validate.TINKER_KINDS[path.kind],
             provenance,
+            tinker_path=str(path),
             parents=(run.parent,) if run.parent else (),
             ttl_seconds=ttl,
             overwrite=overwrite,

@@ -173,7 +173,7 @@ def test_a_revision_of_another_base_model_is_refused(qwen3_dir: Path, llama_dir:
 
             # a revision of a base model this server does not serve at all
             sha = service.checkpoints.blobs.put(b"x")
-            service.checkpoints.catalog.register_revision(
+            service.catalog.register_revision(
                 "local", "elsewhere", sha, "external", provenance=Provenance("e" * 64, base_model="big")
             )
             body = {"session_id": c.session(), "sampling_session_seq_id": 0, "model_path": "elsewhere"}

@@ -114,7 +114,7 @@ def _peft_score(model_dir: Path, folder: Path, tokens: list[int]) -> torch.Tenso
 def test_saves_are_revisions_with_provenance_and_export_as_peft(server, tmp_path):
     folder = tmp_path / "external"
     out = run_sdk_json("tinker-0.38", TRAIN.format(url=server.url, folder=str(folder)), timeout=180)
-    catalog = server.service.checkpoints.catalog
+    catalog = server.service.catalog
 
     state, sampler, external = (catalog.resolve("local", out[k]) for k in ("state", "sampler", "external"))
     assert [r.adapter for r in (state, sampler, external)] == ["poet"] * 3  # named by user_metadata

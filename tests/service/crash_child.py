@@ -1,4 +1,5 @@
-"""A writer to SIGKILL: saves packed adapters through `Checkpoints` and promotes an alias, forever.
+"""A writer to SIGKILL: saves packed adapters through `Checkpoints.add` (what every Tinker save calls)
+and promotes an alias, forever.
 
 Run as `python -m tests.service.crash_child DATA_DIR ROUND`. After each call returns it prints what
 was acknowledged (`saved N SHA`, `promoted N`), flushed, so the killer knows exactly what the process
@@ -42,7 +43,8 @@ def main(data_dir: Path, round_no: int) -> None:
     for i in range(1_000_000):
         data = adapter(gen, rng.choice([1024, 4096, 16384]))
         path = TinkerPath(f"run-{round_no}", "sampler_weights", f"s{i}")
-        rev = checkpoints.save("local", "policy", path, data, Provenance(FINGERPRINT), overwrite=False)
+        provenance = Provenance(FINGERPRINT)
+        rev = checkpoints.add("local", "policy", data, "sampler", provenance, tinker_path=str(path))
         print(f"saved {rev.number} {rev.content_hash}", flush=True)
         if rng.random() < 0.5:
             catalog.promote("local", "policy", "prod", rev.number)
