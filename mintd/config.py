@@ -1,4 +1,7 @@
-"""All tunables in one validated place. Every field can be set by environment (MINTD_<FIELD>)."""
+"""All tunables in one validated place. Every field can be set by environment (MINTD_<FIELD>).
+
+The wire-format bounds below are not tunable: they are part of the published API schema.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,11 @@ from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MAX_ID_CHARS = 256  # ids, names and paths a request may carry (ours are far shorter)
+MAX_INT = 2**63 - 1  # integers in bodies and query strings (seq ids, offsets) fit a signed 64-bit int
+MAX_TAGS = 64  # per session, each at most MAX_ID_CHARS
+MAX_METADATA_BYTES = 64 * 1024  # user_metadata as JSON (the catalog keeps revisions' metadata to this too)
 
 
 class EngineSettings(BaseSettings):
@@ -44,6 +52,34 @@ class ServeSettings(BaseSettings):
     download_ttl_s: int = Field(
         900, ge=60, description="how long a checkpoint download link (export, archive) stays valid"
     )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="base URL clients reach this server at (e.g. https://mintd.example.com behind a "
+        "proxy that rewrites Host); download links are built from it. Unset: from each request's Host",
+    )
+
+    # bounds on what one client can make the server hold (hardening; the README lists them)
+    max_body_bytes: int = Field(
+        32 * 2**20, ge=2**16, description="largest request body; 413 beyond it (the SDKs send ~5 MB chunks)"
+    )
+    max_upload_bytes: int = Field(
+        2 * 2**30, ge=2**16, description="largest body of the catalog's PEFT archive import route"
+    )
+    max_json_depth: int = Field(64, ge=8, le=1000, description="deepest nesting a JSON body may have")
+    max_tensor_elements: int = Field(
+        2**24, ge=2**10, description="largest tensor a request may decode to (checked before allocating)"
+    )
+    max_sessions_per_owner: int = Field(256, ge=1, description="live sessions an owner may hold")
+    max_runs_per_owner: int = Field(128, ge=1, description="live training runs an owner may hold")
+    max_samplers_per_owner: int = Field(1024, ge=1, description="live sampling sessions an owner may hold")
+    session_idle_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="a session with no heartbeat and no request for this long is closed: its training "
+        "runs, samplers and in-memory state are freed (saved checkpoints stay)",
+    )
+    reap_interval_s: float = Field(5.0, gt=0, description="how often idle and finished sessions are reaped")
 
 
 class CatalogSettings(BaseSettings):

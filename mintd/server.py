@@ -19,7 +19,6 @@ from mintd.engine.engine import Engine
 from mintd.service.checkpoints import Checkpoints
 from mintd.service.futures import FutureStore
 from mintd.service.runs import RunRecords
-from mintd.service.scheduler import SchedulerLimits
 from mintd.service.tinker import TinkerService
 from mintd.store.blobs import BlobStore
 
@@ -70,11 +69,6 @@ def build_app(
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     engines = {name: Engine(path, engine_settings) for name, path in models.items()}
-    limits = SchedulerLimits(
-        max_train_tokens=settings.max_train_tokens,
-        max_sample_rows=settings.max_sample_rows,
-        seq_gap_timeout_s=settings.seq_gap_timeout_s,
-    )
     catalog = Catalog(CatalogDB.from_settings(CatalogSettings(), data_dir))
     blobs = BlobStore(data_dir / "blobs")
     service = TinkerService(
@@ -82,18 +76,10 @@ def build_app(
         Checkpoints(catalog, blobs),
         RunRecords(data_dir / "runs"),
         FutureStore(settings.future_retention_s),
-        limits,
-        settings.ephemeral_samplers_per_run,
+        settings,
     )
     auth = Authenticator(keys, _secret(data_dir))
-    app = create_app(
-        service,
-        auth,
-        settings.long_poll_s,
-        catalog=catalog,
-        blobs=blobs,
-        download_ttl_s=settings.download_ttl_s,
-    )
+    app = create_app(service, auth, settings, catalog=catalog, blobs=blobs)
     return app, service
 
 

@@ -1,94 +1,48 @@
-"""The FastAPI application: routers plus one error policy for all of them.
-
-ValueError and pydantic errors are the client's (400/422, naming the field); unknown or foreign
-objects are 404; bad credentials 401. Anything else is logged with its traceback and answered 500
-with a one-line message: no stack trace ever reaches a client, and no error body is ever empty.
-"""
+"""The FastAPI application: routers, the request guard (ids, body caps) and one error policy."""
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from fastapi import FastAPI
 
 from mintd import __version__
 from mintd.api import catalog as catalog_routes
-from mintd.api import exports, tinker
-from mintd.api.auth import Authenticator, Unauthorized
-from mintd.catalog.errors import CatalogNotFound
-from mintd.service.tinker import NotFound, TinkerService
+from mintd.api import errors, exports, tinker
+from mintd.api.auth import Authenticator
+from mintd.api.guard import RequestGuard
+from mintd.config import ServeSettings
+from mintd.service.tinker import TinkerService
 
 if TYPE_CHECKING:
     from mintd.catalog import Catalog
     from mintd.store.blobs import Blobs
 
-log = logging.getLogger(__name__)
-
-
-def _field_errors(errors: list[dict]) -> str:
-    parts = []
-    for e in errors[:5]:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else e.get("msg", "invalid"))
-    return "; ".join(parts)
-
 
 def create_app(
     service: TinkerService,
     auth: Authenticator,
-    long_poll_s: float = 25.0,
+    settings: ServeSettings | None = None,
     catalog: Catalog | None = None,
     blobs: Blobs | None = None,
-    download_ttl_s: int = 900,
 ) -> FastAPI:
     """The app; the catalog routes (/api/v1/catalog) are mounted only when a `catalog` is given."""
-    app = FastAPI(title="mintd", version=__version__)
+    settings = settings or ServeSettings()
+    app = FastAPI(
+        title="mintd",
+        version=__version__,
+        description="Tinker-compatible training and sampling, signed checkpoint downloads and the "
+        'adapter catalog. Every error body is `{"detail": "..."}`.',
+    )
     app.state.service = service
     app.state.auth = auth
-    app.state.long_poll_s = long_poll_s
+    app.state.settings = settings
     app.state.catalog = catalog
     app.state.blobs = blobs
-    app.state.download_ttl_s = download_ttl_s
     app.include_router(tinker.router)
     app.include_router(exports.router)
     if catalog is not None:
         app.include_router(catalog_routes.router)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _field_errors(exc.errors())}, status_code=422)
-
-    @app.exception_handler(ValidationError)
-    async def _invalid_model(_: Request, exc: ValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _field_errors(exc.errors())}, status_code=400)
-
-    @app.exception_handler(ValueError)
-    async def _bad(_: Request, exc: ValueError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc) or "bad request"}, status_code=400)
-
-    @app.exception_handler(NotFound)
-    async def _missing(_: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(CatalogNotFound)
-    async def _not_in_catalog(_: Request, exc: CatalogNotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc) or "not found"}, status_code=404)
-
-    @app.exception_handler(Unauthorized)
-    async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
-        return JSONResponse(
-            {"detail": str(exc)},
-            status_code=401,
-            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        )
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
-
+    errors.install(app)
+    app.add_middleware(RequestGuard, settings=settings)
     return app

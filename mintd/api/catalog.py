@@ -15,12 +15,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from mintd.api.tinker import Body, owner, service
+from mintd.api.errors import ERROR_RESPONSES
+from mintd.api.tinker import Body, Id, owner, service
 from mintd.catalog import Alias, Catalog, Gate, Revision
+from mintd.config import MAX_INT
 from mintd.service.tinker import TinkerService
 from mintd.store.peft import tar_gz
 
-router = APIRouter(prefix="/api/v1/catalog", tags=["catalog"])
+router = APIRouter(prefix="/api/v1/catalog", tags=["catalog"], responses=ERROR_RESPONSES)
 
 
 def catalog(request: Request) -> Catalog:
@@ -56,10 +58,10 @@ def _revision_of(cat: Catalog, who: str, name: str, ref: str) -> Revision:
 
 @router.get("/adapters")
 def list_adapters(
-    prefix: str | None = None,
+    prefix: Id | None = None,
     limit: int = Query(100, ge=1, le=10_000),
-    offset: int = Query(0, ge=0),
-    after: str | None = None,
+    offset: int = Query(0, ge=0, le=MAX_INT),
+    after: Id | None = None,
     who: str = Depends(owner),
     cat: Catalog = Depends(catalog),
 ) -> dict[str, Any]:
@@ -69,7 +71,7 @@ def list_adapters(
 
 @router.get("/adapters/{name}")
 def show_adapter(
-    name: str,
+    name: Id,
     limit: int = Query(100, ge=1, le=10_000),
     who: str = Depends(owner),
     cat: Catalog = Depends(catalog),
@@ -84,9 +86,9 @@ def show_adapter(
 
 @router.get("/adapters/{name}/log")
 def adapter_log(
-    name: str,
+    name: Id,
     limit: int = Query(100, ge=1, le=10_000),
-    before: int | None = Query(None, ge=1),
+    before: int | None = Query(None, ge=1, le=MAX_INT),
     who: str = Depends(owner),
     cat: Catalog = Depends(catalog),
 ) -> dict[str, Any]:
@@ -97,13 +99,13 @@ def adapter_log(
 
 
 @router.get("/resolve")
-def resolve(ref: str, who: str = Depends(owner), cat: Catalog = Depends(catalog)) -> dict[str, Any]:
+def resolve(ref: Id, who: str = Depends(owner), cat: Catalog = Depends(catalog)) -> dict[str, Any]:
     return revision_json(cat.resolve(who, ref))
 
 
 @router.get("/lineage")
 def lineage(
-    ref: str,
+    ref: Id,
     limit: int = Query(1000, ge=1, le=10_000),
     who: str = Depends(owner),
     cat: Catalog = Depends(catalog),
@@ -116,15 +118,15 @@ def lineage(
 
 
 @router.delete("/revisions")
-def delete_revision(ref: str, who: str = Depends(owner), cat: Catalog = Depends(catalog)) -> dict[str, Any]:
+def delete_revision(ref: Id, who: str = Depends(owner), cat: Catalog = Depends(catalog)) -> dict[str, Any]:
     return revision_json(cat.delete_revision(who, ref))
 
 
 @router.post("/adapters/{name}/import")
 async def import_archive(
-    name: str,
+    name: Id,
     request: Request,
-    base_model: str | None = None,
+    base_model: Id | None = None,
     who: str = Depends(owner),
     svc: TinkerService = Depends(service),
 ) -> dict[str, Any]:
@@ -135,7 +137,7 @@ async def import_archive(
 
 
 @router.get("/export")
-def export_archive(ref: str, who: str = Depends(owner), svc: TinkerService = Depends(service)) -> Response:
+def export_archive(ref: Id, who: str = Depends(owner), svc: TinkerService = Depends(service)) -> Response:
     """A revision as a PEFT folder in a .tar.gz (optimizer state is never exported)."""
     rev = svc.revision(who, ref, "ref")
     filename = f"{rev.adapter}-{rev.number}.tar.gz"
@@ -150,18 +152,18 @@ def export_archive(ref: str, who: str = Depends(owner), svc: TinkerService = Dep
 
 
 class AddEvaluation(Body):
-    ref: str
-    suite: str
-    metric: str
+    ref: Id
+    suite: Id
+    metric: Id
     value: float
-    dataset_fingerprint: str | None = None
-    evaluator: str | None = None
+    dataset_fingerprint: Id | None = None
+    evaluator: Id | None = None
     metadata: dict[str, Any] | None = None
 
 
 @router.post("/adapters/{name}/evaluations")
 def add_evaluation(
-    name: str, body: AddEvaluation, who: str = Depends(owner), cat: Catalog = Depends(catalog)
+    name: Id, body: AddEvaluation, who: str = Depends(owner), cat: Catalog = Depends(catalog)
 ) -> dict[str, Any]:
     rev = _revision_of(cat, who, name, body.ref)
     evaluation = cat.add_evaluation(
@@ -179,10 +181,10 @@ def add_evaluation(
 
 @router.get("/adapters/{name}/evaluations")
 def list_evaluations(
-    name: str,
-    ref: str | None = Query(None, description="a revision of this adapter; default: its newest"),
-    suite: str | None = None,
-    metric: str | None = None,
+    name: Id,
+    ref: Id | None = Query(None, description="a revision of this adapter; default: its newest"),
+    suite: Id | None = None,
+    metric: Id | None = None,
     who: str = Depends(owner),
     cat: Catalog = Depends(catalog),
 ) -> dict[str, Any]:
@@ -195,19 +197,19 @@ def list_evaluations(
 
 
 class GateBody(Body):
-    suite: str
-    metric: str
+    suite: Id
+    metric: Id
     threshold: float
 
 
 class Promote(Body):
-    ref: str
+    ref: Id
     gate: GateBody | None = None
 
 
 @router.post("/adapters/{name}/aliases/{alias}")
 def promote(
-    name: str, alias: str, body: Promote, who: str = Depends(owner), cat: Catalog = Depends(catalog)
+    name: Id, alias: Id, body: Promote, who: str = Depends(owner), cat: Catalog = Depends(catalog)
 ) -> dict[str, Any]:
     gate = None if body.gate is None else Gate(body.gate.suite, body.gate.metric, body.gate.threshold)
     return alias_json(cat.promote(who, name, alias, body.ref, gate=gate))
@@ -215,7 +217,7 @@ def promote(
 
 @router.post("/adapters/{name}/aliases/{alias}/rollback")
 def rollback(
-    name: str, alias: str, who: str = Depends(owner), cat: Catalog = Depends(catalog)
+    name: Id, alias: Id, who: str = Depends(owner), cat: Catalog = Depends(catalog)
 ) -> dict[str, Any]:
     return alias_json(cat.rollback(who, name, alias))
 
@@ -225,9 +227,9 @@ def rollback(
 
 @router.get("/audit")
 def audit(
-    adapter: str | None = None,
+    adapter: Id | None = None,
     limit: int = Query(100, ge=1, le=10_000),
-    before: int | None = Query(None, ge=1),
+    before: int | None = Query(None, ge=1, le=MAX_INT),
     who: str = Depends(owner),
     cat: Catalog = Depends(catalog),
 ) -> dict[str, Any]:

@@ -206,9 +206,11 @@ def _map_entry(data: memoryview) -> tuple[str, int, Any]:
 # ForwardBackwardRequest
 
 
-def decode_forward_backward_request(body: bytes) -> dict[str, Any]:
+def decode_forward_backward_request(body: bytes, max_elements: int) -> dict[str, Any]:
     """`ForwardBackwardRequest` bytes to the dict a 0.22 JSON body gives (flattened: the fields of
-    `forward_backward_input` sit next to `model_id`/`seq_id`), plus `forward_only`.
+    `forward_backward_input` sit next to `model_id`/`seq_id`), plus `forward_only`. Token lists and
+    tensor data stay numpy arrays; a tensor of more than `max_elements` is refused from its header,
+    before anything is allocated.
 
     `loss_fn_config` merges the legacy numeric map (5) and v2 (7, numbers and text), v2 winning as
     the SDK asks; it is None when neither is sent, like an omitted JSON key. Provenance spans and
@@ -223,7 +225,7 @@ def decode_forward_backward_request(body: bytes) -> dict[str, Any]:
             out["seq_id"] = _int(f, wt, v)
         elif f == 3:
             _expect(f, wt, _LEN)
-            out["data"].append(_decode_datum(v))
+            out["data"].append(_decode_datum(v, max_elements))
         elif f == 4:
             out["loss_fn"] = _text(f, wt, v)
         elif f == 5:
@@ -247,7 +249,7 @@ def decode_forward_backward_request(body: bytes) -> dict[str, Any]:
     return out
 
 
-def _decode_datum(data: memoryview) -> dict[str, Any]:
+def _decode_datum(data: memoryview, max_elements: int) -> dict[str, Any]:
     chunks: list[dict[str, Any]] = []
     inputs: dict[str, dict[str, Any]] = {}
     for f, wt, v in iter_fields(data):
@@ -259,7 +261,7 @@ def _decode_datum(data: memoryview) -> dict[str, Any]:
             key, vwt, value = _map_entry(v)
             _expect(f, vwt, _LEN)
             try:
-                inputs[key] = _decode_tensor(value if value is not None else memoryview(b""))
+                inputs[key] = _decode_tensor(value if value is not None else memoryview(b""), max_elements)
             except ProtoDecodeError as e:
                 raise ProtoDecodeError(f"loss_fn_inputs[{key!r}]: {e}") from None
         # 3, 4: provenance spans, only meaningful to losses this server does not offer
@@ -284,7 +286,7 @@ def _decode_chunk(data: memoryview) -> dict[str, Any]:
                     tokens = tv
             if len(tokens) % 4:
                 raise ProtoDecodeError("encoded_text.tokens: length is not a multiple of 4 (int32)")
-            chunk = {"type": "encoded_text", "tokens": np.frombuffer(tokens, "<i4").tolist()}
+            chunk = {"type": "encoded_text", "tokens": np.frombuffer(tokens, "<i4").astype(np.int64)}
         elif f == 2:
             chunk = {"type": "image", "data": "", "format": ""}
             for tf, twt, tv in iter_fields(v):
@@ -326,10 +328,10 @@ def _wire_array(data: memoryview | bytes, dtype: int, what: str) -> np.ndarray:
     return arr.astype(np.int64 if _PUBLIC_DTYPE[dtype] == "int64" else np.float32)
 
 
-def _decode_tensor(data: memoryview) -> dict[str, Any]:
-    """Tensor {oneof {1 dense bytes, 2 SparseCsr}, 3 dtype, 4 shape} to a dense JSON-shaped dict.
-    CSR tensors are expanded with 0 in unlisted cells, the pad the SDK uses when it sparsifies
-    `target_tokens`/`weights`."""
+def _decode_tensor(data: memoryview, max_elements: int) -> dict[str, Any]:
+    """Tensor {oneof {1 dense bytes, 2 SparseCsr}, 3 dtype, 4 shape} to a dense JSON-shaped dict
+    (with a numpy array as `data`). CSR tensors are expanded with 0 in unlisted cells, the pad the SDK
+    uses when it sparsifies `target_tokens`/`weights`."""
     dense: memoryview | None = None
     csr: dict[int, memoryview] | None = None
     dtype, shape = 0, []
@@ -350,6 +352,8 @@ def _decode_tensor(data: memoryview) -> dict[str, Any]:
             shape += _ints(f, wt, v)
     if any(d < 0 for d in shape):
         raise ProtoDecodeError(f"negative dimension in shape {shape}")
+    if any(d > max_elements for d in shape) or math.prod(shape) > max_elements:
+        raise ProtoDecodeError(f"shape {shape} holds more than the {max_elements} elements allowed")
     if csr is None:
         arr = _wire_array(dense if dense is not None else b"", dtype, "dense")
         if not shape:
@@ -374,7 +378,7 @@ def _decode_tensor(data: memoryview) -> dict[str, Any]:
             raise ProtoDecodeError(f"sparse_csr: indices do not describe a {rows}x{cols} CSR tensor")
         arr = np.zeros((rows, cols), values.dtype)
         arr[np.repeat(np.arange(rows), np.diff(crow)), col] = values
-    return {"data": arr.ravel().tolist(), "dtype": _PUBLIC_DTYPE[dtype], "shape": shape}
+    return {"data": arr.ravel(), "dtype": _PUBLIC_DTYPE[dtype], "shape": shape}
 
 
 def encode_forward_backward_request(

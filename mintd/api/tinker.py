@@ -1,26 +1,39 @@
 """The Tinker HTTP surface (/api/v1): validate, translate, call the service. No tensors here.
 
-Status codes follow what the SDKs do with them: permanent problems are 400/404/422 (never 409, 402
-or 5xx, which the SDK retries for minutes), and every error body is JSON with a `detail` message.
+Status codes follow what the SDKs do with them: permanent problems are 400/404/410/422 (never 409,
+402 or 5xx, which the SDK retries for minutes), and every error body is JSON with a `detail` message.
+Ids, names and integers are bounded here (`Id`, `SeqId`), once, so nothing unbounded reaches the
+service, the catalog or the file system.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Query, Request, Security
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from mintd.api import proto
 from mintd.api.auth import Authenticator
+from mintd.api.errors import ERROR_RESPONSES
+from mintd.catalog import validate as catalog_validate
+from mintd.config import MAX_ID_CHARS, MAX_INT, MAX_TAGS, ServeSettings
 from mintd.engine.sampling import SampleResult
 from mintd.service.futures import Future
 from mintd.service.tinker import TinkerService
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
+api_key = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="an API key, or the JWT it was exchanged for"
+)
+
+Id = Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)]
+SeqId = Annotated[int, Field(ge=0, le=MAX_INT)]
+Metadata = dict[str, Any] | None
 
 
 class Body(BaseModel):
@@ -28,12 +41,22 @@ class Body(BaseModel):
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
+    @field_validator("user_metadata", check_fields=False)
+    @classmethod
+    def _bounded_metadata(cls, value: Metadata) -> Metadata:
+        catalog_validate.json_object(value, "user_metadata", optional=True)
+        return value
+
 
 def service(request: Request) -> TinkerService:
     return request.app.state.service
 
 
-def owner(request: Request, x_api_key: str | None = Header(None)) -> str:
+def settings(request: Request) -> ServeSettings:
+    return request.app.state.settings
+
+
+def owner(request: Request, x_api_key: str | None = Security(api_key)) -> str:
     auth: Authenticator = request.app.state.auth
     return auth.owner(x_api_key)
 
@@ -46,10 +69,16 @@ def _future(fut: Future, **extra: Any) -> dict[str, Any]:
 
 
 @router.post("/client/config")
-def client_config() -> dict[str, Any]:
+def client_config(limits: ServeSettings = Depends(settings)) -> dict[str, Any]:
     # use_pyqwest_transport=False: the SDKs' pyqwest transport follows redirects even when a request
     # asks it not to, which breaks the archive download (a 302 the SDK must see); httpx's does not.
-    return {"pjwt_auth_enabled": True, "sample_max_concurrent_requests": 256, "use_pyqwest_transport": False}
+    # fwdbwd chunks: the SDK's estimate runs up to ~2x under real JSON size, so a quarter of the cap.
+    return {
+        "pjwt_auth_enabled": True,
+        "sample_max_concurrent_requests": 256,
+        "use_pyqwest_transport": False,
+        "fwdbwd_max_chunk_bytes_count": min(5_000_000, limits.max_body_bytes // 4),
+    }
 
 
 @router.post("/client/dynamic_config")
@@ -58,7 +87,7 @@ def dynamic_config() -> dict[str, Any]:
 
 
 @router.post("/auth/token")
-def auth_token(request: Request, x_api_key: str | None = Header(None)) -> dict[str, Any]:
+def auth_token(request: Request, x_api_key: str | None = Security(api_key)) -> dict[str, Any]:
     auth: Authenticator = request.app.state.auth
     return {"jwt": auth.issue(auth.owner_of_key(x_api_key))}
 
@@ -79,8 +108,8 @@ def telemetry() -> dict[str, str]:
 
 
 class CreateSession(Body):
-    tags: list[str] = []
-    user_metadata: dict[str, Any] | None = None
+    tags: Annotated[list[Id], Field(max_length=MAX_TAGS)] = []
+    user_metadata: Metadata = None
 
 
 @router.post("/create_session")
@@ -92,7 +121,7 @@ def create_session(body: CreateSession, who: str = Depends(owner), svc: TinkerSe
 
 
 class SessionRef(Body):
-    session_id: str
+    session_id: Id
 
 
 @router.post("/session_heartbeat")
@@ -107,14 +136,14 @@ class FinishSession(Body):
 
 @router.post("/sessions/{session_id}/finish")
 def finish_session(
-    session_id: str, body: FinishSession, who: str = Depends(owner), svc: TinkerService = Depends(service)
+    session_id: Id, body: FinishSession, who: str = Depends(owner), svc: TinkerService = Depends(service)
 ):
     svc.finish_session(session_id, who, (body.reason or {}).get("type", "success"))
     return {}
 
 
 @router.get("/sessions/{session_id}")
-def get_session(session_id: str, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+def get_session(session_id: Id, who: str = Depends(owner), svc: TinkerService = Depends(service)):
     return svc.session_view(who, session_id)
 
 
@@ -127,11 +156,11 @@ def list_sessions(who: str = Depends(owner), svc: TinkerService = Depends(servic
 
 
 class CreateModel(Body):
-    session_id: str
-    model_seq_id: int
-    base_model: str
+    session_id: Id
+    model_seq_id: SeqId
+    base_model: Id
     lora_config: dict[str, Any] = {}
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: Metadata = None
 
 
 @router.post("/create_model")
@@ -143,7 +172,7 @@ def create_model(body: CreateModel, who: str = Depends(owner), svc: TinkerServic
 
 
 class ModelRef(Body):
-    model_id: str
+    model_id: Id
 
 
 @router.post("/get_info")
@@ -158,15 +187,30 @@ def unload_model(body: ModelRef, who: str = Depends(owner), svc: TinkerService =
 
 class FwdBwdInput(Body):
     data: list[dict[str, Any]]
-    loss_fn: str = "cross_entropy"
+    loss_fn: Id = "cross_entropy"
     loss_fn_config: dict[str, Any] | None = None
 
 
 class FwdBwdJson(Body):
-    model_id: str
-    seq_id: int
+    """The JSON body (tinker 0.22); tinker 0.38 sends the same fields as a protobuf
+    `ForwardBackwardRequest` (Content-Type: application/x-protobuf)."""
+
+    model_id: Id
+    seq_id: SeqId
     forward_backward_input: FwdBwdInput | None = None
     forward_input: FwdBwdInput | None = None
+
+
+# The training routes read their body by hand (two encodings), so its schema is declared here.
+_FWD_BWD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/FwdBwdJson"}},
+            "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 
 
 def _fwd_bwd(fields: dict[str, Any], forward_only: bool, who: str, svc: TinkerService) -> dict[str, Any]:
@@ -187,9 +231,15 @@ async def _fwd_bwd_fields(request: Request, key: str) -> tuple[dict[str, Any], b
     if "application/x-protobuf" in request.headers.get("content-type", ""):
         if request.headers.get("content-encoding", "identity") not in ("identity", ""):
             raise ValueError("content-encoding: compressed protobuf bodies are not enabled on this server")
-        fields = proto.decode_forward_backward_request(await request.body())
+        max_elements = request.app.state.settings.max_tensor_elements
+        fields = proto.decode_forward_backward_request(await request.body(), max_elements)
+        FwdBwdJson.model_validate({"model_id": fields["model_id"], "seq_id": fields["seq_id"]})
         return fields, bool(fields.get("forward_only"))
-    body = FwdBwdJson.model_validate(await request.json())
+    try:
+        payload_json = await request.json()
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError("body: not valid JSON") from None
+    body = FwdBwdJson.model_validate(payload_json)
     payload = getattr(body, key) or body.forward_backward_input or body.forward_input
     if payload is None:
         raise ValueError(f"{key}: missing")
@@ -197,7 +247,7 @@ async def _fwd_bwd_fields(request: Request, key: str) -> tuple[dict[str, Any], b
     return fields, key == "forward_input"
 
 
-@router.post("/forward_backward")
+@router.post("/forward_backward", openapi_extra=_FWD_BWD_BODY)
 async def forward_backward(
     request: Request, who: str = Depends(owner), svc: TinkerService = Depends(service)
 ):
@@ -205,15 +255,15 @@ async def forward_backward(
     return _fwd_bwd(fields, forward_only, who, svc)
 
 
-@router.post("/forward")
+@router.post("/forward", openapi_extra=_FWD_BWD_BODY)
 async def forward(request: Request, who: str = Depends(owner), svc: TinkerService = Depends(service)):
     fields, _ = await _fwd_bwd_fields(request, "forward_input")
     return _fwd_bwd(fields, True, who, svc)
 
 
 class OptimStep(Body):
-    model_id: str
-    seq_id: int
+    model_id: Id
+    seq_id: SeqId
     adam_params: dict[str, Any] | None = None
     optimizer_params: dict[str, Any] | None = None
     optim_params: dict[str, Any] | None = None
@@ -226,14 +276,14 @@ def optim_step(body: OptimStep, who: str = Depends(owner), svc: TinkerService = 
 
 
 class SaveWeights(Body):
-    model_id: str
-    seq_id: int
-    path: str | None = None
+    model_id: Id
+    seq_id: SeqId
+    path: Id | None = None
     ttl_seconds: int | None = None
     overwrite: bool = False
-    sampling_session_seq_id: int | None = None
-    user_metadata: dict[str, Any] | None = None  # kept as the revision's metadata
-    age_encryption_recipients: list[str] | None = None  # save_weights_external only
+    sampling_session_seq_id: SeqId | None = None
+    user_metadata: Metadata = None  # kept as the revision's metadata
+    age_encryption_recipients: list[Id] | None = None  # save_weights_external only
 
 
 def _checkpoint_name(body: SaveWeights) -> str:
@@ -283,13 +333,13 @@ def save_weights_external(
 
 
 class LoadWeights(Body):
-    path: str
+    path: Id
     optimizer: bool = False
-    model_id: str | None = None
-    seq_id: int | None = None
-    session_id: str | None = None
-    model_seq_id: int | None = None
-    user_metadata: dict[str, Any] | None = None
+    model_id: Id | None = None
+    seq_id: SeqId | None = None
+    session_id: Id | None = None
+    model_seq_id: SeqId | None = None
+    user_metadata: Metadata = None
 
 
 @router.post("/load_weights")
@@ -308,7 +358,7 @@ def load_weights(body: LoadWeights, who: str = Depends(owner), svc: TinkerServic
 
 
 class WeightsInfo(Body):
-    tinker_path: str
+    tinker_path: Id
 
 
 @router.post("/weights_info")
@@ -320,10 +370,10 @@ def weights_info(body: WeightsInfo, who: str = Depends(owner), svc: TinkerServic
 
 
 class CreateSamplingSession(Body):
-    session_id: str
-    sampling_session_seq_id: int
-    base_model: str | None = None
-    model_path: str | None = None
+    session_id: Id
+    sampling_session_seq_id: SeqId
+    base_model: Id | None = None
+    model_path: Id | None = None
 
 
 @router.post("/create_sampling_session")
@@ -337,13 +387,13 @@ def create_sampling_session(
 
 
 @router.get("/samplers/{sampler_id}")
-def get_sampler(sampler_id: str, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+def get_sampler(sampler_id: Id, who: str = Depends(owner), svc: TinkerService = Depends(service)):
     return svc.get_sampler(who, sampler_id)
 
 
 class SampleBody(Body):
-    sampling_session_id: str
-    seq_id: int
+    sampling_session_id: Id
+    seq_id: SeqId
     prompt: dict[str, Any]
     num_samples: int = Field(1, ge=1, le=1024)
     sampling_params: dict[str, Any] = {}
@@ -380,18 +430,22 @@ def asample(body: SampleBody, who: str = Depends(owner), svc: TinkerService = De
 
 
 class RetrieveFuture(Body):
-    request_id: str
+    request_id: Id
     allow_metadata_only: bool = False
 
 
-@router.post("/retrieve_future")
+@router.post(
+    "/retrieve_future",
+    responses={200: {"content": {"application/json": {}, "application/x-protobuf": {}}}},
+)
 async def retrieve_future(
     body: RetrieveFuture, request: Request, who: str = Depends(owner), svc: TinkerService = Depends(service)
 ):
-    fut = svc.futures.get(body.request_id)
+    fut = svc.futures.get(body.request_id, who)  # another owner's id answers like an unknown one
     if fut is None:
         return JSONResponse({"detail": f"request {body.request_id} is unknown or its result expired"}, 410)
-    if not await svc.futures.wait(fut, request.app.state.long_poll_s):
+    svc.registry.touch(fut.session_id)  # a client waiting on results is alive
+    if not await svc.futures.wait(fut, request.app.state.settings.long_poll_s):
         return {"type": "try_again", "request_id": fut.request_id, "queue_state": "active"}
     if fut.error is not None:
         return {"error": str(fut.error), "category": fut.error.category}
@@ -434,7 +488,7 @@ def _sample_json(result: SampleResult) -> dict[str, Any]:
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
-def list_checkpoints(run_id: str, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+def list_checkpoints(run_id: Id, who: str = Depends(owner), svc: TinkerService = Depends(service)):
     checkpoints = svc.list_checkpoints(who, run_id)
     return {
         "checkpoints": checkpoints,
@@ -444,7 +498,7 @@ def list_checkpoints(run_id: str, who: str = Depends(owner), svc: TinkerService 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
 def delete_checkpoint(
-    run_id: str, checkpoint_id: str, who: str = Depends(owner), svc: TinkerService = Depends(service)
+    run_id: Id, checkpoint_id: Id, who: str = Depends(owner), svc: TinkerService = Depends(service)
 ):
     svc.delete_checkpoint(who, run_id, checkpoint_id)
     return {}
@@ -456,8 +510,8 @@ class Ttl(Body):
 
 @router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl")
 def set_ttl(
-    run_id: str,
-    checkpoint_id: str,
+    run_id: Id,
+    checkpoint_id: Id,
     body: Ttl,
     who: str = Depends(owner),
     svc: TinkerService = Depends(service),
@@ -467,13 +521,16 @@ def set_ttl(
 
 
 @router.get("/training_runs/{run_id}")
-def get_training_run(run_id: str, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+def get_training_run(run_id: Id, who: str = Depends(owner), svc: TinkerService = Depends(service)):
     return svc.training_run(who, run_id)
 
 
 @router.get("/training_runs")
 def list_training_runs(
-    limit: int = 20, offset: int = 0, who: str = Depends(owner), svc: TinkerService = Depends(service)
+    limit: int = Query(20, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=MAX_INT),
+    who: str = Depends(owner),
+    svc: TinkerService = Depends(service),
 ):
     runs = svc.training_runs(who)
     return {

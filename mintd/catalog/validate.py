@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from mintd.catalog.types import NewRevision, Provenance, RevisionKind
+from mintd.config import MAX_METADATA_BYTES
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Owners come from the API-key map and may be e-mail-like; '/' ':' and whitespace stay out so refs parse.
@@ -16,7 +17,7 @@ OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 TTL_MIN_S = 3600
 TTL_MAX_S = 10 * 365 * 24 * 3600  # the Tinker API's bound: one hour to ten years, or null (never)
-JSON_MAX_BYTES = 64 * 1024
+JSON_MAX_BYTES = MAX_METADATA_BYTES
 TEXT_MAX = 512
 TINKER_SCHEME = "tinker://"
 # Tinker checkpoint kinds and the revision kind each save produces.

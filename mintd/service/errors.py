@@ -1,4 +1,4 @@
-"""The service's own failure type besides ValueError (bad input, HTTP 400)."""
+"""The service's own failure types besides ValueError (bad input, HTTP 400)."""
 
 from __future__ import annotations
 
@@ -8,3 +8,14 @@ class NotFound(LookupError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "not found"
+
+
+class Gone(LookupError):
+    """An object that existed but was closed (its session ended): HTTP 410, said plainly."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "gone"
+
+
+class QuotaExceeded(Exception):
+    """The owner already holds as many of these as allowed (HTTP 429)."""

@@ -4,13 +4,17 @@ Submissions are idempotent by their natural key (for example `(model_id, seq_id)
 the same request twice (its outer retry loop makes a new idempotency header each time), and the second
 one must get the first one's id rather than run again. Results are kept `retention_s` after they
 complete; after that a poll gets "expired" (HTTP 410 upstream).
+
+A future belongs to the owner who submitted it, and its id is 128 random bits: another owner's id is
+as unknown as a made-up one. Each future may name the session it works for, so that polling keeps
+that session alive and a session with work in flight is never reaped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +35,8 @@ class RequestError(Exception):
 class Future:
     request_id: str
     kind: str
+    owner: str
+    session_id: str | None = None
     created_at: float = field(default_factory=time.monotonic)
     done_at: float | None = None
     result: Any = None
@@ -48,33 +54,48 @@ class FutureStore:
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
         self._by_key: dict[tuple, str] = {}
-        self._ids = itertools.count(1)
+        self._pending: dict[str, int] = {}  # session id -> futures not yet done
 
     def create(
-        self, kind: str, key: tuple | None = None, request_id: str | None = None
+        self, kind: str, owner: str, key: tuple | None = None, session_id: str | None = None
     ) -> tuple[Future, bool]:
-        """(future, created). An existing future for `key` is returned with created=False."""
+        """(future, created). An existing future for `key` is returned with created=False; keys are
+        built from objects the caller already proved it owns, so they never cross owners."""
         with self._lock:
             self._expire()
             if key is not None and key in self._by_key:
                 existing = self._futures.get(self._by_key[key])
                 if existing is not None:
                     return existing, False
-            rid = request_id or f"req-{next(self._ids)}"
-            fut = Future(rid, kind)
-            self._futures[rid] = fut
+            fut = Future(f"req-{secrets.token_urlsafe(16)}", kind, owner, session_id)
+            self._futures[fut.request_id] = fut
             if key is not None:
-                self._by_key[key] = rid
+                self._by_key[key] = fut.request_id
+            if session_id is not None:
+                self._pending[session_id] = self._pending.get(session_id, 0) + 1
             return fut, True
 
-    def get(self, request_id: str) -> Future | None:
+    def get(self, request_id: str, owner: str) -> Future | None:
+        """The caller's future, or None: unknown, expired and another owner's look the same."""
         with self._lock:
             self._expire()
-            return self._futures.get(request_id)
+            fut = self._futures.get(request_id)
+        return fut if fut is not None and fut.owner == owner else None
+
+    def busy_sessions(self) -> set[str]:
+        """Sessions with work submitted and not yet done."""
+        with self._lock:
+            return set(self._pending)
 
     def resolve(self, fut: Future, result: Any = None, error: RequestError | None = None) -> None:
         """Called from any thread; wakes every long-poll waiting on `fut`."""
         with self._lock:
+            if fut.done_at is None and fut.session_id is not None:
+                left = self._pending.get(fut.session_id, 1) - 1
+                if left:
+                    self._pending[fut.session_id] = left
+                else:
+                    self._pending.pop(fut.session_id, None)
             fut.result, fut.error, fut.done_at = result, error, time.monotonic()
             waiters, fut._waiters = fut._waiters, []
         for loop, event in waiters:

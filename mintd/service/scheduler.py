@@ -133,6 +133,12 @@ class EngineWorker:
             self._direct.append((future, op))
             self._cv.notify()
 
+    def post(self, fn: Callable[[Engine], Any]) -> None:
+        """Run `fn(engine)` on the worker thread soon, answering no one (freeing slots)."""
+        with self._cv:
+            self._direct.append((None, CallOp(fn)))
+            self._cv.notify()
+
     def call(self, fn: Callable[[Engine], Any], timeout: float = 600.0) -> Any:
         """Run `fn(engine)` on the worker thread and wait for it (for short synchronous requests)."""
         done = threading.Event()
@@ -146,9 +152,7 @@ class EngineWorker:
             finally:
                 done.set()
 
-        with self._cv:
-            self._direct.append((None, CallOp(wrapped)))
-            self._cv.notify()
+        self.post(wrapped)
         if not done.wait(timeout):
             raise TimeoutError("engine worker did not answer")
         if "error" in box:

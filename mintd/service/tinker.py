@@ -3,24 +3,25 @@
 It knows names (model ids, sampler ids, tinker:// paths) and maps them to engine slots; the engine
 only ever sees slots. Methods raise ValueError for bad input (HTTP 400) and NotFound for unknown or
 foreign objects (HTTP 404, so other owners' objects do not leak). Engine work is queued on the base
-model's worker and answered through futures.
+model's worker and answered through futures. Sessions end when finished or idle (`reap`), and what
+they held in memory is freed.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import tempfile
 import threading
 import time
-import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mintd.catalog import Provenance, Revision
 from mintd.catalog import validate as catalog_validate
 from mintd.catalog.errors import CatalogNotFound
+from mintd.config import ServeSettings
 from mintd.engine import sampling, train
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
 from mintd.engine.engine import Engine
@@ -35,60 +36,16 @@ from mintd.service.checkpoints import (
     check_name,
     run_adapter_name,
 )
-from mintd.service.errors import NotFound
+from mintd.service.errors import Gone, NotFound
 from mintd.service.futures import Future, FutureStore, RequestError
 from mintd.service.runs import RunRecords
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
+from mintd.service.sessions import Quotas, Registry, Run, Sampler, Session
 from mintd.store.packed import pack, split_state
 from mintd.store.peft import load_peft_folder, untar_peft
 
-__all__ = ["NotFound", "TinkerService"]
-
-
-@dataclass
-class Session:
-    id: str
-    owner: str
-    tags: list[str]
-    user_metadata: dict[str, Any]
-    created_at: float = field(default_factory=time.time)
-    last_heartbeat: float = field(default_factory=time.time)
-    finished: str | None = None
-    run_ids: list[str] = field(default_factory=list)
-    sampler_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Run:
-    model_id: str
-    session_id: str
-    owner: str
-    base_model: str
-    spec: LoraSpec
-    user_metadata: dict[str, Any]
-    adapter: str  # the catalog adapter its saves become revisions of
-    slot: int = BASE_SLOT
-    ephemeral: OrderedDict[str, int] = field(default_factory=OrderedDict)  # sampler id -> snapshot slot
-    last_request_time: float = field(default_factory=time.time)
-    # provenance, kept current by the ops as the worker runs them (so a save sees exactly its past)
-    step: int = 0
-    loss_fn: str | None = None
-    optimizer: dict[str, Any] | None = None
-    parent: str | None = None  # ref of the revision this adapter last came from (saved or loaded)
-
-    def continue_from(self, rev: Revision) -> None:
-        p = rev.provenance
-        self.step, self.loss_fn, self.optimizer, self.parent = p.step or 0, p.loss_fn, p.optimizer, rev.ref
-
-
-@dataclass
-class Sampler:
-    id: str
-    owner: str
-    base_model: str
-    model_path: str | None
-    slot: int | None  # None until the first sample loads the checkpoint (a scheduled cold load)
-    revision: Revision | None = None  # what model_path resolved to when the sampler was made
+__all__ = ["Gone", "NotFound", "TinkerService"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,9 +63,13 @@ class TinkerService:
         checkpoints: Checkpoints,
         runs: RunRecords,
         futures: FutureStore,
-        limits: SchedulerLimits,
-        ephemeral_samplers_per_run: int = 8,
+        settings: ServeSettings,
     ) -> None:
+        limits = SchedulerLimits(
+            max_train_tokens=settings.max_train_tokens,
+            max_sample_rows=settings.max_sample_rows,
+            seq_gap_timeout_s=settings.seq_gap_timeout_s,
+        )
         self.models = {
             name: BaseModelHandle(name, e.model_dir, e, EngineWorker(e, futures, limits, name))
             for name, e in models.items()
@@ -117,14 +78,19 @@ class TinkerService:
         self.catalog = checkpoints.catalog
         self.runs = runs
         self.futures = futures
-        self.ephemeral_per_run = ephemeral_samplers_per_run
-        self._lock = threading.RLock()
-        self._sessions: dict[str, Session] = {}
-        self._runs: dict[str, Run] = {}
-        self._samplers: dict[str, Sampler] = {}
+        self.settings = settings
+        quotas = Quotas(
+            settings.max_sessions_per_owner, settings.max_runs_per_owner, settings.max_samplers_per_owner
+        )
+        self.registry = Registry(quotas)
         self._sample_seq = itertools.count()
+        self._closed = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="mintd-reaper", daemon=True)
+        self._reaper.start()
 
     def close(self) -> None:
+        self._closed.set()
+        self._reaper.join(timeout=10)
         for handle in self.models.values():
             handle.worker.stop()
 
@@ -141,27 +107,13 @@ class TinkerService:
         return handle
 
     def session(self, session_id: str, owner: str, live: bool = False) -> Session:
-        with self._lock:
-            s = self._sessions.get(session_id)
-        if s is None or s.owner != owner:
-            raise NotFound(f"session {session_id} not found")
-        if live and s.finished:
-            raise ValueError(f"session_id: session {session_id} is finished ({s.finished})")
-        return s
+        return self.registry.session(session_id, owner, live)
 
     def run(self, model_id: str, owner: str) -> Run:
-        with self._lock:
-            r = self._runs.get(model_id)
-        if r is None or r.owner != owner:
-            raise NotFound(f"model_id: training run {model_id} not found")
-        return r
+        return self.registry.run(model_id, owner)
 
     def sampler(self, sampler_id: str, owner: str) -> Sampler:
-        with self._lock:
-            s = self._samplers.get(sampler_id)
-        if s is None or s.owner != owner:
-            raise NotFound(f"sampling_session_id: sampler {sampler_id} not found")
-        return s
+        return self.registry.sampler(sampler_id, owner)
 
     def run_record(self, owner: str, run_id: str) -> dict[str, Any]:
         """A training run of this owner, live or from an earlier server process."""
@@ -187,22 +139,52 @@ class TinkerService:
     # sessions -----------------------------------------------------------------------------------
 
     def create_session(self, owner: str, tags: list[str], user_metadata: dict[str, Any]) -> str:
-        session = Session(f"s-{uuid.uuid4().hex[:16]}", owner, tags, user_metadata)
-        with self._lock:
-            self._sessions[session.id] = session
-        return session.id
+        return self.registry.create_session(owner, tags, user_metadata).id
 
     def heartbeat(self, session_id: str, owner: str) -> None:
-        self.session(session_id, owner).last_heartbeat = time.time()
+        self.session(session_id, owner)  # a lookup is a sign of life
 
     def finish_session(self, session_id: str, owner: str, reason: str) -> None:
+        """The session takes no new work; once its queued work is done `reap` frees what it held."""
         s = self.session(session_id, owner)
         s.finished = s.finished or reason  # first wins
 
+    def reap(self) -> list[str]:
+        """End finished sessions and idle ones (none with work in flight); free their runs' adapters,
+        optimizer state, snapshots and loaded samplers. The ended session ids."""
+        due = self.registry.due(self.settings.session_idle_timeout_s, self.futures.busy_sessions())
+        for session, why in due:
+            ended = self.registry.end(session, why)
+            for run in ended.runs:
+                worker = self.models[run.base_model].worker
+                worker.remove_run(run.model_id)
+                worker.post(lambda e, slots=(run.slot, *run.ephemeral.values()): _drop(e, slots))
+            for sampler in ended.samplers:
+                worker = self.models[sampler.base_model].worker
+                worker.post(lambda e, s=sampler: _drop(e, (s.slot,) if s.owns_slot else ()))
+            log.info(
+                "session %s of %s closed (%s): freed %d training runs, %d samplers",
+                session.id,
+                session.owner,
+                why,
+                len(ended.runs),
+                len(ended.samplers),
+            )
+        return [session.id for session, _ in due]
+
+    def _reap_loop(self) -> None:
+        while not self._closed.wait(self.settings.reap_interval_s):
+            try:
+                self.reap()
+            except Exception:  # noqa: BLE001 - the reaper must outlive a bug in one pass
+                log.exception("reaping sessions failed")
+
     # training runs ------------------------------------------------------------------------------
 
-    def _submit_direct(self, handle: BaseModelHandle, key: tuple, kind: str, fn) -> Future:
-        fut, created = self.futures.create(kind, key)
+    def _submit_direct(
+        self, handle: BaseModelHandle, owner: str, session_id: str, key: tuple, kind: str, fn
+    ) -> Future:
+        fut, created = self.futures.create(kind, owner, key, session_id)
         if created:
             handle.worker.submit_call(fut, CallOp(fn))
         return fut
@@ -219,6 +201,7 @@ class TinkerService:
         self.session(session_id, owner, live=True)
         handle = self.base(base_model)
         spec = LoraSpec(**lora_config)
+        self.registry.check_run_quota(owner)
         model_id = f"{session_id}:train:{model_seq_id}"
         adapter = _adapter_name(user_metadata, model_id)
 
@@ -228,12 +211,11 @@ class TinkerService:
             self._register_run(run)
             return {"model_id": model_id, "type": "create_model"}
 
-        return self._submit_direct(handle, ("model", session_id, model_seq_id), "CreateModel", create)
+        key = ("model", session_id, model_seq_id)
+        return self._submit_direct(handle, owner, session_id, key, "CreateModel", create)
 
     def _register_run(self, run: Run) -> None:
-        with self._lock:
-            self._runs[run.model_id] = run
-            self._sessions[run.session_id].run_ids.append(run.model_id)
+        self.registry.add_run(run)
         self.models[run.base_model].worker.add_run(run.model_id)
         self.runs.write(run.model_id, self._run_record(run))
 
@@ -272,7 +254,7 @@ class TinkerService:
         run = self.run(model_id, owner)
         if not isinstance(seq_id, int) or seq_id < 1:
             raise ValueError("seq_id: must be an integer >= 1")
-        fut, created = self.futures.create(kind, ("run", model_id, seq_id))
+        fut, created = self.futures.create(kind, owner, ("run", model_id, seq_id), run.session_id)
         if not created:
             return fut
         worker = self.models[run.base_model].worker
@@ -299,7 +281,8 @@ class TinkerService:
         def make(run: Run) -> TrainOp:
             handle = self.models[run.base_model]
             config = {k: float(v) for k, v in (loss_fn_config or {}).items() if isinstance(v, (int, float))}
-            group = TrainGroup(run.slot, [wire.datum(d, i) for i, d in enumerate(data)], loss_fn, config)
+            cap = self.settings.max_tensor_elements
+            group = TrainGroup(run.slot, [wire.datum(d, i, cap) for i, d in enumerate(data)], loss_fn, config)
             train.validate(group, handle.engine.vocab_size, handle.engine.max_len)
 
             def result(out: TrainOutput) -> dict[str, Any]:
@@ -430,14 +413,13 @@ class TinkerService:
 
     def _ephemeral_sampler(self, engine: Engine, run: Run, sampler_id: str) -> dict[str, Any]:
         slot = engine.snapshot(run.slot)
-        with self._lock:
-            self._samplers[sampler_id] = Sampler(sampler_id, run.owner, run.base_model, None, slot)
-            self._sessions[run.session_id].sampler_ids.append(sampler_id)
-            run.ephemeral[sampler_id] = slot
-            while len(run.ephemeral) > self.ephemeral_per_run:  # bounded: the oldest snapshots go
-                old_id, old_slot = run.ephemeral.popitem(last=False)
-                self._samplers.pop(old_id, None)
-                engine.drop(old_slot)
+        sampler = Sampler(sampler_id, run.owner, run.session_id, run.base_model, None, slot, ephemeral=True)
+        self.registry.add_sampler(sampler)
+        run.ephemeral[sampler_id] = slot
+        while len(run.ephemeral) > self.settings.ephemeral_samplers_per_run:  # the oldest snapshots go
+            old_id, old_slot = run.ephemeral.popitem(last=False)
+            self.registry.drop_sampler(old_id)
+            engine.drop(old_slot)
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
     def load_weights(self, owner: str, model_id: str, seq_id: int, path: str, optimizer: bool) -> Future:
@@ -470,6 +452,7 @@ class TinkerService:
         self.session(session_id, owner, live=True)
         rev = self.revision(owner, path)
         handle = self.base_of(rev)
+        self.registry.check_run_quota(owner)
         model_id = f"{session_id}:train:{model_seq_id}"
         adapter = _adapter_name(user_metadata, model_id)
 
@@ -481,7 +464,8 @@ class TinkerService:
             self._register_run(run)
             return {"model_id": model_id, "path": path, "type": "load_weights"}
 
-        return self._submit_direct(handle, ("model", session_id, model_seq_id), "LoadWeights", create)
+        key = ("model", session_id, model_seq_id)
+        return self._submit_direct(handle, owner, session_id, key, "LoadWeights", create)
 
     def weights_info(self, owner: str, path: str) -> dict[str, Any]:
         rev = self.revision(owner, path, "tinker_path")
@@ -501,15 +485,11 @@ class TinkerService:
 
         def unload(engine: Engine) -> dict[str, Any]:
             handle.worker.remove_run(model_id)
-            for slot in [run.slot, *run.ephemeral.values()]:
-                engine.drop(slot)
-            with self._lock:
-                self._runs.pop(model_id, None)
-                for sampler_id in run.ephemeral:
-                    self._samplers.pop(sampler_id, None)
+            _drop(engine, (run.slot, *run.ephemeral.values()))
+            self.registry.remove_run(run)
             return {"model_id": model_id, "type": "unload_model"}
 
-        return self._submit_direct(handle, ("unload", model_id), "UnloadModel", unload)
+        return self._submit_direct(handle, owner, run.session_id, ("unload", model_id), "UnloadModel", unload)
 
     # sampling -----------------------------------------------------------------------------------
 
@@ -518,21 +498,14 @@ class TinkerService:
     ) -> str:
         self.session(session_id, owner, live=True)
         sampler_id = f"{session_id}:sample:{seq}"
-        with self._lock:
-            existing = self._samplers.get(sampler_id)
-        if existing is not None:
-            return sampler_id
         if model_path is not None:  # any ref: tinker:// path, name@N, name:alias (pinned here)
             rev = self.revision(owner, model_path, "model_path")
             handle = self.base_of(rev, "model_path")
-            sampler = Sampler(sampler_id, owner, handle.name, model_path, None, rev)
+            sampler = Sampler(sampler_id, owner, session_id, handle.name, model_path, None, rev)
         else:
             handle = self.base(base_model)
-            sampler = Sampler(sampler_id, owner, handle.name, None, BASE_SLOT)
-        with self._lock:
-            self._samplers[sampler_id] = sampler
-            self._sessions[session_id].sampler_ids.append(sampler_id)
-        return sampler_id
+            sampler = Sampler(sampler_id, owner, session_id, handle.name, None, BASE_SLOT)
+        return self.registry.add_sampler(sampler).id
 
     def get_sampler(self, owner: str, sampler_id: str) -> dict[str, Any]:
         s = self.sampler(sampler_id, owner)
@@ -552,12 +525,13 @@ class TinkerService:
     ) -> tuple[Future, list[str]]:
         sampler = self.sampler(sampler_id, owner)
         handle = self.models[sampler.base_model]
-        tokens = wire.tokens(prompt, "prompt")
+        tokens = wire.tokens(prompt, "prompt").tolist()
         params = SamplingParams(**{k: v for k, v in sampling_params.items() if v is not None or k == "stop"})
         request = SampleRequest(BASE_SLOT, tokens, params, num_samples, prompt_logprobs, topk_prompt_logprobs)
         sampling.validate(request, handle.engine.vocab_size, handle.engine.max_len)
         sequence_ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(num_samples)]
-        fut, created = self.futures.create("Sample", ("sample", sampler_id, seq_id))
+        key = ("sample", sampler_id, seq_id)
+        fut, created = self.futures.create("Sample", owner, key, sampler.session_id)
         if created:
 
             def resolve(engine: Engine) -> SampleRequest:
@@ -640,8 +614,7 @@ class TinkerService:
         for rev in self.catalog.tinker_checkpoints(owner, run_id):
             view = _checkpoint_view(rev)
             latest[view["checkpoint_type"]] = view
-        with self._lock:
-            live = self._runs.get(run_id)
+        live = self.registry.live_run(run_id)
         return {
             "training_run_id": run_id,
             "base_model": record["base_model"],
@@ -664,8 +637,7 @@ class TinkerService:
         return {"training_run_ids": s.run_ids, "sampler_ids": s.sampler_ids, "user_metadata": s.user_metadata}
 
     def session_ids(self, owner: str) -> list[str]:
-        with self._lock:
-            return [s.id for s in self._sessions.values() if s.owner == owner]
+        return [s.id for s in self.registry.owner_sessions(owner)]
 
     def capabilities(self) -> list[dict[str, Any]]:
         return [
@@ -683,9 +655,15 @@ def _raise(exc: Exception) -> None:
     raise exc
 
 
+def _drop(engine: Engine, slots: tuple[int | None, ...]) -> None:
+    for slot in slots:
+        if slot not in (None, BASE_SLOT) and slot in engine.slots:
+            engine.drop(slot)
+
+
 def _refusal(exc: Exception) -> RequestError:
     """What a later poll of a refused request's future reports."""
-    if isinstance(exc, (ValueError, NotFound, CatalogNotFound)):
+    if isinstance(exc, (ValueError, NotFound, Gone, CatalogNotFound)):
         return RequestError(str(exc), "user")
     return RequestError(f"internal error: {type(exc).__name__}", "server")
 

@@ -1,13 +1,16 @@
 """Tinker wire values (already decoded from JSON or protobuf into plain Python) to engine inputs.
 
-JSON (0.22) and protobuf (0.38) bodies decode to the same dict shapes, so there is one path here.
-Every error names the field it is about.
+JSON (0.22) and protobuf (0.38) bodies decode to the same dict shapes, so there is one path here; the
+protobuf decoder hands over numpy arrays where JSON gives lists. Every error names the field it is
+about, and no tensor larger than `max_elements` is ever allocated: sizes are checked from the shape.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from mintd.engine.train import Datum
@@ -15,12 +18,30 @@ from mintd.engine.train import Datum
 _DTYPES = {"int64": torch.int64, "float32": torch.float32}
 
 
-def tensor(value: Any, field: str) -> torch.Tensor:
-    """TensorData `{data, dtype, shape?, sparse_crow_indices?, sparse_col_indices?}` (or a bare list)."""
-    if isinstance(value, list):
+def _as_tensor(data: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if isinstance(data, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(data))
+        return t if dtype is None else t.to(dtype)
+    return torch.tensor(data, dtype=dtype)
+
+
+def _shape(value: Any, field: str, max_elements: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise ValueError(f"{field}.shape: expected a list of integers")
+    if any(d < 0 or d > max_elements for d in value) or math.prod(value) > max_elements:
+        raise ValueError(f"{field}.shape: {value} is negative or holds more than {max_elements} elements")
+    return tuple(value)
+
+
+def tensor(value: Any, field: str, max_elements: int) -> torch.Tensor:
+    """TensorData `{data, dtype, shape?, sparse_crow_indices?, sparse_col_indices?}` (or a bare list,
+    whose values decide the dtype)."""
+    if isinstance(value, (list, np.ndarray)):
+        if len(value) > max_elements:
+            raise ValueError(f"{field}: {len(value)} values, more than the {max_elements} allowed")
         try:
-            return torch.tensor(value)
-        except (RuntimeError, TypeError, ValueError) as exc:
+            return _as_tensor(value)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"{field}: malformed tensor ({exc})") from None
     if not isinstance(value, dict) or "data" not in value:
         raise ValueError(f"{field}: expected TensorData with a 'data' list")
@@ -28,29 +49,32 @@ def tensor(value: Any, field: str) -> torch.Tensor:
     if dtype is None:
         raise ValueError(f"{field}.dtype: must be int64 or float32")
     data = value["data"]
-    data = data if isinstance(data, list) else [data]
+    data = data if isinstance(data, (list, np.ndarray)) else [data]
+    if len(data) > max_elements:
+        raise ValueError(f"{field}: {len(data)} values, more than the {max_elements} allowed")
     shape = value.get("shape")
+    shape = None if shape is None else _shape(shape, field, max_elements)
     crow, col = value.get("sparse_crow_indices"), value.get("sparse_col_indices")
     try:
         if crow is not None or col is not None:
             if shape is None or len(shape) != 2 or crow is None or col is None:
                 raise ValueError(f"{field}: sparse CSR needs a 2-D shape, crow and col indices")
-            values = torch.tensor(data, dtype=dtype)
+            values = _as_tensor(data, dtype)
             # check_invariants: indices out of range must be an error here, not memory corruption later
             return torch.sparse_csr_tensor(
-                torch.tensor(crow), torch.tensor(col), values, size=tuple(shape), check_invariants=True
+                _as_tensor(crow), _as_tensor(col), values, size=shape, check_invariants=True
             ).to_dense()
-        t = torch.tensor(data, dtype=dtype)
+        t = _as_tensor(data, dtype)
         return t.reshape(shape) if shape is not None else t
-    except (RuntimeError, TypeError, IndexError) as exc:
+    except (RuntimeError, TypeError, IndexError, OverflowError) as exc:
         raise ValueError(f"{field}: malformed tensor ({exc})") from None
 
 
-def tokens(model_input: Any, field: str) -> list[int]:
-    """ModelInput `{chunks: [...]}` to token ids; only text chunks reach a text-only base model."""
+def tokens(model_input: Any, field: str) -> np.ndarray:
+    """ModelInput `{chunks: [...]}` to int64 token ids; only text chunks reach a text-only base model."""
     if not isinstance(model_input, dict) or not isinstance(model_input.get("chunks"), list):
         raise ValueError(f"{field}: expected a ModelInput with a 'chunks' list")
-    out: list[int] = []
+    parts: list[np.ndarray] = []
     for i, chunk in enumerate(model_input["chunks"]):
         kind = chunk.get("type", "encoded_text") if isinstance(chunk, dict) else None
         if kind != "encoded_text":
@@ -58,22 +82,29 @@ def tokens(model_input: Any, field: str) -> list[int]:
                 f"{field}.chunks[{i}]: {kind!r} chunks are not supported by this text-only base model"
             )
         ids = chunk.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        if isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            try:
+                ids = np.array(ids, dtype=np.int64)
+            except OverflowError:
+                raise ValueError(f"{field}.chunks[{i}].tokens: token id out of range") from None
+        if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
             raise ValueError(f"{field}.chunks[{i}].tokens: expected a list of integers")
-        out.extend(ids)
-    return out
+        parts.append(ids.astype(np.int64, copy=False).ravel())
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def datum(value: Any, index: int) -> Datum:
+def datum(value: Any, index: int, max_elements: int) -> Datum:
     field = f"data[{index}]"
     if not isinstance(value, dict):
         raise ValueError(f"{field}: expected a Datum object")
     ids = tokens(value.get("model_input"), f"{field}.model_input")
+    if len(ids) > max_elements:
+        raise ValueError(f"{field}.model_input: {len(ids)} tokens, more than the {max_elements} allowed")
     raw_inputs = value.get("loss_fn_inputs") or {}
     if not isinstance(raw_inputs, dict):
         raise ValueError(f"{field}.loss_fn_inputs: expected an object")
     inputs = {}
     for name, raw in raw_inputs.items():
-        t = tensor(raw, f"{field}.loss_fn_inputs.{name}")
+        t = tensor(raw, f"{field}.loss_fn_inputs.{name}", max_elements)
         inputs[name] = t.long() if name == "target_tokens" else t.float()
-    return Datum(torch.tensor(ids, dtype=torch.long), inputs)
+    return Datum(torch.from_numpy(ids), inputs)

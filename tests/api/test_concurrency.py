@@ -145,8 +145,8 @@ def test_a_flooding_client_does_not_starve_another(client: TinkerHTTP, server: L
     for rid in flood:
         client.result(rid)
     futures = server.service.futures
-    quiet_done = futures.get(quiet).done_at
-    flood_done = sorted(futures.get(rid).done_at for rid in flood)
+    quiet_done = futures.get(quiet, "local").done_at
+    flood_done = sorted(futures.get(rid, "local").done_at for rid in flood)
     ahead = sum(t <= quiet_done for t in flood_done)
     assert quiet_done < flood_done[-1], "the quiet client waited for the whole flood"
     assert ahead <= per_round, f"{ahead} flood requests ran before the quiet client's one (fair share)"

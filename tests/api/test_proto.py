@@ -136,9 +136,24 @@ print(json.dumps(cases))
 """
 
 
+def _plain(value: Any) -> Any:
+    """numpy arrays (what the decoder hands the service) as lists, to compare with JSON shapes."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def decode(body: bytes, max_elements: int = 2**24) -> dict[str, Any]:
+    return _plain(proto.decode_forward_backward_request(body, max_elements))
+
+
 def _check_requests(cases: list[dict[str, Any]]) -> None:
     for i, c in enumerate(cases):
-        got = proto.decode_forward_backward_request(base64.b64decode(c["b64"]))
+        got = decode(base64.b64decode(c["b64"]))
         assert got == c["expected"], f"case {i}"
 
 
@@ -149,7 +164,7 @@ def test_sdk_requests_decode(env: str) -> None:
     cases = run_sdk_json(env, SDK_REQUEST_HELPERS + SDK_FIXED_REQUESTS)
     assert len(cases) == (4 if env == "tinker-0.38" else 3)
     _check_requests(cases)
-    decoded = proto.decode_forward_backward_request(base64.b64decode(cases[0]["b64"]))
+    decoded = decode(base64.b64decode(cases[0]["b64"]))
     weights = decoded["data"][1]["loss_fn_inputs"]["weights"]
     assert weights["shape"] == [3, 4]
     assert weights["data"] == [0, 0, 1.0, 0, 0, 0, 0, 0, 0.5, 0, 0, 0.25]
@@ -196,7 +211,7 @@ msg.DiscardUnknownFields()
 print(json.dumps(base64.b64encode(msg.SerializeToString()).decode()))
 """
     reserialized = base64.b64decode(run_sdk_json("tinker-0.38", script))
-    assert proto.decode_forward_backward_request(reserialized) == request
+    assert decode(reserialized) == request
 
 
 # --------------------------------------------------------------------------------------------------
@@ -476,7 +491,7 @@ def test_unknown_fields_of_every_wire_type_are_skipped_at_every_level() -> None:
     datum.message(3, _w().message(1, _w().string(1, "seq").varint(3, 2)))  # a provenance span
     body = u(_w()).string(1, "m").varint(2, 4).message(3, datum).string(4, "cross_entropy")
     body.message(7, u(_w().string(1, "x")).message(2, u(_w().string(2, "y"))))
-    assert proto.decode_forward_backward_request(u(body).getvalue()) == {
+    assert decode(u(body).getvalue()) == {
         "model_id": "m",
         "seq_id": 4,
         "data": [
@@ -499,7 +514,7 @@ def test_narrow_dtypes_widen_and_unpacked_shapes_are_read() -> None:
     datum = (
         _w().message(2, _w().string(1, "a").message(2, int32)).message(2, _w().string(1, "b").message(2, bf))
     )
-    inputs = proto.decode_forward_backward_request(_w().message(3, datum).getvalue())["data"][0][
+    inputs = decode(_w().message(3, datum).getvalue())["data"][0][
         "loss_fn_inputs"
     ]
     assert inputs["a"] == {"data": [-1, 5], "dtype": "int64", "shape": [2]}
@@ -537,7 +552,7 @@ def test_narrow_dtypes_widen_and_unpacked_shapes_are_read() -> None:
 )
 def test_malformed_bodies_raise_decode_errors(body: bytes) -> None:
     with pytest.raises(proto.ProtoDecodeError):
-        proto.decode_forward_backward_request(body)
+        decode(body)
 
 
 def test_encoder_refuses_what_the_sdk_would_choke_on() -> None:

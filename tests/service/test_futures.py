@@ -11,32 +11,32 @@ from mintd.service.futures import FutureStore, RequestError
 
 def test_create_is_idempotent_by_key() -> None:
     store = FutureStore(retention_s=60)
-    first, created = store.create("ForwardBackward", ("run", "m", 1))
-    again, created_again = store.create("ForwardBackward", ("run", "m", 1))
-    other, created_other = store.create("ForwardBackward", ("run", "m", 2))
+    first, created = store.create("ForwardBackward", "alice", ("run", "m", 1))
+    again, created_again = store.create("ForwardBackward", "alice", ("run", "m", 1))
+    other, created_other = store.create("ForwardBackward", "alice", ("run", "m", 2))
     assert created and not created_again and created_other
     assert again is first and again.request_id == first.request_id
     assert other.request_id != first.request_id
-    assert store.get(first.request_id) is first
+    assert store.get(first.request_id, "alice") is first
 
 
 def test_create_without_key_is_always_new() -> None:
     store = FutureStore(retention_s=60)
-    ids = {store.create("Call")[0].request_id for _ in range(5)}
+    ids = {store.create("Call", "alice")[0].request_id for _ in range(5)}
     assert len(ids) == 5
 
 
 def test_duplicate_key_after_resolve_still_gets_the_first_result() -> None:
     store = FutureStore(retention_s=60)
-    fut, _ = store.create("OptimStep", ("run", "m", 3))
+    fut, _ = store.create("OptimStep", "alice", ("run", "m", 3))
     store.resolve(fut, {"metrics": {"grad_norm": 1.0}})
-    again, created = store.create("OptimStep", ("run", "m", 3))
+    again, created = store.create("OptimStep", "alice", ("run", "m", 3))
     assert not created and again is fut and again.result == {"metrics": {"grad_norm": 1.0}}
 
 
 def test_wait_wakes_on_resolve_from_another_thread() -> None:
     store = FutureStore(retention_s=60)
-    fut, _ = store.create("Sample")
+    fut, _ = store.create("Sample", "alice")
     timer = threading.Timer(0.2, store.resolve, args=(fut, {"ok": True}))
 
     async def poll() -> tuple[bool, float]:
@@ -52,7 +52,7 @@ def test_wait_wakes_on_resolve_from_another_thread() -> None:
 
 def test_wait_wakes_every_waiter() -> None:
     store = FutureStore(retention_s=60)
-    fut, _ = store.create("Sample")
+    fut, _ = store.create("Sample", "alice")
 
     async def polls() -> list[bool]:
         waiters = [asyncio.create_task(store.wait(fut, timeout=10.0)) for _ in range(4)]
@@ -65,7 +65,7 @@ def test_wait_wakes_every_waiter() -> None:
 
 def test_wait_on_a_done_future_returns_at_once() -> None:
     store = FutureStore(retention_s=60)
-    fut, _ = store.create("Call")
+    fut, _ = store.create("Call", "alice")
     store.resolve(fut, error=RequestError("bad input", "user"))
     started = time.monotonic()
     assert asyncio.run(store.wait(fut, timeout=10.0))
@@ -75,7 +75,7 @@ def test_wait_on_a_done_future_returns_at_once() -> None:
 
 def test_wait_times_out_and_leaves_no_waiter_behind() -> None:
     store = FutureStore(retention_s=60)
-    fut, _ = store.create("Call")
+    fut, _ = store.create("Call", "alice")
     for _ in range(3):  # each try_again poll of a pending future
         assert asyncio.run(store.wait(fut, timeout=0.05)) is False
     assert fut._waiters == []
@@ -85,14 +85,36 @@ def test_wait_times_out_and_leaves_no_waiter_behind() -> None:
 
 def test_completed_futures_expire_after_retention() -> None:
     store = FutureStore(retention_s=0.2)
-    done, _ = store.create("OptimStep", ("run", "m", 1))
-    pending, _ = store.create("OptimStep", ("run", "m", 2))
+    done, _ = store.create("OptimStep", "alice", ("run", "m", 1))
+    pending, _ = store.create("OptimStep", "alice", ("run", "m", 2))
     store.resolve(done, {"ok": True})
-    assert store.get(done.request_id) is done
+    assert store.get(done.request_id, "alice") is done
     time.sleep(0.35)
-    assert store.get(done.request_id) is None
-    assert store.get(pending.request_id) is pending, "a future still running must never expire"
-    fresh, created = store.create("OptimStep", ("run", "m", 1))
+    assert store.get(done.request_id, "alice") is None
+    assert store.get(pending.request_id, "alice") is pending, "a future still running must never expire"
+    fresh, created = store.create("OptimStep", "alice", ("run", "m", 1))
     assert created and fresh.request_id != done.request_id
-    again, created = store.create("OptimStep", ("run", "m", 2))
+    again, created = store.create("OptimStep", "alice", ("run", "m", 2))
     assert not created and again is pending
+
+
+def test_ids_are_unguessable_and_owned() -> None:
+    store = FutureStore(retention_s=60)
+    fut, _ = store.create("Sample", "alice", session_id="s-1")
+    ids = {store.create("Sample", "alice")[0].request_id for _ in range(100)} | {fut.request_id}
+    assert len(ids) == 101 and all(len(i) >= len("req-") + 22 for i in ids)  # 128 random bits each
+    assert store.get(fut.request_id, "bob") is None, "another owner's future must look unknown"
+    assert store.get(fut.request_id, "alice") is fut
+
+
+def test_busy_sessions_track_unfinished_work() -> None:
+    store = FutureStore(retention_s=60)
+    a1, _ = store.create("Sample", "alice", session_id="s-a")
+    a2, _ = store.create("Sample", "alice", session_id="s-a")
+    store.create("Call", "bob")  # no session: never counted
+    assert store.busy_sessions() == {"s-a"}
+    store.resolve(a1, "x")
+    store.resolve(a1, "again")  # resolving twice must not count twice
+    assert store.busy_sessions() == {"s-a"}
+    store.resolve(a2, "y")
+    assert store.busy_sessions() == set()

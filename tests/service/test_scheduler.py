@@ -49,7 +49,7 @@ def wait_done(fut: Future, timeout: float = 10.0) -> Future:
 def submit(
     worker: EngineWorker, futures: FutureStore, model_id: str, seq_id: int, op: TrainOp | CallOp
 ) -> Future:
-    fut, _ = futures.create(type(op).__name__, ("run", model_id, seq_id))
+    fut, _ = futures.create(type(op).__name__, "local", ("run", model_id, seq_id))
     worker.submit_run_op(model_id, seq_id, fut, op)
     return fut
 
@@ -153,21 +153,21 @@ def test_duplicate_seq_id_is_rejected(worker: EngineWorker, futures: FutureStore
     worker.add_run("m")
     log: list[Any] = []
     waiting = submit(worker, futures, "m", 2, record(log, "first 2"))
-    dup_fut, _ = futures.create("CallOp")  # a second submission of seq 2 while the first still waits
+    dup_fut, _ = futures.create("CallOp", "local")  # a second submission of seq 2 while the first still waits
     worker.submit_run_op("m", 2, dup_fut, record(log, "second 2"))
     wait_done(dup_fut, timeout=1.0)
     assert dup_fut.error is not None and "seq_id 2 was already used" in str(dup_fut.error)
     assert not waiting.done
     assert wait_done(submit(worker, futures, "m", 1, record(log, 1))).error is None
     assert wait_done(waiting).error is None
-    replay, _ = futures.create("CallOp")  # and once it has run
+    replay, _ = futures.create("CallOp", "local")  # and once it has run
     worker.submit_run_op("m", 1, replay, record(log, "second 1"))
     assert "seq_id 1 was already used" in str(wait_done(replay, timeout=1.0).error)
     assert log == [1, "first 2"]
 
 
 def test_unknown_run_is_an_error(worker: EngineWorker, futures: FutureStore) -> None:
-    fut, _ = futures.create("CallOp")
+    fut, _ = futures.create("CallOp", "local")
     worker.submit_run_op("nobody", 1, fut, record([], 1))
     assert "unknown model_id nobody" in str(wait_done(fut, timeout=1.0).error)
 

@@ -1,0 +1,238 @@
+"""Who holds what: sessions and the training runs and samplers made in them, bound to their owner.
+
+Every lookup takes the caller's owner; another owner's object is NotFound, worded like a missing one.
+Session ids carry 128 random bits, and run and sampler ids start with their session's id, so none can
+be guessed. Each owner may hold a bounded number of live sessions, runs and samplers (`QuotaExceeded`).
+
+A session ends when its client finishes it or stops showing signs of life (no heartbeat and no request
+for `session_idle_timeout_s`). The service then frees what the session held in memory and the registry
+keeps a tombstone, so its ids answer `Gone` (HTTP 410, which also stops the SDK's heartbeat loop)
+rather than a puzzling 404. Saved checkpoints are catalog revisions and are not affected.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from mintd.catalog import Revision
+from mintd.engine.adapters import BASE_SLOT, LoraSpec
+from mintd.service.errors import Gone, NotFound, QuotaExceeded
+
+TOMBSTONES = 100_000  # ended sessions remembered for a clear 410; beyond this the oldest answer 404
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str
+    tags: list[str]
+    user_metadata: dict[str, Any]
+    created_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)  # heartbeat or any request naming it
+    finished: str | None = None
+    run_ids: list[str] = field(default_factory=list)
+    sampler_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    model_id: str
+    session_id: str
+    owner: str
+    base_model: str
+    spec: LoraSpec
+    user_metadata: dict[str, Any]
+    adapter: str  # the catalog adapter its saves become revisions of
+    slot: int = BASE_SLOT
+    ephemeral: OrderedDict[str, int] = field(default_factory=OrderedDict)  # sampler id -> snapshot slot
+    last_request_time: float = field(default_factory=time.time)
+    # provenance, kept current by the ops as the worker runs them (so a save sees exactly its past)
+    step: int = 0
+    loss_fn: str | None = None
+    optimizer: dict[str, Any] | None = None
+    parent: str | None = None  # ref of the revision this adapter last came from (saved or loaded)
+
+    def continue_from(self, rev: Revision) -> None:
+        p = rev.provenance
+        self.step, self.loss_fn, self.optimizer, self.parent = p.step or 0, p.loss_fn, p.optimizer, rev.ref
+
+
+@dataclass
+class Sampler:
+    id: str
+    owner: str
+    session_id: str
+    base_model: str
+    model_path: str | None
+    slot: int | None  # None until the first sample loads the checkpoint (a scheduled cold load)
+    revision: Revision | None = None  # what model_path resolved to when the sampler was made
+    ephemeral: bool = False  # a training run's snapshot: the run owns (and frees) its slot
+
+    @property
+    def owns_slot(self) -> bool:
+        return self.revision is not None and self.slot not in (None, BASE_SLOT)
+
+
+@dataclass(frozen=True)
+class Quotas:
+    sessions: int
+    runs: int
+    samplers: int
+
+
+@dataclass
+class Ended:
+    session: Session
+    runs: list[Run]
+    samplers: list[Sampler]
+
+
+class Registry:
+    def __init__(self, quotas: Quotas) -> None:
+        self.quotas = quotas
+        self._lock = threading.RLock()
+        self._sessions: dict[str, Session] = {}
+        self._runs: dict[str, Run] = {}
+        self._samplers: dict[str, Sampler] = {}
+        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # session id -> (owner, why)
+
+    # sessions -----------------------------------------------------------------------------------
+
+    def create_session(self, owner: str, tags: list[str], user_metadata: dict[str, Any]) -> Session:
+        with self._lock:
+            live = sum(1 for s in self._sessions.values() if s.owner == owner)
+            if live >= self.quotas.sessions:
+                raise QuotaExceeded(
+                    f"session: {owner} already holds {live} live sessions, the most allowed; finish some "
+                    "(ServiceClient.close) or wait for idle ones to be closed"
+                )
+            session = Session(f"s-{secrets.token_hex(16)}", owner, tags, user_metadata)
+            self._sessions[session.id] = session
+            return session
+
+    def session(self, session_id: str, owner: str, live: bool = False) -> Session:
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None or s.owner != owner:
+                self._raise_missing(session_id, owner, f"session {session_id}")
+            s.last_seen = time.monotonic()
+        if live and s.finished:
+            raise ValueError(f"session_id: session {session_id} is finished ({s.finished})")
+        return s
+
+    def touch(self, session_id: str | None) -> None:
+        with self._lock:
+            s = self._sessions.get(session_id or "")
+            if s is not None:
+                s.last_seen = time.monotonic()
+
+    def owner_sessions(self, owner: str) -> list[Session]:
+        with self._lock:
+            return [s for s in self._sessions.values() if s.owner == owner]
+
+    # runs and samplers --------------------------------------------------------------------------
+
+    def run(self, model_id: str, owner: str) -> Run:
+        with self._lock:
+            r = self._runs.get(model_id)
+            if r is None or r.owner != owner:
+                self._raise_missing(model_id, owner, f"model_id: training run {model_id}")
+            self.touch(r.session_id)
+            return r
+
+    def live_run(self, model_id: str) -> Run | None:
+        with self._lock:
+            return self._runs.get(model_id)
+
+    def sampler(self, sampler_id: str, owner: str) -> Sampler:
+        with self._lock:
+            s = self._samplers.get(sampler_id)
+            if s is None or s.owner != owner:
+                self._raise_missing(sampler_id, owner, f"sampling_session_id: sampler {sampler_id}")
+            self.touch(s.session_id)
+            return s
+
+    def check_run_quota(self, owner: str) -> None:
+        with self._lock:
+            held = sum(1 for r in self._runs.values() if r.owner == owner)
+        if held >= self.quotas.runs:
+            raise QuotaExceeded(
+                f"model: {owner} already holds {held} live training runs, the most allowed; unload some "
+                "(unload_model) or finish their sessions"
+            )
+
+    def add_run(self, run: Run) -> None:
+        with self._lock:
+            self._runs[run.model_id] = run
+            self._sessions[run.session_id].run_ids.append(run.model_id)
+
+    def remove_run(self, run: Run) -> list[str]:
+        """Forget a run and its snapshot samplers; their ids."""
+        with self._lock:
+            self._runs.pop(run.model_id, None)
+            for sampler_id in run.ephemeral:
+                self._samplers.pop(sampler_id, None)
+            return list(run.ephemeral)
+
+    def add_sampler(self, sampler: Sampler) -> Sampler:
+        """Register `sampler`, or return the one already made under its id (a retried request)."""
+        with self._lock:
+            existing = self._samplers.get(sampler.id)
+            if existing is not None:
+                return existing
+            if not sampler.ephemeral:
+                held = sum(1 for s in self._samplers.values() if s.owner == sampler.owner and not s.ephemeral)
+                if held >= self.quotas.samplers:
+                    raise QuotaExceeded(
+                        f"sampling_session: {sampler.owner} already holds {held} live samplers, the most "
+                        "allowed; finish sessions that no longer sample"
+                    )
+            self._samplers[sampler.id] = sampler
+            self._sessions[sampler.session_id].sampler_ids.append(sampler.id)
+            return sampler
+
+    def drop_sampler(self, sampler_id: str) -> None:
+        with self._lock:
+            self._samplers.pop(sampler_id, None)
+
+    # ending sessions ----------------------------------------------------------------------------
+
+    def due(self, idle_timeout_s: float, busy: set[str]) -> list[tuple[Session, str]]:
+        """Sessions to end now, with why: finished, or idle past the timeout (never with work in flight)."""
+        cutoff = time.monotonic() - idle_timeout_s
+        with self._lock:
+            return [
+                (s, f"finished ({s.finished})" if s.finished else f"idle for more than {idle_timeout_s:g}s")
+                for s in self._sessions.values()
+                if s.id not in busy and (s.finished or s.last_seen < cutoff)
+            ]
+
+    def end(self, session: Session, why: str) -> Ended:
+        """Forget `session` and everything made in it (lookups answer Gone from now on); what it held,
+        for the caller to free."""
+        with self._lock:
+            self._sessions.pop(session.id, None)
+            runs = [r for rid in session.run_ids if (r := self._runs.pop(rid, None)) is not None]
+            samplers = [s for sid in session.sampler_ids if (s := self._samplers.pop(sid, None)) is not None]
+            for run in runs:  # snapshots of these runs taken from other sessions' clients go too
+                for sampler_id in run.ephemeral:
+                    self._samplers.pop(sampler_id, None)
+            self._ended[session.id] = (session.owner, why)
+            while len(self._ended) > TOMBSTONES:
+                self._ended.popitem(last=False)
+        return Ended(session, runs, samplers)
+
+    def _raise_missing(self, object_id: str, owner: str, what: str) -> None:
+        session_id = object_id.split(":", 1)[0]
+        ended = self._ended.get(session_id)
+        if ended is not None and ended[0] == owner:
+            raise Gone(
+                f"{what} is gone: its session {session_id} was closed ({ended[1]}); unsaved training state "
+                "was discarded, saved checkpoints remain. Create a new client to continue"
+            )
+        raise NotFound(f"{what} not found")
