@@ -230,7 +230,7 @@ def _decode(
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
+                cache=cache,
                 logits_to_keep=1,
             )
             .logits[:, -1]
@@ -263,7 +263,7 @@ def _decode(
                     input_ids=tokens.unsqueeze(-1),
                     attention_mask=mask,
                     position_ids=positions,
-                    past_key_values=cache,
+                    cache=cache,
                 )
                 .logits[:, -1]
                 .float()
