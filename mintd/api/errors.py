@@ -3,13 +3,12 @@
 Every error body is `{"detail": "<one line>"}`. ValueError and pydantic errors are the client's
 (400/422, naming the field); unknown or foreign objects are 404 (worded alike, so existence does not
 leak); closed sessions' objects 410; bad credentials 401; quotas 429. Anything else is logged with its
-traceback under the request's id and answered 500 with that id: no stack trace or server path ever
-reaches a client.
+traceback under the request's id and answered 500 with that id (by `guard.RequestGuard`): no stack
+trace or server path ever reaches a client.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,11 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from mintd.api.auth import Unauthorized
-from mintd.api.guard import REQUEST_ID_HEADER, request_id
 from mintd.catalog.errors import CatalogNotFound
 from mintd.service.errors import Gone, NotFound, QuotaExceeded
-
-log = logging.getLogger(__name__)
 
 
 class ErrorBody(BaseModel):
@@ -85,10 +81,3 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Unauthorized)
     async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
         return _error(401, str(exc), **{"WWW-Authenticate": 'Bearer error="invalid_token"'})
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        rid = request_id(request.scope)
-        log.error("request %s: unhandled error on %s", rid, request.url.path, exc_info=exc)
-        detail = f"internal error ({type(exc).__name__}); quote request id {rid} to the operator"
-        return _error(500, detail, **{REQUEST_ID_HEADER: rid})

@@ -1,14 +1,18 @@
-"""The outermost layer of every request: a request id, a body-size cap and a JSON-depth cap.
+"""The outermost layer of every request: a request id, a body-size cap, a JSON-depth cap, and the
+last word on server faults.
 
 Both caps act before any route parses anything, so a hostile body costs at most `max_body_bytes` of
 memory for as long as it takes to refuse it. A declared `Content-Length` beyond the cap is refused
 without reading the body; a chunked body is read until it passes the cap. Routes that take uploads
-(PEFT archive import) get `max_upload_bytes` instead.
+(PEFT archive import) get `max_upload_bytes` instead. An exception no route handled is logged with
+the request id and answered 500 naming only that id: no stack trace or server path reaches a client,
+and the connection stays healthy (nothing is re-raised into the HTTP server).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 from typing import Any
@@ -18,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mintd.config import ServeSettings
 
+log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 _UPLOAD_ROUTE = re.compile(r"^/api/v1/catalog/adapters/[^/]+/import$")
 # A JSON string, escapes included (the unrolled form: linear time, no backtracking).
@@ -36,10 +41,6 @@ def json_depth(body: bytes) -> int:
     return int(np.cumsum(_DEPTH_STEP[np.frombuffer(brackets, np.uint8)], dtype=np.int64).max())
 
 
-def request_id(scope: Scope) -> str:
-    return scope.get("state", {}).get("request_id", "-")
-
-
 class RequestGuard:
     """ASGI middleware: tags each request with an id (echoed as X-Request-Id) and enforces the caps."""
 
@@ -52,13 +53,24 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         rid = secrets.token_hex(8)
-        scope.setdefault("state", {})["request_id"] = rid
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", []).append((REQUEST_ID_HEADER.encode(), rid.encode()))
             await send(message)
 
+        try:
+            await self._guarded(scope, receive, send_with_id)
+        except Exception as exc:  # noqa: BLE001 - the one place a fault becomes a 500
+            log.error("request %s: unhandled error on %s", rid, scope.get("path"), exc_info=exc)
+            if not started:
+                detail = f"internal error ({type(exc).__name__}); quote request id {rid} to the operator"
+                await _refuse(send_with_id, 500, detail)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send_with_id: Send) -> None:
         upload = bool(_UPLOAD_ROUTE.match(scope["path"]))
         cap = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
         headers = dict(scope.get("headers") or [])

@@ -249,6 +249,21 @@ def decode_forward_backward_request(body: bytes, max_elements: int) -> dict[str,
     return out
 
 
+def run_and_seq(body: bytes) -> tuple[str, int] | None:
+    """`(model_id, seq_id)` of a ForwardBackwardRequest that failed to decode, when those two fields
+    are readable, so that its refusal can still take the run's seq_id (the run must not stall)."""
+    model_id, seq_id = None, None
+    try:
+        for f, wt, v in iter_fields(body):
+            if f == 1:
+                model_id = _text(f, wt, v)
+            elif f == 2:
+                seq_id = _int(f, wt, v)
+    except ProtoDecodeError:
+        pass
+    return None if model_id is None or seq_id is None else (model_id, seq_id)
+
+
 def _decode_datum(data: memoryview, max_elements: int) -> dict[str, Any]:
     chunks: list[dict[str, Any]] = []
     inputs: dict[str, dict[str, Any]] = {}

@@ -226,24 +226,31 @@ def _fwd_bwd(fields: dict[str, Any], forward_only: bool, who: str, svc: TinkerSe
     return _future(fut, model_id=fields["model_id"])
 
 
-async def _fwd_bwd_fields(request: Request, key: str) -> tuple[dict[str, Any], bool]:
+async def _fwd_bwd_fields(
+    request: Request, key: str, who: str, svc: TinkerService
+) -> tuple[dict[str, Any], bool]:
     """Both body encodings to one dict: 0.38 protobuf, or 0.22 JSON under `key`."""
     if "application/x-protobuf" in request.headers.get("content-type", ""):
         if request.headers.get("content-encoding", "identity") not in ("identity", ""):
             raise ValueError("content-encoding: compressed protobuf bodies are not enabled on this server")
-        max_elements = request.app.state.settings.max_tensor_elements
-        fields = proto.decode_forward_backward_request(await request.body(), max_elements)
+        body = await request.body()
+        try:
+            fields = proto.decode_forward_backward_request(body, svc.settings.max_tensor_elements)
+        except proto.ProtoDecodeError as exc:
+            if (named := proto.run_and_seq(body)) is not None:
+                svc.refuse(who, *named, exc)
+            raise
         FwdBwdJson.model_validate({"model_id": fields["model_id"], "seq_id": fields["seq_id"]})
         return fields, bool(fields.get("forward_only"))
     try:
         payload_json = await request.json()
     except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ValueError("body: not valid JSON") from None
-    body = FwdBwdJson.model_validate(payload_json)
-    payload = getattr(body, key) or body.forward_backward_input or body.forward_input
+    parsed = FwdBwdJson.model_validate(payload_json)
+    payload = getattr(parsed, key) or parsed.forward_backward_input or parsed.forward_input
     if payload is None:
         raise ValueError(f"{key}: missing")
-    fields = {"model_id": body.model_id, "seq_id": body.seq_id, **payload.model_dump()}
+    fields = {"model_id": parsed.model_id, "seq_id": parsed.seq_id, **payload.model_dump()}
     return fields, key == "forward_input"
 
 
@@ -251,13 +258,13 @@ async def _fwd_bwd_fields(request: Request, key: str) -> tuple[dict[str, Any], b
 async def forward_backward(
     request: Request, who: str = Depends(owner), svc: TinkerService = Depends(service)
 ):
-    fields, forward_only = await _fwd_bwd_fields(request, "forward_backward_input")
+    fields, forward_only = await _fwd_bwd_fields(request, "forward_backward_input", who, svc)
     return _fwd_bwd(fields, forward_only, who, svc)
 
 
 @router.post("/forward", openapi_extra=_FWD_BWD_BODY)
 async def forward(request: Request, who: str = Depends(owner), svc: TinkerService = Depends(service)):
-    fields, _ = await _fwd_bwd_fields(request, "forward_input")
+    fields, _ = await _fwd_bwd_fields(request, "forward_input", who, svc)
     return _fwd_bwd(fields, True, who, svc)
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+# What `create_model` makes (`<session id>:train:<n>`); nothing else may name a file here.
+_RUN_ID = re.compile(r"s-[0-9a-f]{16,64}:train:[0-9]{1,19}")
 
 
 class RunRecords:
@@ -19,6 +23,8 @@ class RunRecords:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _file(self, run_id: str) -> Path:
+        if not _RUN_ID.fullmatch(run_id):
+            raise ValueError(f"training run id {run_id[:80]!r} is not one this server makes")
         return self.root / f"{run_id}.json"
 
     def write(self, run_id: str, record: dict[str, Any]) -> None:
@@ -30,7 +36,7 @@ class RunRecords:
         tmp.replace(self._file(run_id))
 
     def read(self, run_id: str) -> dict[str, Any] | None:
-        if "/" in run_id or run_id.startswith("."):
+        if not _RUN_ID.fullmatch(run_id):
             return None
         path = self._file(run_id)
         return json.loads(path.read_text()) if path.is_file() else None

@@ -268,6 +268,15 @@ class TinkerService:
         worker.submit_run_op(model_id, seq_id, fut, op)
         return fut
 
+    def refuse(self, owner: str, model_id: str, seq_id: int, error: ValueError) -> None:
+        """A run op refused before it could be read (an undecodable body) still takes its seq_id, so the
+        run goes on; raises `error` (or NotFound for a run the caller does not have)."""
+
+        def refused(_run: Run) -> TrainOp:
+            raise error
+
+        self._run_op(owner, model_id, seq_id, "ForwardBackward", refused)
+
     def forward_backward(
         self,
         owner: str,

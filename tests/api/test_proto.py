@@ -514,9 +514,7 @@ def test_narrow_dtypes_widen_and_unpacked_shapes_are_read() -> None:
     datum = (
         _w().message(2, _w().string(1, "a").message(2, int32)).message(2, _w().string(1, "b").message(2, bf))
     )
-    inputs = decode(_w().message(3, datum).getvalue())["data"][0][
-        "loss_fn_inputs"
-    ]
+    inputs = decode(_w().message(3, datum).getvalue())["data"][0]["loss_fn_inputs"]
     assert inputs["a"] == {"data": [-1, 5], "dtype": "int64", "shape": [2]}
     assert inputs["b"] == {"data": [1.5, -2.0, 0.0], "dtype": "float32", "shape": [3]}
 

@@ -21,7 +21,7 @@ from tests.api.http import ADAM, TinkerHTTP, batch, datum
 
 VOCAB = 1024  # the tiny test model's
 CONTEXT = 4096
-CLIENT_ERRORS = {400, 401, 404, 422}
+CLIENT_ERRORS = {400, 401, 404, 410, 413, 422, 429}
 
 
 @pytest.fixture(scope="module")

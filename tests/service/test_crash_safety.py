@@ -7,7 +7,6 @@ import itertools
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,8 +21,8 @@ from mintd.config import CatalogSettings
 from mintd.store.blobs import BlobStore
 from mintd.store.packed import read_packed
 from tests.api.http import TinkerHTTP
+from tests.serve import REPO, free_port, serve
 
-REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 10
 
 
@@ -99,39 +98,10 @@ def test_sigkill_while_saving_and_promoting(tmp_path: Path) -> None:
     assert len(acked_saves) >= ROUNDS  # the kills landed while there was work going on
 
 
-def _serve(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mintd.cli",
-            "serve",
-            "--model",
-            f"tiny={model_dir}",
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(port),
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/v1/healthz").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("mintd serve did not come up")
-
-
 def test_sigkill_of_the_server_during_tinker_saves(qwen3_dir: Path, tmp_path: Path) -> None:
     """The whole service path: the SDK-facing server killed mid-save, restarted on the same data dir."""
-    data_dir, port = tmp_path / "data", _free_port()
-    server = _serve(qwen3_dir, data_dir, port)
+    data_dir, port = tmp_path / "data", free_port()
+    server = serve(qwen3_dir, data_dir, port)
     acked: list[str] = []
     with TinkerHTTP(f"http://127.0.0.1:{port}") as c:
         model_id = c.new_model()
@@ -155,7 +125,7 @@ def test_sigkill_of_the_server_during_tinker_saves(qwen3_dir: Path, tmp_path: Pa
         server.wait(10)
         saver.join(30)
 
-    server = _serve(qwen3_dir, data_dir, port)
+    server = serve(qwen3_dir, data_dir, port)
     try:
         with TinkerHTTP(f"http://127.0.0.1:{port}") as c:
             listed = [
@@ -167,9 +137,3 @@ def test_sigkill_of_the_server_during_tinker_saves(qwen3_dir: Path, tmp_path: Pa
     finally:
         server.kill()
         server.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
