@@ -17,9 +17,10 @@ from mintd.cli_adapters import adapters_app
 app = typer.Typer(
     name="mintd",
     help=(
-        "mintd: many LoRA adapter policies trained and served over a few resident base models.\n\n"
-        "Train adapters through a Tinker-compatible API, serve them through an OpenAI-compatible "
-        "API, and keep them in a catalog, all sharing a small set of base models kept in memory."
+        "mintd: many LoRA adapter policies trained and sampled over a few resident base models.\n\n"
+        "Train and sample adapters through the Tinker API (the official tinker and mint SDKs work "
+        "unmodified against `mintd serve`), and keep every save as an immutable revision in a catalog "
+        "with provenance, evaluations and aliases. Start with `mintd demo`."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -127,9 +128,13 @@ def _parse_models(items: list[str]) -> dict[str, Path]:
 
 @app.command(
     help=(
-        "Serve the Tinker training API for one or more base models.\n\n"
-        "One process: API, control plane, engines and state under --data-dir. Point the official SDK at it "
-        "with tinker.ServiceClient(base_url='http://HOST:PORT') (or TINKER_BASE_URL)."
+        "Serve the Tinker training and sampling API for one or more base models.\n\n"
+        "One process: the Tinker API under /api/v1, signed checkpoint downloads, the catalog REST API "
+        "under /api/v1/catalog, and its OpenAPI schema at /docs. State (catalog.db, adapter blobs, run "
+        "records) lives under --data-dir. Point the official SDK at it with "
+        "tinker.ServiceClient(base_url='http://HOST:PORT') (or TINKER_BASE_URL). Limits and timeouts "
+        "(body size, sessions per owner, idle-session timeout, ...) are set by environment as "
+        "MINTD_<NAME>; the README lists them."
     )
 )
 def serve(
@@ -150,14 +155,22 @@ def serve(
             help="Accepted key, as KEY or OWNER=KEY; repeat for several. None: any key, loopback only."
         ),
     ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The URL clients reach this server at, when a proxy rewrites Host (e.g. "
+            "https://mintd.example.com); checkpoint download links are built from it."
+        ),
+    ] = None,
 ) -> None:
     import uvicorn
 
     from mintd.config import ServeSettings
     from mintd.server import build_app
 
-    settings = ServeSettings(host=host, port=port, data_dir=data_dir)
     try:
+        given = {"public_url": public_url} if public_url else {}
+        settings = ServeSettings(host=host, port=port, data_dir=data_dir, **given)
         models = _parse_models(model)
         app_, _ = build_app(models, settings, api_key or [])
     except ValueError as exc:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -30,11 +31,6 @@ class Goal:
     prompts: list[str]
     demonstration: Callable[[str], str]  # the ideal completion of a prompt (for the SL phase)
     reward: Callable[[str, str], float]  # (prompt, completion) -> [0, 1]
-
-
-def _ready(value):
-    """tinker 0.38 returns futures from client factories (0.22 returned the client itself)."""
-    return value.result() if hasattr(value, "result") and not hasattr(value, "sample") else value
 
 
 def _numbers(text: str) -> list[int]:
@@ -110,7 +106,7 @@ class Policy:
         self.sl_steps, self.rl_steps = sl_steps, rl_steps
         self.client = service_client.create_lora_training_client(  # saves become revisions of goal.name
             base_model="tiny", rank=16, seed=len(goal.name), user_metadata={"adapter_name": goal.name}
-        )
+        ).result()  # tinker 0.38: client factories return futures
         self.eos = tokenizer.eos_token_id
         self.outcome = Outcome()
 
@@ -177,7 +173,7 @@ class Policy:
         adam = self.t.types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
         try:
             self.outcome.reward_before = self.evaluate(
-                _ready(self.client.save_weights_and_get_sampling_client())
+                self.client.save_weights_and_get_sampling_client().result()
             )
             for _ in range(self.sl_steps):
                 batch = [self.supervised_datum(p) for p in self.goal.prompts]
@@ -188,14 +184,14 @@ class Policy:
             self.outcome.checkpoints.append(self.client.save_state("after-sl").result().path)
             rl_adam = self.t.types.AdamParams(learning_rate=5e-3, grad_clip_norm=1.0)
             for step in range(self.rl_steps):
-                data, reward = self.rl_data(_ready(self.client.save_weights_and_get_sampling_client()))
+                data, reward = self.rl_data(self.client.save_weights_and_get_sampling_client().result())
                 if data:
                     self.client.forward_backward(data, "importance_sampling").result()
                     self.client.optim_step(rl_adam).result()
                 self.progress.update(self.task, advance=1, status=f"RL  step {step + 1}  reward {reward:.2f}")
             final = self.client.save_weights_for_sampler("final").result().path
             self.outcome.checkpoints.append(final)
-            self.outcome.reward_after = self.evaluate(_ready(self.client.create_sampling_client(final)))
+            self.outcome.reward_after = self.evaluate(self.client.create_sampling_client(final).result())
             self.progress.update(self.task, status=f"done  reward {self.outcome.reward_after:.2f}")
         except Exception as exc:  # noqa: BLE001 - reported in the table, the other policies go on
             self.outcome.error = f"{type(exc).__name__}: {exc}"
@@ -260,7 +256,26 @@ def run_demo(data_dir: Path, sl_steps: int, rl_steps: int, console: Console) -> 
         change = f"[red]{o.error}" if o.error else f"{o.reward_before:.2f} → [bold green]{o.reward_after:.2f}"
         table.add_row(p.goal.name, change, o.catalog)
     console.print(table)
+    _next_steps(console, model_dir, settings.data_dir)
     return [(p.goal.name, p.outcome) for p in policies]
+
+
+def _next_steps(console: Console, model_dir: Path, server_dir: Path) -> None:
+    """Where the demo left its data, and what to try with it."""
+    console.print(
+        f"\n[bold]Your data[/bold]: the base model is in {model_dir}; the catalog, adapter blobs and run "
+        f"records are in {server_dir} (delete the folder to start over; a rerun continues the adapters)."
+    )
+    console.print("[bold]Try next[/bold] (in a new shell, first: source .venv/bin/activate):")
+    for command, why in (
+        (f"mintd adapters list --data-dir {server_dir}", "every adapter the demo trained"),
+        (f"mintd adapters log counter --data-dir {server_dir}", "one adapter's revisions and provenance"),
+        (
+            f"mintd serve --model tiny={model_dir} --data-dir {server_dir}",
+            "serve them; then sample tinker://adapters/counter:prod with the tinker SDK",
+        ),
+    ):
+        console.print(f"  {escape(command)}\n      [dim]{why}[/dim]", soft_wrap=True)
 
 
 def _gate_and_promote(catalog, policy: Policy) -> str:
