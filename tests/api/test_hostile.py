@@ -37,7 +37,10 @@ class Live:
         self.url, self.service = url, service
 
 
-def _start(qwen3_dir: Path, data_dir: Path, keys: list[str] | None = None, **settings: Any) -> Any:
+TWO_OWNERS = ["alice=tml-a", "bob=tml-b"]
+
+
+def _start(qwen3_dir: Path, data_dir: Path, keys: list[str] | None = TWO_OWNERS, **settings: Any) -> Any:
     app, service = build_app(
         {"tiny": qwen3_dir}, ServeSettings(data_dir=data_dir, long_poll_s=2.0, **settings), keys
     )
@@ -46,7 +49,7 @@ def _start(qwen3_dir: Path, data_dir: Path, keys: list[str] | None = None, **set
 
 @pytest.fixture(scope="module")
 def live(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    thread, service = _start(qwen3_dir, tmp_path_factory.mktemp("hostile"), ["alice=tml-a", "bob=tml-b"])
+    thread, service = _start(qwen3_dir, tmp_path_factory.mktemp("hostile"))
     with thread:
         yield Live(thread.url, service)
     service.close()
@@ -224,13 +227,7 @@ def test_bob_reads_nothing_of_alices_by_guessing_ids(alice: TinkerHTTP, bob: Tin
 
 @pytest.fixture
 def reaping(qwen3_dir: Path, tmp_path: Path) -> Iterator[Live]:
-    thread, service = _start(
-        qwen3_dir,
-        tmp_path / "data",
-        ["alice=tml-a", "bob=tml-b"],
-        session_idle_timeout_s=3.0,
-        reap_interval_s=0.2,
-    )
+    thread, service = _start(qwen3_dir, tmp_path / "data", session_idle_timeout_s=3.0, reap_interval_s=0.2)
     with thread:
         yield Live(thread.url, service)
     service.close()
@@ -311,13 +308,7 @@ def test_finished_sessions_are_closed_once_their_work_is_done(reaping: Live) -> 
 
 
 def test_sessions_per_owner_are_bounded(qwen3_dir: Path, tmp_path: Path) -> None:
-    thread, service = _start(
-        qwen3_dir,
-        tmp_path / "data",
-        ["alice=tml-a", "bob=tml-b"],
-        max_sessions_per_owner=3,
-        reap_interval_s=0.2,
-    )
+    thread, service = _start(qwen3_dir, tmp_path / "data", max_sessions_per_owner=3, reap_interval_s=0.2)
     with (
         thread,
         TinkerHTTP(thread.url, api_key="tml-a") as alice,
@@ -354,7 +345,7 @@ def test_a_server_fault_is_a_500_with_a_request_id_and_no_internals(
 
 def test_links_follow_the_public_url_and_expire(qwen3_dir: Path, tmp_path: Path) -> None:
     public = "https://mintd.example.com/tenant-1"
-    thread, service = _start(qwen3_dir, tmp_path / "data", public_url=public)
+    thread, service = _start(qwen3_dir, tmp_path / "data", None, public_url=public)
     with thread, TinkerHTTP(thread.url) as c:
         model_id = c.new_model()
         c.result(c.ok("save_weights_for_sampler", {"model_id": model_id, "seq_id": 1, "path": "p"}))
