@@ -225,7 +225,10 @@ def decode_forward_backward_request(body: bytes, max_elements: int) -> dict[str,
             out["seq_id"] = _int(f, wt, v)
         elif f == 3:
             _expect(f, wt, _LEN)
-            out["data"].append(_decode_datum(v, max_elements))
+            try:
+                out["data"].append(_decode_datum(v, max_elements))
+            except ProtoDecodeError as e:
+                raise ProtoDecodeError(f"data[{len(out['data'])}].{e}") from None
         elif f == 4:
             out["loss_fn"] = _text(f, wt, v)
         elif f == 5:
