@@ -22,10 +22,12 @@ class Engine:
         self.model_dir = Path(model_dir)
         self.device = pick_device(self.settings.device)
         self.dtype = pick_dtype(self.device, self.settings.dtype)
-        self.model, self.tokenizer = load_base_model(self.model_dir, self.device, self.dtype)
+        self.model, self.tokenizer, self.family = load_base_model(
+            self.model_dir, self.device, self.dtype, self.settings.attn_implementation
+        )
         self.fingerprint = fingerprint(self.model_dir)
         self.ctx = LoraContext()
-        self.slots = AdapterSlots(install_lora(self.model, self.ctx), self.device)
+        self.slots = AdapterSlots(install_lora(self.model, self.ctx, self.family), self.device)
         self._optimizers: dict[int, AdapterOptimizer] = {}
         config = self.model.config
         self.vocab_size = self.model.get_output_embeddings().base.out_features

@@ -230,7 +230,7 @@ def _decode(
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
+                cache=cache,
                 logits_to_keep=1,
             )
             .logits[:, -1]
@@ -251,7 +251,7 @@ def _decode(
             return
         if len(keep) < len(active):
             index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
+            cache.reorder_cache(index)  # every layer kind has it: KV, sliding window, linear-attention state
             batch = batch.select(keep)
             mask, positions, tokens = mask[index], positions[index], tokens[index]
             active = [active[j] for j in keep]
@@ -263,7 +263,7 @@ def _decode(
                     input_ids=tokens.unsqueeze(-1),
                     attention_mask=mask,
                     position_ids=positions,
-                    past_key_values=cache,
+                    cache=cache,
                 )
                 .logits[:, -1]
                 .float()

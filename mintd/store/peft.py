@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mintd.engine.adapters import LoraSpec
-from mintd.engine.lora import LINEAR_KINDS
+from mintd.engine.families import LINEAR_KINDS
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -68,6 +68,27 @@ def _layer_relative(name: str) -> str:
     parts = name.split(".")
     digits = [i for i, p in enumerate(parts) if p.isdigit()]
     return ".".join(parts[digits[-1] + 1 :]) if digits else name
+
+
+def peft_unloadable(model_type: str | None, target_names: list[str]) -> list[str]:
+    """Targets PEFT cannot apply for `model_type` (empty: the export loads into PEFT exactly).
+
+    PEFT (>= 0.18) on transformers 5 rewrites `gate_proj` / `up_proj` / `down_proj` in `target_modules` of
+    the MoE model types whose v4 checkpoints had per-expert linears (DeepSeek-V3, Qwen3-MoE, Qwen3-Next,
+    GLM-4-MoE, ...) into the fused expert parameters, for v4 compatibility. Dense MLPs and shared experts
+    of those models therefore cannot be named: PEFT refuses such a folder (a rank mismatch), it never
+    applies it wrongly."""
+    if not model_type:
+        return []
+    try:  # PEFT's own table of the rewrite; a PEFT without it does not rewrite
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_TARGET_MODULE_MAPPING,
+        )
+    except ImportError:
+        return []
+    renamed = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
+    return [n for n in target_names if not is_expert_target(n) and n.rpartition(".")[2] in renamed]
 
 
 def peft_config(spec: LoraSpec, target_names: list[str]) -> LoraConfig:
