@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mintd.config import EngineSettings
 from mintd.engine import sampling, train
 from mintd.engine.adapters import BASE_SLOT, AdapterSlots, LoraSpec
+from mintd.engine.families import classify, display_name
 from mintd.engine.lora import LoraContext, install_lora
 from mintd.engine.model import fingerprint, load_base_model, pick_device, pick_dtype
 from mintd.engine.optim import AdamParams, AdapterOptimizer
@@ -27,7 +29,8 @@ class Engine:
         )
         self.fingerprint = fingerprint(self.model_dir)
         self.ctx = LoraContext()
-        self.slots = AdapterSlots(install_lora(self.model, self.ctx, self.family), self.device)
+        self.weights = classify(self.model, self.family)  # before wrapping: the model's own layers
+        self.slots = AdapterSlots(install_lora(self.model, self.ctx, self.weights), self.device)
         self._optimizers: dict[int, AdapterOptimizer] = {}
         config = self.model.config
         self.vocab_size = self.model.get_output_embeddings().base.out_features
@@ -38,6 +41,27 @@ class Engine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+
+    # what LoRA adapts ---------------------------------------------------------------------------
+
+    def coverage(self) -> dict[str, Any]:
+        """The family contract as applied to this model: adapted names per switch, excluded ones by rule."""
+        out: dict[str, Any] = {
+            "family": self.family.label,
+            "attn_implementation": self.model.config._attn_implementation,
+        }
+        for kind in ("attn", "mlp", "unembed"):
+            out[kind] = sorted({display_name(f.module, f.param) for f in self.weights if f.kind == kind})
+        out["excluded"] = {display_name(f.module, f.param): f.rule for f in self.weights if f.kind is None}
+        return out
+
+    def adapted(self, spec: LoraSpec) -> dict[str, list[str]]:
+        """What an adapter of `spec` adapts here, per switch (recorded in every revision's provenance)."""
+        out: dict[str, list[str]] = {}
+        for t in self.slots.targets_for(spec):
+            module, _, param = t.name.rpartition(".") if t.num_experts else (t.name, "", "weight")
+            out.setdefault(t.kind, []).append(display_name(module, param))
+        return {kind: sorted(set(names)) for kind, names in sorted(out.items())}
 
     # adapters -----------------------------------------------------------------------------------
 

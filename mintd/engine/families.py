@@ -139,6 +139,12 @@ class Found:
     rule: str | None = None  # why it is excluded
 
 
+def display_name(module: str, param: str) -> str:
+    """How reports name a weight: the module leaf (`q_a_proj`), or `experts.<param>` for fused experts."""
+    leaf = module.rpartition(".")[2]
+    return leaf if param == "weight" else f"{leaf}.{param}"
+
+
 def classify(model: nn.Module, family: Family) -> list[Found]:
     """Every weight matrix of `model` under `family`'s contract; UnclassifiedLayerError names any other."""
     found: list[Found] = []

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mintd.engine.families import Family, TargetKind, UnclassifiedLayerError, classify
+from mintd.engine.families import Found, TargetKind, UnclassifiedLayerError
 
 if TYPE_CHECKING:
     from mintd.engine.lora_batch import LoraBatch
@@ -128,12 +128,12 @@ def _experts_layout(module: nn.Module) -> bool | None:
     return None
 
 
-def install_lora(model: nn.Module, ctx: LoraContext, family: Family) -> dict[str, LoraTarget]:
-    """Wrap every layer `family`'s contract adapts, in place; return the targets by name. A weight the
-    contract neither adapts nor excludes raises UnclassifiedLayerError naming it (see families.py)."""
+def install_lora(model: nn.Module, ctx: LoraContext, weights: list[Found]) -> dict[str, LoraTarget]:
+    """Wrap every layer the family's contract adapts (`weights`: `families.classify(model, family)`, which
+    already refused any weight neither adapted nor excluded), in place; return the targets by name."""
     targets: dict[str, LoraTarget] = {}
     replacements: dict[str, nn.Module] = {}
-    for found in classify(model, family):
+    for found in weights:
         if found.kind is None:
             continue
         module = model.get_submodule(found.module)
