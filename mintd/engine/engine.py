@@ -10,7 +10,7 @@ import torch
 from mintd.config import EngineSettings
 from mintd.engine import sampling, train
 from mintd.engine.adapters import BASE_SLOT, AdapterSlots, LoraSpec
-from mintd.engine.families import classify, display_name
+from mintd.engine.families import adapted_names, classify, display_name
 from mintd.engine.lora import LoraContext, install_lora
 from mintd.engine.model import fingerprint, load_base_model, pick_device, pick_dtype
 from mintd.engine.optim import AdamParams, AdapterOptimizer
@@ -57,11 +57,16 @@ class Engine:
 
     def adapted(self, spec: LoraSpec) -> dict[str, list[str]]:
         """What an adapter of `spec` adapts here, per switch (recorded in every revision's provenance)."""
-        out: dict[str, list[str]] = {}
-        for t in self.slots.targets_for(spec):
-            module, _, param = t.name.rpartition(".") if t.num_experts else (t.name, "", "weight")
-            out.setdefault(t.kind, []).append(display_name(module, param))
-        return {kind: sorted(set(names)) for kind, names in sorted(out.items())}
+        return adapted_names((t.name, t.kind, bool(t.num_experts)) for t in self.slots.targets_for(spec))
+
+    def lora_provenance(self, spec: LoraSpec) -> dict[str, Any]:
+        """A revision's `lora_config`: the spec, what it adapts here, and the base's model type (which tells
+        a later PEFT export what PEFT can express)."""
+        return {
+            **spec.model_dump(),
+            "adapted": self.adapted(spec),
+            "base_model_type": self.model.config.model_type,
+        }
 
     # adapters -----------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ projections named differently fails loudly instead of losing them. Biases are ne
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -143,6 +144,16 @@ def display_name(module: str, param: str) -> str:
     """How reports name a weight: the module leaf (`q_a_proj`), or `experts.<param>` for fused experts."""
     leaf = module.rpartition(".")[2]
     return leaf if param == "weight" else f"{leaf}.{param}"
+
+
+def adapted_names(targets: Iterable[tuple[str, TargetKind, bool]]) -> dict[str, list[str]]:
+    """{switch: display names} for (target name, kind, is fused experts) triples: what an adapter adapts,
+    as get_info and revision provenance report it."""
+    out: dict[str, set[str]] = {}
+    for name, kind, experts in targets:
+        module, _, param = name.rpartition(".") if experts else (name, "", "weight")
+        out.setdefault(kind, set()).add(display_name(module, param))
+    return {kind: sorted(names) for kind, names in sorted(out.items())}
 
 
 def classify(model: nn.Module, family: Family) -> list[Found]:
