@@ -30,11 +30,12 @@ for arch in {archs!r}:
         model_input=types.ModelInput.from_ints(ids[:-1]),
         loss_fn_inputs={{"target_tokens": ids[1:], "weights": weights}},
     )
-    losses = []
-    for _ in range(80):
-        fb = training.forward_backward([datum], "cross_entropy")
-        training.optim_step(types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
-        losses.append(fb.result().metrics["loss:sum"])
+    losses = []  # the loss after each step (a forward pass), so the last one is the saved weights' loss
+    for step in range(150):  # a decaying learning rate: tiny random bases oscillate at a fixed one
+        training.forward_backward([datum], "cross_entropy")
+        adam = types.AdamParams(learning_rate=1e-2 * 0.97**step, grad_clip_norm=1.0)
+        training.optim_step(adam).result()
+        losses.append(training.forward([datum], "cross_entropy").result().metrics["loss:sum"])
         if losses[-1] < 0.1:
             break
     path = training.save_weights_for_sampler("final").result().path
@@ -71,7 +72,7 @@ def families(tiny_model_dir, tmp_path_factory):
 def test_sdk_memorises_to_greedy_exactness_and_samples(families, arch):
     _, out, _ = families
     got = out[arch]
-    assert got["losses"][-1] < 0.1 < got["losses"][0], got["losses"]
+    assert got["losses"][-1] < 0.1 < got["losses"][0], got["losses"][-5:]
     assert got["greedy"] == got["answer"]
     assert [len(s) for s in got["sampled"]] == [8, 8]
 
