@@ -251,7 +251,8 @@ def export_readme(tensors: dict[str, torch.Tensor], base_model_name: str, model_
             f"rewrites {', '.join(f'`{x}`' for x in leaves)} in `target_modules` into the fused experts (its "
             "compatibility with older checkpoints), so the dense-MLP / shared-expert LoRA here "
             f"({len(blocked)} modules) cannot be expressed; PEFT refuses the folder with a shape mismatch. "
-            "The weights are exact: import the folder into mintd, or export an adapter trained with train_mlp=false.",
+            "The weights are exact: import the folder into mintd, or export an adapter trained with "
+            "train_mlp=false.",
         ]
     return "\n".join(lines) + "\n"
 
