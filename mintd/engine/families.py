@@ -44,7 +44,6 @@ class Family:
     # sdpa where the family supports it; gpt-oss's attention sinks need eager (or flex) attention
     attn_implementation: str = "sdpa"
     tiny_arch: str | None = None  # the `mintd make-tiny-model --arch` preset of this layout
-    peft_note: str = ""  # what a PEFT export of this family needs to know
 
     def kind_of(self, leaf: str) -> TargetKind | None:
         for kind in KINDS:
@@ -57,10 +56,6 @@ class Family:
 
 
 _FUSED = ("experts.gate_up_proj", "experts.down_proj")
-_FUSED_NOTE = (
-    "routed experts are fused 3-D tensors: exported as PEFT `target_parameters` (PEFT >= 0.17 loads "
-    "them; engines that only read `target_modules`, such as vLLM, do not apply the expert deltas)"
-)
 _ROUTED = (("embed_tokens", EMBEDDING), ("gate", ROUTER))
 
 DEFAULT = Family(
@@ -71,24 +66,17 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen3 (dense)", ("qwen3",), DEFAULT.attn, tiny_arch="qwen3"),
     Family("Llama", ("llama",), DEFAULT.attn, tiny_arch="llama"),
     Family(
-        "Qwen3-MoE",
-        ("qwen3_moe",),
-        DEFAULT.attn,
-        experts=_FUSED,
-        excluded=_ROUTED,
-        tiny_arch="qwen3-moe",
-        peft_note=_FUSED_NOTE,
+        "Qwen3-MoE", ("qwen3_moe",), DEFAULT.attn, experts=_FUSED, excluded=_ROUTED, tiny_arch="qwen3-moe"
     ),
     Family(
-        "DeepSeek-V3 / Kimi-K2 (MLA + MoE with shared experts)",
-        ("deepseek_v3", "kimi_k2"),
+        "DeepSeek-V2/V3 (MLA + MoE with shared experts)",
+        ("deepseek_v3", "deepseek_v2"),
         # q_proj when q_lora_rank is None; q_a/q_b_proj otherwise. kv_b_proj is applied to the cached
         # latent at every step (no weight absorption), so its LoRA delta is never lost.
         ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
         experts=_FUSED,
         excluded=_ROUTED,
         tiny_arch="deepseek-v3",
-        peft_note=_FUSED_NOTE,
     ),
     Family(
         "gpt-oss (attention sinks, sliding windows, MoE with biases)",
@@ -99,18 +87,28 @@ FAMILIES: tuple[Family, ...] = (
         excluded=(("embed_tokens", EMBEDDING), ("router", ROUTER)),
         attn_implementation="eager",
         tiny_arch="gpt-oss",
-        peft_note=_FUSED_NOTE
-        + "; gpt-oss stores experts input-major ([E, in, out]), and PEFT's ParamWrapper, like mintd, then "
-        "applies lora_B before lora_A; expert biases are not adapted",
     ),
     Family(
         "Qwen3-Next (Gated DeltaNet linear attention + full attention, MoE)",
         ("qwen3_next",),
-        ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"),
+        (*DEFAULT.attn, "in_proj_qkvz", "in_proj_ba", "out_proj"),
         experts=_FUSED,
         excluded=(*_ROUTED, ("shared_expert_gate", SHARED_GATE), ("conv1d", CONV)),
         tiny_arch="qwen3-next",
-        peft_note=_FUSED_NOTE,
+    ),
+    Family(
+        "Qwen3.5 (Gated DeltaNet with split projections + full attention)",
+        ("qwen3_5_moe", "qwen3_5_text"),
+        (*DEFAULT.attn, "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"),
+        experts=_FUSED,
+        excluded=(*_ROUTED, ("shared_expert_gate", SHARED_GATE), ("conv1d", CONV)),
+    ),
+    Family(
+        "Other MoE: Qwen2-MoE, Mixtral, GLM-4-MoE, ERNIE-4.5-MoE",
+        ("qwen2_moe", "mixtral", "glm4_moe", "ernie4_5_moe"),
+        DEFAULT.attn,
+        experts=_FUSED,
+        excluded=(*_ROUTED, ("shared_expert_gate", SHARED_GATE)),
     ),
     DEFAULT,
 )
@@ -192,8 +190,9 @@ def classify(model: nn.Module, family: Family) -> list[Found]:
 def markdown_table() -> str:
     """The README's table of families and what each switch adapts (tests check the README holds it)."""
     lines = [
-        "| Family (`model_type`) | `train_attn` | `train_mlp` | `train_unembed` | not adapted (rule) |",
-        "|---|---|---|---|---|",
+        "| Family (`model_type`) | `train_attn` | `train_mlp` | `train_unembed` | not adapted (rule) "
+        "| tested |",
+        "|---|---|---|---|---|---|",
     ]
     for f in FAMILIES:
         types = ", ".join(f"`{t}`" for t in f.model_types if t) or "any other"
@@ -202,5 +201,6 @@ def markdown_table() -> str:
             for k in KINDS
         ]
         rules = "; ".join(f"`{leaf}`: {rule}" for leaf, rule in f.excluded)
-        lines.append(f"| {f.label} ({types}) | {' | '.join(cells)} | {rules} |")
+        tested = f"end to end (`--arch {f.tiny_arch}`)" if f.tiny_arch else "contract, on a meta-device build"
+        lines.append(f"| {f.label} ({types}) | {' | '.join(cells)} | {rules} | {tested} |")
     return "\n".join(lines)

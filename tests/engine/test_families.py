@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from mintd.config import EngineSettings
 from mintd.engine.adapters import LoraSpec
@@ -115,21 +115,53 @@ def test_an_unknown_weight_matrix_is_an_error_too(qwen3_dir):
         classify(model, family_for("qwen3"))
 
 
-@pytest.mark.parametrize("config_class", [Qwen2Config, MistralConfig])
-def test_default_contract_covers_other_dense_families(config_class):
-    config = config_class(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=64,
-    )
+# model types without a tiny preset: their contract is checked on a meta-device build (no weights)
+META_TYPES = [
+    "qwen2",
+    "mistral",
+    "gemma2",
+    "olmo2",
+    "deepseek_v2",
+    "qwen3_5_moe",
+    "qwen3_5_text",
+    "qwen2_moe",
+    "mixtral",
+    "glm4_moe",
+    "ernie4_5_moe",
+]
+SMALL = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    head_dim=16,
+)
+
+
+@pytest.mark.parametrize("model_type", META_TYPES)
+def test_contracts_of_families_without_a_preset(model_type):
+    config = AutoConfig.for_model(model_type)
+    for key, value in SMALL.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        if hasattr(config, key):
+            setattr(config, key, 32)
+    for key in ("num_experts", "n_routed_experts", "num_local_experts"):
+        if getattr(config, key, None):
+            setattr(config, key, 4)
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:2]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    assert family_for(config.model_type) is DEFAULT
-    kinds = {f.kind for f in classify(model, DEFAULT)}
-    assert kinds == {"attn", "mlp", "unembed", None}
+    family = family_for(model_type)
+    assert (family is DEFAULT) == (model_type in ("qwen2", "mistral", "gemma2", "olmo2"))
+    weights = classify(model, family)
+    targets = install_lora(model, LoraContext(), weights)
+    assert {f.kind for f in weights} == {"attn", "mlp", "unembed", None}
+    assert {t.kind for t in targets.values()} == {"attn", "mlp", "unembed"}
 
 
 def test_every_family_with_a_preset_is_in_the_table_and_the_readme():
