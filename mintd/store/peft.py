@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mintd.engine.adapters import LoraSpec
@@ -32,6 +32,7 @@ PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 README_FILE = "README.md"
+SPEC_METADATA = "mintd.target_modules"  # safetensors metadata: the exported adapter's target_modules
 # Parameters of transformers' fused experts modules, in registration order (= PEFT nesting, inner first).
 FUSED_PARAMS = ("gate_up_proj", "down_proj")
 _SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
@@ -271,7 +272,10 @@ def save_peft_folder(
     config = peft_config(spec, sorted({_split_key(k)[0] for k in tensors}))
     config.base_model_name_or_path = base_model_name
     config.save_pretrained(str(directory))
-    save_file(to_peft_state_dict(tensors), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    # PEFT ignores safetensors metadata; mintd's import reads back the exact target set from it. One key
+    # only (no "format"): safetensors writes metadata in hash order, and an export must be deterministic.
+    metadata = {SPEC_METADATA: json.dumps(list(spec.target_modules) if spec.target_modules else None)}
+    save_file(to_peft_state_dict(tensors), str(directory / WEIGHTS_FILE), metadata=metadata)
     (directory / README_FILE).write_text(export_readme(tensors, base_model_name, model_type))
 
 
@@ -356,6 +360,22 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
+def _exported_target_modules(weights: Path, leaves: set[str]) -> tuple[str, ...] | None:
+    """`target_modules` of the spec: what mintd's own export recorded (None: every linear module of the
+    enabled switches, whatever the family names them), else the linear modules the file holds."""
+    with safe_open(str(weights), "pt") as f:
+        recorded = (f.metadata() or {}).get(SPEC_METADATA)
+    if recorded is not None:
+        try:
+            modules = json.loads(recorded)
+        except json.JSONDecodeError:
+            raise ValueError(f"{weights}: metadata {SPEC_METADATA} is not JSON") from None
+        if modules is None or (isinstance(modules, list) and set(modules) == leaves):
+            return None if modules is None else tuple(modules)
+        raise ValueError(f"{weights}: metadata {SPEC_METADATA} disagrees with the weights")
+    return tuple(sorted(leaves)) if leaves else None
+
+
 def load_peft_folder(directory: Path | str) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
     """Read a PEFT LoRA folder back into (spec, engine tensors), refusing what the engine cannot apply
     exactly; the engine's `load_adapter` then checks the targets against its base model."""
@@ -385,14 +405,12 @@ def load_peft_folder(directory: Path | str) -> tuple[LoraSpec, dict[str, torch.T
             raise ValueError(f"{weights}: {target} is not among target_modules {modules}")
         leaves.add(leaf)
     kinds = set(adapted(tensors))
-    # the linear modules of the kinds present; a subset (PEFT's usual q_proj + v_proj) is kept as such
-    every = {leaf for leaf, kind in LINEAR_KINDS.items() if kind in {LINEAR_KINDS[x] for x in leaves}}
     spec = LoraSpec(
         rank=config["r"],
         alpha=float(config["lora_alpha"]),
         train_attn="attn" in kinds,
         train_mlp="mlp" in kinds,
         train_unembed="unembed" in kinds,
-        target_modules=None if leaves >= every else tuple(sorted(leaves)),
+        target_modules=_exported_target_modules(weights, leaves),
     )
     return spec, {k: v.to(torch.float32) for k, v in tensors.items()}

@@ -24,7 +24,14 @@ from mintd.engine.optim import AdamParams
 from mintd.engine.sampling import SampleRequest, SamplingParams
 from mintd.engine.tiny import ARCHS
 from mintd.engine.train import TrainGroup
-from mintd.store.packed import load_packed_into, pack, read_packed, split_state
+from mintd.store.packed import (
+    load_packed_into,
+    pack,
+    packed_to_peft_folder,
+    peft_folder_to_packed,
+    read_packed,
+    split_state,
+)
 from tests.engine.conftest import next_token_datum
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -210,7 +217,7 @@ def test_trainer_to_sampler_handoff(engine):
     torch.testing.assert_close(torch.tensor(seq.logprobs), forward[len(prompt) - 1 :], atol=1e-4, rtol=0)
 
 
-def test_save_load_with_optimizer_and_packed_round_trip(engine):
+def test_save_load_with_optimizer_packed_and_peft_round_trips(engine, tmp_path):
     src = engine.create_adapter(LoraSpec(rank=4, seed=2))
     step = AdamParams(learning_rate=1e-2, weight_decay=0.01)
     engine.forward_backward([TrainGroup(src, _data(engine))])
@@ -226,3 +233,10 @@ def test_save_load_with_optimizer_and_packed_round_trip(engine):
         engine.optim_step(s, step)
     for a, b in zip(engine.slots[src].params, engine.slots[copy].params, strict=True):
         assert torch.equal(a, b)
+    # packed -> PEFT folder -> packed is byte-identical on every family, subsets of targets included
+    attn = engine.adapted(LoraSpec())["attn"]
+    for s in (spec, LoraSpec(rank=2, seed=3, train_mlp=False, target_modules=(attn[0], "lm_head"))):
+        data = pack(s, split_state(engine.export_adapter(engine.create_adapter(s))[1])[0], engine.fingerprint)
+        folder = tmp_path / f"peft-{s.rank}"
+        packed_to_peft_folder(read_packed(data), folder, "tiny", engine.model.config.model_type)
+        assert peft_folder_to_packed(folder, engine.fingerprint) == data
