@@ -14,6 +14,7 @@ from mintd.engine.engine import Engine
 from mintd.engine.families import (
     DEFAULT,
     FAMILIES,
+    LINEAR_KINDS,
     UnclassifiedLayerError,
     classify,
     family_for,
@@ -178,6 +179,15 @@ def test_every_family_with_a_preset_is_in_the_table_and_the_readme():
     assert table in README.read_text(), "README's family table is stale: paste markdown_table() into it"
     for f in FAMILIES:
         assert f.label in table
+
+
+def test_a_leaf_name_means_one_switch_in_every_family():
+    for leaf, kind in LINEAR_KINDS.items():
+        for f in FAMILIES:
+            assert f.kind_of(leaf) in (None, kind), (
+                f"{leaf} is {kind} in one family, {f.kind_of(leaf)} in {f.label}"
+            )
+            assert f.excluded_rule(leaf) is None or f.kind_of(leaf) is None
 
 
 def test_model_types_of_the_presets_have_their_own_family(tiny_model_dir):
