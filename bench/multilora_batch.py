@@ -1,6 +1,7 @@
 """Multi-LoRA batching benchmark: what does serving 32 different adapters in one batch cost?
 
-For one batch of rows (32 by default) on the `small` tiny qwen3 model, side by side in one process:
+For one batch of rows (32 by default) on a `small` tiny model (`--arch`, qwen3 by default), side by side
+in one process:
 
   single      the engine, every row on one rank-16 adapter
   mixed       the engine, every row on its own adapter (ranks cycling 4, 8, 16, 32)
@@ -46,9 +47,9 @@ from mintd.config import EngineSettings  # noqa: E402
 from mintd.engine.adapters import LoraSpec  # noqa: E402
 from mintd.engine.engine import Engine  # noqa: E402
 from mintd.engine.sampling import SampleRequest, SamplingParams  # noqa: E402
-from mintd.engine.tiny import make_tiny_model  # noqa: E402
+from mintd.engine.tiny import ARCHS, make_tiny_model  # noqa: E402
 from mintd.engine.train import Datum, TrainGroup  # noqa: E402
-from mintd.store.peft import peft_config, to_peft_state_dict  # noqa: E402
+from mintd.store.peft import peft_config, peft_unloadable, to_peft_state_dict  # noqa: E402
 
 SINGLE_RANK = 16
 MIXED_RANKS = (4, 8, 16, 32)
@@ -68,9 +69,15 @@ def targets_of(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted({k.rpartition(".")[0] for k in tensors})
 
 
+def peft_can_express_mlp(engine: Engine) -> bool:
+    """False where PEFT rewrites dense-MLP names into fused experts (see mintd.store.peft.peft_unloadable)."""
+    return not peft_unloadable(engine.model.config.model_type, list(engine.slots.targets))
+
+
 def make_adapter(engine: Engine, rank: int, seed: int) -> int:
-    """An engine adapter with random non-zero B (a fresh one has B = 0, i.e. equals the base)."""
-    slot = engine.create_adapter(LoraSpec(rank=rank, seed=seed))
+    """An engine adapter with random non-zero B (a fresh one has B = 0, i.e. equals the base). Where PEFT
+    cannot express the family's dense MLPs, every case uses adapters without MLP targets, alike."""
+    slot = engine.create_adapter(LoraSpec(rank=rank, seed=seed, train_mlp=peft_can_express_mlp(engine)))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, b in engine.slots[slot].weights.values():
@@ -80,7 +87,8 @@ def make_adapter(engine: Engine, rank: int, seed: int) -> int:
 
 def load_base(model_dir: Path, engine: Engine) -> torch.nn.Module:
     """The same base weights, dtype, device and attention kernel as the engine's model."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=engine.dtype, attn_implementation="sdpa")
+    attn = engine.model.config._attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=engine.dtype, attn_implementation=attn)
     return model.to(engine.device)
 
 
@@ -320,6 +328,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (test-size model, 4 rows)")
     parser.add_argument("--model-dir", type=Path, help="use this model folder instead of building one")
     parser.add_argument("--size", default="small", help="tiny-model preset to build (default: small)")
+    parser.add_argument("--arch", default="qwen3", choices=ARCHS, help="tiny-model family to build")
     parser.add_argument("--rows", type=int, default=32, help="rows (= distinct adapters) per batch")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--decode-tokens", type=int, default=32, help="new tokens per row")
@@ -339,8 +348,8 @@ def main() -> None:
         started = time.perf_counter()
         model_dir = args.model_dir
         if model_dir is None:
-            log(f"building the {args.size!r} qwen3 tiny model")
-            model_dir = make_tiny_model(Path(tmp) / "model", arch="qwen3", seed=0, size=args.size)
+            log(f"building the {args.size!r} {args.arch} tiny model")
+            model_dir = make_tiny_model(Path(tmp) / "model", arch=args.arch, seed=0, size=args.size)
         engine = Engine(model_dir, EngineSettings(device=args.device))
         n_params = sum(p.numel() for p in engine.model.parameters())
         log(
@@ -370,6 +379,9 @@ def main() -> None:
         train = bench_train(ctx, args)
         device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
         result = {
+            "arch": engine.model.config.model_type,
+            "attn_implementation": engine.model.config._attn_implementation,
+            "train_mlp": peft_can_express_mlp(engine),
             "model_params": n_params,
             "rows": args.rows,
             "device": device,

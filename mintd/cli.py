@@ -35,6 +35,9 @@ class Arch(StrEnum):
     qwen3 = "qwen3"
     llama = "llama"
     qwen3_moe = "qwen3-moe"
+    deepseek_v3 = "deepseek-v3"
+    gpt_oss = "gpt-oss"
+    qwen3_next = "qwen3-next"
 
 
 class Size(StrEnum):
@@ -65,7 +68,11 @@ def make_tiny_model_cmd(
     ],
     arch: Annotated[
         Arch,
-        typer.Option(help="Architecture: qwen3 (dense), llama (dense) or qwen3-moe (4 experts, 2 active)."),
+        typer.Option(
+            help="Architecture: qwen3, llama (dense); qwen3-moe (4 experts, 2 active); deepseek-v3 (MLA, "
+            "MoE with a shared expert, layer 0 dense); gpt-oss (attention sinks, sliding windows, MoE with "
+            "biases); qwen3-next (Gated DeltaNet linear attention between full attention, MoE)."
+        ),
     ] = Arch.qwen3,
     seed: Annotated[
         int,

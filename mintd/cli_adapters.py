@@ -302,7 +302,7 @@ def import_cmd(
         from mintd.catalog import Provenance, RevisionKind
         from mintd.engine.model import fingerprint
         from mintd.store.packed import pack
-        from mintd.store.peft import load_peft_folder
+        from mintd.store.peft import adapted, load_peft_folder
 
         spec, tensors = load_peft_folder(peft_dir)
         if not (base_model_dir / "config.json").is_file():
@@ -319,7 +319,7 @@ def import_cmd(
             provenance=Provenance(
                 base_fingerprint=base_fp,
                 base_model=base_model_dir.resolve().name,
-                lora_config=spec.model_dump(mode="json"),
+                lora_config={**spec.model_dump(mode="json"), "adapted": adapted(tensors)},
             ),
             size_bytes=len(data),
             metadata={"imported_from": str(peft_dir.resolve())},
@@ -339,7 +339,8 @@ def export_cmd(
 
         rev = _catalog(data_dir).resolve(owner, ref)
         packed = read_packed(_blobs(data_dir).read(rev.content_hash))
-        packed_to_peft_folder(packed, out_dir, rev.provenance.base_model or "")
+        model_type = rev.provenance.lora_config.get("base_model_type")
+        packed_to_peft_folder(packed, out_dir, rev.provenance.base_model or "", model_type)
     console.print(f"[green]exported[/green] {escape(rev.ref)} to {escape(str(out_dir))}")
 
 

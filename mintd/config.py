@@ -26,6 +26,11 @@ class EngineSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="base-model dtype; 'auto' is float32 on CPU and bfloat16 on CUDA"
     )
+    attn_implementation: str = Field(
+        "auto",
+        description="transformers attention implementation: 'auto' takes the model family's choice "
+        "(sdpa, or eager for gpt-oss's attention sinks); or 'sdpa', 'eager', 'flex_attention'",
+    )
     micro_batch_tokens: int = Field(
         16384, ge=1, description="padded tokens per forward pass; larger batches are accumulated"
     )

@@ -23,7 +23,7 @@ from mintd.api.errors import ERROR_RESPONSES
 from mintd.api.tinker import Id, owner, service
 from mintd.catalog import Revision
 from mintd.service.tinker import TinkerService
-from mintd.store.peft import CONFIG_FILE, WEIGHTS_FILE, tar_gz
+from mintd.store.peft import CONFIG_FILE, README_FILE, WEIGHTS_FILE, tar_gz
 
 router = APIRouter(prefix="/api/v1", tags=["exports"], responses=ERROR_RESPONSES)
 ARCHIVE = "archive.tar.gz"
@@ -31,6 +31,7 @@ _AUDIENCE = "download"
 _MEDIA = {
     CONFIG_FILE: "application/json",
     WEIGHTS_FILE: "application/octet-stream",
+    README_FILE: "text/markdown",
     ARCHIVE: "application/gzip",
 }
 
@@ -59,7 +60,7 @@ def external_weights_urls(
     svc: TinkerService = Depends(service),
 ) -> dict[str, Any]:
     rev = svc.checkpoint(who, run_id, checkpoint_id)
-    urls = {name: _link(request, who, rev, name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    urls = {name: _link(request, who, rev, name) for name in (CONFIG_FILE, WEIGHTS_FILE, README_FILE)}
     return {"urls": urls, "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_expires(request)))}
 
 

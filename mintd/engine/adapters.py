@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from mintd.engine.lora import LINEAR_KINDS, LoraTarget, TargetKind
+from mintd.engine.families import LINEAR_KINDS, TargetKind
+from mintd.engine.lora import LoraTarget
 
 BASE_SLOT = 0
 

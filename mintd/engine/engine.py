@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mintd.config import EngineSettings
 from mintd.engine import sampling, train
 from mintd.engine.adapters import BASE_SLOT, AdapterSlots, LoraSpec
+from mintd.engine.families import adapted_names, classify, display_name
 from mintd.engine.lora import LoraContext, install_lora
 from mintd.engine.model import fingerprint, load_base_model, pick_device, pick_dtype
 from mintd.engine.optim import AdamParams, AdapterOptimizer
@@ -22,10 +24,13 @@ class Engine:
         self.model_dir = Path(model_dir)
         self.device = pick_device(self.settings.device)
         self.dtype = pick_dtype(self.device, self.settings.dtype)
-        self.model, self.tokenizer = load_base_model(self.model_dir, self.device, self.dtype)
+        self.model, self.tokenizer, self.family = load_base_model(
+            self.model_dir, self.device, self.dtype, self.settings.attn_implementation
+        )
         self.fingerprint = fingerprint(self.model_dir)
         self.ctx = LoraContext()
-        self.slots = AdapterSlots(install_lora(self.model, self.ctx), self.device)
+        self.weights = classify(self.model, self.family)  # before wrapping: the model's own layers
+        self.slots = AdapterSlots(install_lora(self.model, self.ctx, self.weights), self.device)
         self._optimizers: dict[int, AdapterOptimizer] = {}
         config = self.model.config
         self.vocab_size = self.model.get_output_embeddings().base.out_features
@@ -36,6 +41,32 @@ class Engine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+
+    # what LoRA adapts ---------------------------------------------------------------------------
+
+    def coverage(self) -> dict[str, Any]:
+        """The family contract as applied to this model: adapted names per switch, excluded ones by rule."""
+        out: dict[str, Any] = {
+            "family": self.family.label,
+            "attn_implementation": self.model.config._attn_implementation,
+        }
+        for kind in ("attn", "mlp", "unembed"):
+            out[kind] = sorted({display_name(f.module, f.param) for f in self.weights if f.kind == kind})
+        out["excluded"] = {display_name(f.module, f.param): f.rule for f in self.weights if f.kind is None}
+        return out
+
+    def adapted(self, spec: LoraSpec) -> dict[str, list[str]]:
+        """What an adapter of `spec` adapts here, per switch (recorded in every revision's provenance)."""
+        return adapted_names((t.name, t.kind, bool(t.num_experts)) for t in self.slots.targets_for(spec))
+
+    def lora_provenance(self, spec: LoraSpec) -> dict[str, Any]:
+        """A revision's `lora_config`: the spec, what it adapts here, and the base's model type (which tells
+        a later PEFT export what PEFT can express)."""
+        return {
+            **spec.model_dump(),
+            "adapted": self.adapted(spec),
+            "base_model_type": self.model.config.model_type,
+        }
 
     # adapters -----------------------------------------------------------------------------------
 

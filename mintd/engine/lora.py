@@ -10,28 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mintd.engine.families import Found, TargetKind, UnclassifiedLayerError
+
 if TYPE_CHECKING:
     from mintd.engine.lora_batch import LoraBatch
-
-TargetKind = Literal["attn", "mlp", "unembed"]
-
-# Module leaf names and the Tinker LoRA switch (train_attn / train_mlp / train_unembed) that covers them.
-LINEAR_KINDS: dict[str, TargetKind] = {
-    "q_proj": "attn",
-    "k_proj": "attn",
-    "v_proj": "attn",
-    "o_proj": "attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-    "lm_head": "unembed",
-}
 
 
 @dataclass(frozen=True)
@@ -78,17 +66,33 @@ class MultiLoraLinear(nn.Module):
 
 
 class MultiLoraExperts(nn.Module):
-    """Fused MoE experts (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]) with per-expert LoRA.
+    """Fused MoE experts with per-expert LoRA, in either layout transformers uses:
+
+    - output-major (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], `F.linear`, `act_fn(gate) * up` on
+      halves): Qwen3-MoE, DeepSeek-V3, Qwen3-Next;
+    - input-major with biases (`gate_up_proj` [E, H, 2I] + bias, `x @ W + b`, the module's own
+      `_apply_gate` on interleaved gate/up): gpt-oss.
 
     Tokens of one expert come from many rows, so here the slot index is per token.
     """
 
-    def __init__(self, base: nn.Module, name: str, ctx: LoraContext) -> None:
+    def __init__(self, base: nn.Module, name: str, ctx: LoraContext, input_major: bool) -> None:
         super().__init__()
         self.base = base
         self.ctx = ctx
-        self.gate_up_name = f"{name}.gate_up_proj"
-        self.down_name = f"{name}.down_proj"
+        self.name = name
+        self.input_major = input_major
+
+    def _project(self, x: torch.Tensor, param: str, expert: int, slots: torch.Tensor | None) -> torch.Tensor:
+        weight = getattr(self.base, param)[expert]
+        if self.input_major:
+            h = x @ weight + getattr(self.base, f"{param}_bias")[expert]
+        else:
+            h = F.linear(x, weight)
+        batch = self.ctx.batch
+        if batch is not None:
+            h = batch.add_expert_delta(f"{self.name}.{param}", expert, x, slots, h)
+        return h
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         batch = self.ctx.batch
@@ -96,56 +100,61 @@ class MultiLoraExperts(nn.Module):
         out = torch.zeros_like(hidden)
         for expert in top_k_index.unique().tolist():
             token_idx, k_pos = torch.where(top_k_index == expert)
-            x = hidden[token_idx]
-            h = F.linear(x, self.base.gate_up_proj[expert])
-            if batch is not None:
-                h = batch.add_expert_delta(self.gate_up_name, expert, x, token_slots[token_idx], h)
-            gate, up = h.chunk(2, dim=-1)
-            a = self.base.act_fn(gate) * up
-            o = F.linear(a, self.base.down_proj[expert])
-            if batch is not None:
-                o = batch.add_expert_delta(self.down_name, expert, a, token_slots[token_idx], o)
+            slots = token_slots[token_idx] if token_slots is not None else None
+            h = self._project(hidden[token_idx], "gate_up_proj", expert, slots)
+            if self.input_major:
+                a = self.base._apply_gate(h)
+            else:
+                gate, up = h.chunk(2, dim=-1)
+                a = self.base.act_fn(gate) * up
+            o = self._project(a, "down_proj", expert, slots)
             out.index_add_(0, token_idx, (o * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
         return out
 
 
-def _is_fused_experts(module: nn.Module) -> bool:
-    gate_up = getattr(module, "gate_up_proj", None)
-    down = getattr(module, "down_proj", None)
-    return (
-        isinstance(gate_up, nn.Parameter)
-        and isinstance(down, nn.Parameter)
-        and gate_up.dim() == 3
-        and hasattr(module, "act_fn")
-        and not getattr(module, "is_transposed", False)
-        and not getattr(module, "has_bias", False)
-    )
+def _experts_layout(module: nn.Module) -> bool | None:
+    """True: input-major with biases (gpt-oss); False: output-major, no biases; None: neither.
+
+    transformers marks the layout on the module (`is_transposed`, `has_bias`), and PEFT's ParamWrapper
+    reads it too: in/out features are (d1, d2) of a transposed [E, d1, d2] parameter, else (d2, d1)."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3):
+        return None
+    transposed, bias = getattr(module, "is_transposed", False), getattr(module, "has_bias", False)
+    if transposed and bias and hasattr(module, "_apply_gate") and hasattr(module, "gate_up_proj_bias"):
+        return True
+    if not transposed and not bias and hasattr(module, "act_fn"):
+        return False
+    return None
 
 
-def install_lora(model: nn.Module, ctx: LoraContext) -> dict[str, LoraTarget]:
-    """Wrap every adaptable layer of `model` in place; return the targets by name."""
+def install_lora(model: nn.Module, ctx: LoraContext, weights: list[Found]) -> dict[str, LoraTarget]:
+    """Wrap every layer the family's contract adapts (`weights`: `families.classify(model, family)`, which
+    already refused any weight neither adapted nor excluded), in place; return the targets by name."""
     targets: dict[str, LoraTarget] = {}
-    replacements: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) and leaf in LINEAR_KINDS:
-            target = LoraTarget(name, LINEAR_KINDS[leaf], module.in_features, module.out_features)
-            targets[name] = target
-            replacements.append((name, MultiLoraLinear(module, target, ctx)))
-        elif _is_fused_experts(module):
-            num_experts, double_inter, hidden = module.gate_up_proj.shape
-            for param, (d_in, d_out) in (
-                ("gate_up_proj", (hidden, double_inter)),
-                ("down_proj", (double_inter // 2, hidden)),
-            ):
-                full = f"{name}.{param}"
-                targets[full] = LoraTarget(full, "mlp", d_in, d_out, num_experts)
-            replacements.append((name, MultiLoraExperts(module, name, ctx)))
+    replacements: dict[str, nn.Module] = {}
+    for found in weights:
+        if found.kind is None:
+            continue
+        module = model.get_submodule(found.module)
+        if isinstance(module, nn.Linear):
+            target = LoraTarget(found.module, found.kind, module.in_features, module.out_features)
+            targets[target.name] = target
+            replacements[found.module] = MultiLoraLinear(module, target, ctx)
+            continue
+        input_major = _experts_layout(module)
+        if input_major is None:
+            raise UnclassifiedLayerError(
+                f"{found.module}: experts module {type(module).__name__} has a layout mintd cannot adapt"
+            )
+        num_experts, d1, d2 = getattr(module, found.param).shape
+        full = f"{found.module}.{found.param}"
+        d_in, d_out = (d1, d2) if input_major else (d2, d1)
+        targets[full] = LoraTarget(full, "mlp", d_in, d_out, num_experts)
+        replacements[found.module] = MultiLoraExperts(module, found.module, ctx, input_major)
     if not targets:
-        raise ValueError(
-            f"{type(model).__name__}: no LoRA target layers found (expected q/k/v/o_proj, gate/up/down_proj)"
-        )
-    for name, wrapper in replacements:
+        raise ValueError(f"{type(model).__name__}: no LoRA target layers found")
+    for name, wrapper in replacements.items():
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, wrapper)
     return targets

@@ -106,11 +106,11 @@ class LoraBatch:
         a_t, b_t = self._group_weights(name, gi, xs.dtype)
         if a_t.dim() == 2:
             return (xs @ a_t) @ b_t
-        if xs.dim() == 2:  # [rows, in] inputs: one token per row
-            return torch.bmm(torch.bmm(xs.unsqueeze(1), a_t), b_t).squeeze(1)
         if xs.dim() == 3:  # [rows, tokens, in]: bmm directly, sparing matmul's expand/reshape per call
             return torch.bmm(torch.bmm(xs, a_t), b_t)
-        return (xs @ a_t) @ b_t
+        # [rows, in] (one token per row) or [rows, ..., in] (MLA's kv_b_proj sees [rows, 1, tokens, in])
+        flat = xs.reshape(len(xs), -1, xs.shape[-1])
+        return torch.bmm(torch.bmm(flat, a_t), b_t).reshape(*xs.shape[:-1], -1)
 
     def add_linear_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y[rows] += scale · (x[rows] Aᵀ) Bᵀ for each group that adapts `name`.
@@ -118,10 +118,17 @@ class LoraBatch:
         Without autograd the deltas are added in place. Under autograd, an in-place add into a row
         slice of `y` makes backward clone the whole output gradient once per group (CopySlices), so
         there the deltas are concatenated (zeros for rows no group adapts) and added once: same values.
+
+        Activations flattened to [rows * tokens, features] (Qwen3-Next's shared expert) are viewed as rows.
         """
         groups = [(gi, g) for gi, g in enumerate(self.groups) if name in g.targets]
         if not groups:
             return y
+        rows = len(self.row_slots)
+        if len(x) != rows:
+            shape = y.shape
+            x, y = x.view(rows, -1, x.shape[-1]), y.view(rows, -1, y.shape[-1])
+            return self.add_linear_delta(name, x, y).view(shape)
         if not torch.is_grad_enabled():
             for gi, group in groups:
                 y[group.start : group.end] += self._delta(name, gi, x[group.start : group.end])

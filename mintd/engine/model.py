@@ -8,7 +8,15 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from mintd.engine.families import Family, family_for
 
 _CHUNK = 1 << 20
 
@@ -51,14 +59,22 @@ def fingerprint(model_dir: Path) -> str:
 
 
 def load_base_model(
-    model_dir: Path, device: torch.device, dtype: torch.dtype
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base stays frozen and in eval mode: only adapter tensors ever receive gradients."""
+    model_dir: Path, device: torch.device, dtype: torch.dtype, attn_implementation: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Family]:
+    """The base stays frozen and in eval mode: only adapter tensors ever receive gradients.
+
+    `attn_implementation="auto"` takes the family's (sdpa where it is supported; eager for gpt-oss,
+    whose attention sinks sdpa cannot express)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    family = family_for(AutoConfig.from_pretrained(model_dir).model_type)
+    attn = family.attn_implementation if attn_implementation == "auto" else attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    except ValueError as exc:  # transformers names the implementations the model supports
+        raise ValueError(f"{model_dir}: attn_implementation {attn!r}: {exc}") from None
     model.to(device).eval().requires_grad_(False)
-    return model, tokenizer
+    return model, tokenizer, family

@@ -251,7 +251,7 @@ def _decode(
             return
         if len(keep) < len(active):
             index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
+            cache.reorder_cache(index)  # every layer kind has it: KV, sliding window, linear-attention state
             batch = batch.select(keep)
             mask, positions, tokens = mask[index], positions[index], tokens[index]
             active = [active[j] for j in keep]

@@ -16,12 +16,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     GenerationConfig,
+    GptOssConfig,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3MoeConfig,
+    Qwen3NextConfig,
 )
 
 EOS_TOKEN = "<|endoftext|>"
@@ -32,8 +35,10 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-ARCHS = ("qwen3", "llama", "qwen3-moe")
+ARCHS = ("qwen3", "llama", "qwen3-moe", "deepseek-v3", "gpt-oss", "qwen3-next")
 MAX_POSITIONS = 4096
+EXPERTS, EXPERTS_PER_TOKEN = 4, 2
+SLIDING_WINDOW = 16  # gpt-oss: small, so that test prompts already run past it
 
 
 @dataclass(frozen=True)
@@ -174,14 +179,50 @@ def make_config(arch: str, size: str, vocab_size: int, eos_token_id: int) -> Pre
         return Qwen3Config(**common)
     if arch == "llama":
         return LlamaConfig(**common)
-    return Qwen3MoeConfig(
+    moe = dict(
+        num_experts_per_tok=EXPERTS_PER_TOKEN, moe_intermediate_size=p.intermediate // 2, norm_topk_prob=True
+    )
+    if arch == "qwen3-moe":
+        return Qwen3MoeConfig(**common, **moe, num_experts=EXPERTS, decoder_sparse_step=1, mlp_only_layers=[])
+    if arch == "deepseek-v3":  # MLA (low-rank q and compressed kv) + MoE with a shared expert, layer 0 dense
+        common.pop("head_dim")
+        common["num_key_value_heads"] = p.heads  # MLA expands one latent to every head
+        return DeepseekV3Config(
+            **common,
+            **moe,
+            q_lora_rank=p.hidden // 2,
+            kv_lora_rank=p.hidden // 4,
+            qk_rope_head_dim=p.head_dim // 2,
+            qk_nope_head_dim=p.head_dim // 2,
+            v_head_dim=p.head_dim,
+            n_routed_experts=EXPERTS,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+        )
+    if arch == "gpt-oss":  # attention sinks, alternating sliding-window / full attention, MoE with biases
+        common.pop("intermediate_size")
+        return GptOssConfig(
+            **common,
+            intermediate_size=p.intermediate // 2,
+            num_local_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_PER_TOKEN,
+            sliding_window=SLIDING_WINDOW,
+            layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(p.layers)],
+        )
+    # qwen3-next: Gated DeltaNet linear attention, then full attention, alternating; MoE with a shared expert
+    return Qwen3NextConfig(
         **common,
-        num_experts=4,
-        num_experts_per_tok=2,
+        **moe,
+        num_experts=EXPERTS,
+        shared_expert_intermediate_size=p.intermediate // 2,
         decoder_sparse_step=1,
-        mlp_only_layers=[],
-        moe_intermediate_size=p.intermediate // 2,
-        norm_topk_prob=True,
+        linear_num_key_heads=p.kv_heads,
+        linear_num_value_heads=p.heads,
+        linear_key_head_dim=p.head_dim,
+        linear_value_head_dim=p.head_dim,
+        layer_types=[("linear_attention", "full_attention")[i % 2] for i in range(p.layers)],
     )
 
 

@@ -104,4 +104,5 @@ class Checkpoints:
         from mintd.store.peft import peft_files  # PEFT (and transformers) only when exporting
 
         packed = self.read(rev)
-        return peft_files(packed.header.spec, packed.tensors, rev.provenance.base_model or "")
+        model_type = rev.provenance.lora_config.get("base_model_type")
+        return peft_files(packed.header.spec, packed.tensors, rev.provenance.base_model or "", model_type)

@@ -243,6 +243,7 @@ class TinkerService:
             },
             "is_lora": True,
             "lora_rank": run.spec.rank,
+            "lora_adapted": handle.engine.adapted(run.spec),  # per switch, the family's names
             "model_name": run.base_model,
         }
 
@@ -398,7 +399,7 @@ class TinkerService:
         provenance = Provenance(
             base_fingerprint=engine.fingerprint,
             base_model=run.base_model,
-            lora_config=spec.model_dump(),
+            lora_config=engine.lora_provenance(spec),
             training_run_id=run.model_id,
             step=run.step,
             loss_fn=run.loss_fn,
@@ -608,7 +609,9 @@ class TinkerService:
                 raise ValueError(str(exc).replace(tmp + "/", "archive: ").replace(tmp, "archive")) from None
         fingerprint = handle.engine.fingerprint
         provenance = Provenance(
-            base_fingerprint=fingerprint, base_model=handle.name, lora_config=spec.model_dump()
+            base_fingerprint=fingerprint,
+            base_model=handle.name,
+            lora_config=handle.engine.lora_provenance(spec),
         )
         data = pack(spec, tensors, fingerprint)
         return self.checkpoints.add(owner, adapter, data, "external", provenance, metadata=metadata)
@@ -655,6 +658,7 @@ class TinkerService:
                 "max_context_length": h.engine.max_len,
                 "trainable": True,
                 "sampleable": True,
+                "lora": h.engine.coverage(),  # what train_attn / train_mlp / train_unembed adapt here
             }
             for h in self.models.values()
         ]

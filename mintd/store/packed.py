@@ -470,11 +470,13 @@ def load_packed_into(
 # PEFT ---------------------------------------------------------------------------------------------
 
 
-def packed_to_peft_folder(packed: PackedAdapter, directory: Path | str, base_model_name: str) -> None:
+def packed_to_peft_folder(
+    packed: PackedAdapter, directory: Path | str, base_model_name: str, model_type: str | None = None
+) -> None:
     """Export for Hugging Face PEFT (`PeftModel.from_pretrained`); optimizer state is not exported."""
     from mintd.store.peft import save_peft_folder  # PEFT pulls in transformers: only when converting
 
-    save_peft_folder(directory, packed.header.spec, packed.tensors, base_model_name)
+    save_peft_folder(directory, packed.header.spec, packed.tensors, base_model_name, model_type)
 
 
 def peft_folder_to_packed(directory: Path | str, fingerprint: str) -> bytes:

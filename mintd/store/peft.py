@@ -22,15 +22,17 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mintd.engine.adapters import LoraSpec
-from mintd.engine.lora import LINEAR_KINDS
+from mintd.engine.families import LINEAR_KINDS, adapted_names
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+README_FILE = "README.md"
+SPEC_METADATA = "mintd.target_modules"  # safetensors metadata: the exported adapter's target_modules
 # Parameters of transformers' fused experts modules, in registration order (= PEFT nesting, inner first).
 FUSED_PARAMS = ("gate_up_proj", "down_proj")
 _SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
@@ -68,6 +70,36 @@ def _layer_relative(name: str) -> str:
     parts = name.split(".")
     digits = [i for i, p in enumerate(parts) if p.isdigit()]
     return ".".join(parts[digits[-1] + 1 :]) if digits else name
+
+
+def adapted(tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{switch: names} the adapter's tensors adapt, as provenance records it (targets already checked)."""
+    targets = {k.rpartition(".")[0] for k in tensors}
+    return adapted_names(
+        (t, "mlp" if is_expert_target(t) else LINEAR_KINDS[t.rpartition(".")[2]], is_expert_target(t))
+        for t in targets
+    )
+
+
+def peft_unloadable(model_type: str | None, target_names: list[str]) -> list[str]:
+    """Targets PEFT cannot apply for `model_type` (empty: the export loads into PEFT exactly).
+
+    PEFT (>= 0.18) on transformers 5 rewrites `gate_proj` / `up_proj` / `down_proj` in `target_modules` of
+    the MoE model types whose v4 checkpoints had per-expert linears (DeepSeek-V3, Qwen3-MoE, Qwen3-Next,
+    GLM-4-MoE, ...) into the fused expert parameters, for v4 compatibility. Dense MLPs and shared experts
+    of those models therefore cannot be named: PEFT refuses such a folder (a rank mismatch), it never
+    applies it wrongly."""
+    if not model_type:
+        return []
+    try:  # PEFT's own table of the rewrite; a PEFT without it does not rewrite
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_TARGET_MODULE_MAPPING,
+        )
+    except ImportError:
+        return []
+    renamed = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
+    return [n for n in target_names if not is_expert_target(n) and n.rpartition(".")[2] in renamed]
 
 
 def peft_config(spec: LoraSpec, target_names: list[str]) -> LoraConfig:
@@ -195,22 +227,64 @@ def from_peft_state_dict(
     return out
 
 
+def export_readme(tensors: dict[str, torch.Tensor], base_model_name: str, model_type: str | None) -> str:
+    """README.md of an export: what the adapter adapts, and what PEFT can and cannot load of it."""
+    targets = sorted({_split_key(k)[0] for k in tensors})
+    lines = [
+        f"# LoRA adapter for {base_model_name or 'its base model'}",
+        "",
+        "Exported by mintd. Adapted:",
+        "",
+    ]
+    lines += [f"- {kind}: {', '.join(names)}" for kind, names in adapted(tensors).items()]
+    if any(is_expert_target(t) for t in targets):
+        lines += [
+            "",
+            "Routed experts are fused 3-D tensors, listed in `target_parameters` (PEFT >= 0.17 loads them; "
+            "engines that only read `target_modules`, such as vLLM, do not apply the expert deltas).",
+        ]
+    blocked = peft_unloadable(model_type, targets)
+    if blocked:
+        leaves = sorted({t.rpartition(".")[2] for t in blocked})
+        lines += [
+            "",
+            f"**PEFT cannot load this adapter.** For model type `{model_type}`, PEFT on transformers 5 "
+            f"rewrites {', '.join(f'`{x}`' for x in leaves)} in `target_modules` into the fused experts (its "
+            "compatibility with older checkpoints), so the dense-MLP / shared-expert LoRA here "
+            f"({len(blocked)} modules) cannot be expressed; PEFT refuses the folder with a shape mismatch. "
+            "The weights are exact: import the folder into mintd, or export an adapter trained with "
+            "train_mlp=false.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def save_peft_folder(
-    directory: Path | str, spec: LoraSpec, tensors: dict[str, torch.Tensor], base_model_name: str
+    directory: Path | str,
+    spec: LoraSpec,
+    tensors: dict[str, torch.Tensor],
+    base_model_name: str,
+    model_type: str | None = None,
 ) -> None:
-    """Write adapter_config.json + adapter_model.safetensors, loadable by `PeftModel.from_pretrained`."""
+    """Write adapter_config.json + adapter_model.safetensors, loadable by `PeftModel.from_pretrained`
+    (except where README.md, also written, says PEFT cannot express a layer of `model_type`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = peft_config(spec, sorted({_split_key(k)[0] for k in tensors}))
     config.base_model_name_or_path = base_model_name
     config.save_pretrained(str(directory))
-    save_file(to_peft_state_dict(tensors), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    # PEFT ignores safetensors metadata; mintd's import reads back the exact target set from it. One key
+    # only (no "format"): safetensors writes metadata in hash order, and an export must be deterministic.
+    metadata = {SPEC_METADATA: json.dumps(list(spec.target_modules) if spec.target_modules else None)}
+    save_file(to_peft_state_dict(tensors), str(directory / WEIGHTS_FILE), metadata=metadata)
+    (directory / README_FILE).write_text(export_readme(tensors, base_model_name, model_type))
 
 
-def peft_files(spec: LoraSpec, tensors: dict[str, torch.Tensor], base_model_name: str) -> dict[str, bytes]:
+def peft_files(
+    spec: LoraSpec, tensors: dict[str, torch.Tensor], base_model_name: str, model_type: str | None = None
+) -> dict[str, bytes]:
     """The files of a PEFT folder as bytes (what a download hands out), written by `save_peft_folder`."""
     with tempfile.TemporaryDirectory(prefix="mintd-peft-") as tmp:
-        save_peft_folder(tmp, spec, tensors, base_model_name)
+        save_peft_folder(tmp, spec, tensors, base_model_name, model_type)
         return {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir())}
 
 
@@ -286,6 +360,22 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
+def _exported_target_modules(weights: Path, leaves: set[str]) -> tuple[str, ...] | None:
+    """`target_modules` of the spec: what mintd's own export recorded (None: every linear module of the
+    enabled switches, whatever the family names them), else the linear modules the file holds."""
+    with safe_open(str(weights), "pt") as f:
+        recorded = (f.metadata() or {}).get(SPEC_METADATA)
+    if recorded is not None:
+        try:
+            modules = json.loads(recorded)
+        except json.JSONDecodeError:
+            raise ValueError(f"{weights}: metadata {SPEC_METADATA} is not JSON") from None
+        if modules is None or (isinstance(modules, list) and set(modules) == leaves):
+            return None if modules is None else tuple(modules)
+        raise ValueError(f"{weights}: metadata {SPEC_METADATA} disagrees with the weights")
+    return tuple(sorted(leaves)) if leaves else None
+
+
 def load_peft_folder(directory: Path | str) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
     """Read a PEFT LoRA folder back into (spec, engine tensors), refusing what the engine cannot apply
     exactly; the engine's `load_adapter` then checks the targets against its base model."""
@@ -304,26 +394,23 @@ def load_peft_folder(directory: Path | str) -> tuple[LoraSpec, dict[str, torch.T
     if not tensors:
         raise ValueError(f"{weights}: holds no LoRA weights")
     modules = config.get("target_modules") or []
-    kinds, leaves = set(), set()
+    leaves = set()
     for target in {k.rpartition(".")[0] for k in tensors}:
         leaf = target.rpartition(".")[2]
         if is_expert_target(target):
-            kinds.add("mlp")
             continue
         if leaf not in LINEAR_KINDS:
             raise ValueError(f"{weights}: unsupported target module {target}")
         if not any(target == m or target.endswith("." + m) for m in modules):
             raise ValueError(f"{weights}: {target} is not among target_modules {modules}")
-        kinds.add(LINEAR_KINDS[leaf])
         leaves.add(leaf)
-    # the linear modules of the kinds present; a subset (PEFT's usual q_proj + v_proj) is kept as such
-    every = {leaf for leaf, kind in LINEAR_KINDS.items() if kind in {LINEAR_KINDS[x] for x in leaves}}
+    kinds = set(adapted(tensors))
     spec = LoraSpec(
         rank=config["r"],
         alpha=float(config["lora_alpha"]),
         train_attn="attn" in kinds,
         train_mlp="mlp" in kinds,
         train_unembed="unembed" in kinds,
-        target_modules=None if leaves >= every else tuple(sorted(leaves)),
+        target_modules=_exported_target_modules(weights, leaves),
     )
     return spec, {k: v.to(torch.float32) for k, v in tensors.items()}

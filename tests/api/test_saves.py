@@ -18,7 +18,7 @@ from mintd.config import EngineSettings
 from mintd.engine.engine import Engine
 from mintd.engine.train import Datum, TrainGroup
 from mintd.store.packed import load_packed_into, read_packed
-from mintd.store.peft import CONFIG_FILE, WEIGHTS_FILE, load_peft_folder
+from mintd.store.peft import CONFIG_FILE, README_FILE, WEIGHTS_FILE, load_peft_folder
 from tests.sdk import run_sdk_json
 
 TRAIN = """
@@ -142,7 +142,7 @@ def test_saves_are_revisions_with_provenance_and_export_as_peft(server, tmp_path
     assert out["by_alias"] == out["by_path"] == out["by_number"]
 
     # The download is a PEFT folder whose weights are the revision's, and PEFT scores like our engine.
-    assert out["files"] == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert out["files"] == sorted([CONFIG_FILE, README_FILE, WEIGHTS_FILE])
     assert json.loads((folder / CONFIG_FILE).read_text())["r"] == 4
     _, tensors = load_peft_folder(folder)
     packed = read_packed(blobs.path(external.content_hash))
@@ -162,7 +162,7 @@ def test_checkpoint_archive_for_tinker_0_22(server, tmp_path):
     with tarfile.open(archive) as tar:
         files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     assert files == server.service.peft_files("local", out["path"])
-    assert sorted(files) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert sorted(files) == sorted([CONFIG_FILE, README_FILE, WEIGHTS_FILE])
     tar_bytes = io.BytesIO()  # the same folder is accepted back by the catalog's import
     tar_bytes.write(archive.read_bytes())
     rev = server.service.import_peft_archive("local", "imported", tar_bytes.getvalue(), "tiny")

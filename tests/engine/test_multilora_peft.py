@@ -14,21 +14,27 @@ from mintd.config import EngineSettings
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
 from mintd.engine.engine import Engine
 from mintd.engine.sampling import SampleRequest, SamplingParams
+from mintd.engine.tiny import ARCHS
 from mintd.engine.train import Datum, TrainGroup
-from mintd.store.peft import peft_config, to_peft_state_dict
+from mintd.store.peft import is_expert_target, peft_config, peft_unloadable, to_peft_state_dict
 
 ATOL = 1e-4
-FIXTURES = {"qwen3": "qwen3_dir", "llama": "llama_dir", "qwen3-moe": "moe_dir"}
-# Different ranks and target sets; two rank-8 adapters share a group (the stacked per-row path).
-SPECS = [
-    LoraSpec(rank=2, seed=11, train_unembed=False),
-    LoraSpec(rank=4, seed=12, train_attn=False),
-    LoraSpec(rank=8, seed=13),
-    LoraSpec(rank=8, seed=14),
-    LoraSpec(rank=16, alpha=8, seed=15, train_mlp=False),
-    # PEFT's usual subset; rank 8 like two above, but another target set: a group of its own
-    LoraSpec(rank=8, seed=16, train_mlp=False, train_unembed=False, target_modules=("q_proj", "v_proj")),
-]
+
+
+def specs(engine: Engine) -> list[LoraSpec]:
+    """Different ranks and target sets; two rank-8 adapters share a group (the stacked per-row path)."""
+    attn = list(
+        dict.fromkeys(t.name.rpartition(".")[2] for t in engine.slots.targets.values() if t.kind == "attn")
+    )
+    return [
+        LoraSpec(rank=2, seed=11, train_unembed=False),
+        LoraSpec(rank=4, seed=12, train_attn=False),
+        LoraSpec(rank=8, seed=13),
+        LoraSpec(rank=8, seed=14),
+        LoraSpec(rank=16, alpha=8, seed=15, train_mlp=False),
+        # a subset like PEFT's usual q_proj + v_proj; rank 8 like two above, but a group of its own
+        LoraSpec(rank=8, seed=16, train_mlp=False, train_unembed=False, target_modules=(attn[0], attn[-2])),
+    ]
 
 
 @dataclass
@@ -39,12 +45,12 @@ class Setup:
     tensors: dict[int, dict[str, torch.Tensor]]
 
 
-@pytest.fixture(scope="module", params=list(FIXTURES))
-def setup(request) -> Setup:
-    model_dir = request.getfixturevalue(FIXTURES[request.param])
+@pytest.fixture(scope="module", params=ARCHS)
+def setup(request, tiny_model_dir) -> Setup:
+    model_dir = tiny_model_dir(request.param)
     engine = Engine(model_dir, EngineSettings(device="cpu"))
     slots, tensors = [], {}
-    for spec in SPECS:
+    for spec in specs(engine):
         slot = engine.create_adapter(spec)
         gen = torch.Generator().manual_seed(spec.seed)
         for _, b in engine.slots[slot].weights.values():  # B = 0 would make every adapter the base
@@ -70,18 +76,36 @@ def _mixed_groups(setup: Setup) -> list[TrainGroup]:
     return groups
 
 
-def _reference_model(setup: Setup, slot: int) -> torch.nn.Module:
-    """Plain HF model for the base; a PeftModel carrying the exported adapter otherwise."""
-    model = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
-    if slot != BASE_SLOT:
-        tensors = setup.tensors[slot]
-        config = peft_config(setup.engine.slots[slot].spec, sorted({k.rpartition(".")[0] for k in tensors}))
-        model = get_peft_model(model, config)
+def _reference_models(setup: Setup, slot: int) -> list[torch.nn.Module]:
+    """References for a slot: the plain HF model for the base. For an adapter, the HF model with every
+    delta merged into its weights (W + scale * B @ A: independent of PEFT, covers every layer), and a
+    PeftModel carrying the exported adapter wherever PEFT can express all of its layers."""
+    load = dict(dtype=torch.float32, attn_implementation=setup.engine.family.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(setup.model_dir, **load).eval()
+    if slot == BASE_SLOT:
+        return [model]
+    adapter = setup.engine.slots[slot]
+    tensors = setup.tensors[slot]
+    names = sorted({k.rpartition(".")[0] for k in tensors})
+    refs = []
+    if not peft_unloadable(model.config.model_type, names):
+        peft = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(setup.model_dir, **load), peft_config(adapter.spec, names)
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = set_peft_model_state_dict(model, to_peft_state_dict(tensors))
+            result = set_peft_model_state_dict(peft, to_peft_state_dict(tensors))
         assert not result.unexpected_keys
-    return model.eval()
+        refs.append(peft.eval())
+    with torch.no_grad():
+        for name in names:
+            a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+            module, _, param = name.rpartition(".") if is_expert_target(name) else (name, "", "weight")
+            delta = adapter.spec.scale * (b @ a)  # [..., out, in]; gpt-oss stores experts as [E, in, out]
+            if getattr(model.get_submodule(module), "is_transposed", False):
+                delta = delta.transpose(-1, -2)
+            getattr(model.get_submodule(module), param).add_(delta)
+    return [model, *refs]
 
 
 def _reference_logprobs(model: torch.nn.Module, datum: Datum) -> torch.Tensor:
@@ -109,21 +133,20 @@ def test_mixed_batch_equals_alone_and_peft(setup: Setup):
     engine = setup.engine
     groups = _mixed_groups(setup)
     mixed, routed = _forward_routing(engine, groups)
-    if engine.model.config.model_type == "qwen3_moe":
+    if any(t.num_experts for t in engine.slots.targets.values()):
         assert len(routed) >= 3, f"tokens reached experts {routed} only"
 
-    references: dict[int, torch.nn.Module] = {}
-    base_model = _reference_model(setup, BASE_SLOT)
+    references: dict[int, list[torch.nn.Module]] = {}
+    base_model = _reference_models(setup, BASE_SLOT)[0]
     for group, out in zip(groups, mixed, strict=True):
         alone = engine.forward_backward([group], forward_only=True)[0]
         if group.slot not in references:
-            references[group.slot] = _reference_model(setup, group.slot)
+            references[group.slot] = _reference_models(setup, group.slot)
         for datum, lp, lp_alone in zip(group.data, out.logprobs, alone.logprobs, strict=True):
             assert lp.shape == datum.inputs["target_tokens"].shape
             torch.testing.assert_close(lp, lp_alone, atol=ATOL, rtol=0)
-            torch.testing.assert_close(
-                lp, _reference_logprobs(references[group.slot], datum), atol=ATOL, rtol=0
-            )
+            for reference in references[group.slot]:
+                torch.testing.assert_close(lp, _reference_logprobs(reference, datum), atol=ATOL, rtol=0)
             if group.slot != BASE_SLOT:  # the adapter really changes the output
                 assert (lp - _reference_logprobs(base_model, datum)).abs().max() > 1e-3
         assert out.loss == pytest.approx(-sum(float(lp.sum()) for lp in out.logprobs), rel=1e-5)

@@ -9,7 +9,14 @@ from typer.testing import CliRunner
 from mintd.cli import app
 from mintd.engine.tiny import ARCHS, PRESETS, count_parameters, make_config, make_tiny_model, make_tokenizer
 
-MODEL_TYPES = {"qwen3": "qwen3", "llama": "llama", "qwen3-moe": "qwen3_moe"}
+MODEL_TYPES = {
+    "qwen3": "qwen3",
+    "llama": "llama",
+    "qwen3-moe": "qwen3_moe",
+    "deepseek-v3": "deepseek_v3",
+    "gpt-oss": "gpt_oss",
+    "qwen3-next": "qwen3_next",
+}
 
 
 @pytest.fixture(scope="module")

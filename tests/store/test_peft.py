@@ -305,3 +305,19 @@ def test_target_modules_are_checked():
     with pytest.raises(ValueError, match="train_mlp is false"):
         LoraSpec(train_mlp=False, target_modules=("q_proj", "down_proj"))
     assert LoraSpec(target_modules=("v_proj", "q_proj", "q_proj")).target_modules == ("q_proj", "v_proj")
+
+
+def test_export_readme_says_what_peft_cannot_load():
+    from mintd.store.peft import export_readme, peft_unloadable
+
+    pair = {"lora_A": torch.zeros(2, 4), "lora_B": torch.zeros(4, 2)}
+    names = ["model.layers.0.self_attn.q_a_proj", "model.layers.0.mlp.gate_proj", "lm_head"]
+    tensors = {f"{n}.{k}": t for n in names for k, t in pair.items()}
+    tensors["model.layers.1.mlp.experts.down_proj.lora_A"] = torch.zeros(4, 2, 4)
+    tensors["model.layers.1.mlp.experts.down_proj.lora_B"] = torch.zeros(4, 4, 2)
+    assert peft_unloadable("deepseek_v3", names) == ["model.layers.0.mlp.gate_proj"]
+    assert peft_unloadable("llama", names) == []
+    blocked = export_readme(tensors, "dsv3", "deepseek_v3")
+    assert "PEFT cannot load this adapter" in blocked and "`gate_proj`" in blocked
+    assert "- attn: q_a_proj" in blocked and "experts.down_proj" in blocked and "target_parameters" in blocked
+    assert "PEFT cannot load" not in export_readme(tensors, "llama", "llama")
