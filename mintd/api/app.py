@@ -20,7 +20,7 @@ from mintd.api import catalog as catalog_routes
 from mintd.api import exports, tinker
 from mintd.api.auth import Authenticator, Unauthorized
 from mintd.catalog.errors import CatalogNotFound
-from mintd.service.tinker import NotFound, TinkerService
+from mintd.service.tinker import NotFound, RunElsewhere, TinkerService
 
 if TYPE_CHECKING:
     from mintd.catalog import Catalog
@@ -73,6 +73,12 @@ def create_app(
     @app.exception_handler(NotFound)
     async def _missing(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(RunElsewhere)
+    async def _elsewhere(_: Request, exc: RunElsewhere) -> JSONResponse:
+        # 409 names the holder for a router; x-should-retry stops the SDKs' retry loop on 409.
+        headers = {"x-mintd-replica": exc.replica, "x-mintd-replica-url": exc.url, "x-should-retry": "false"}
+        return JSONResponse({"detail": str(exc)}, status_code=409, headers=headers)
 
     @app.exception_handler(CatalogNotFound)
     async def _not_in_catalog(_: Request, exc: CatalogNotFound) -> JSONResponse:

@@ -15,7 +15,8 @@ Conventions every method keeps:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Row, bindparam, exists, func, insert, select
@@ -40,6 +41,7 @@ from mintd.catalog.types import (
 
 TTL_ACTOR = "mintd:ttl"
 _HELD_BY = select(q.aliases.c.name).where(q.aliases.c.revision_id == bindparam("revision_id"))
+_REFERENCED = select(q.r.id).where(q.r.content_hash == bindparam("sha"), q.r.deleted_at.is_(None)).limit(1)
 
 
 class Catalog:
@@ -479,6 +481,19 @@ class Catalog:
             for chunk in batched(set(candidates), 500):
                 found.update(conn.execute(stmt.where(q.r.content_hash.in_(chunk))).scalars())
             return found
+
+    @contextmanager
+    def hold_blob(self, sha: str) -> Iterator[None]:
+        """Keep every replica's collector off `sha` while it is stored and then registered."""
+        with self.db.blob_lock(sha, exclusive=False):
+            yield
+
+    @contextmanager
+    def claim_blob(self, sha: str) -> Iterator[bool]:
+        """For the blob collector (`Blobs.gc`'s claim): True, with the lock held, when no live revision
+        references `sha` and no save holds it; False (skip it this time) otherwise."""
+        with self.db.blob_lock(sha, exclusive=True) as conn:
+            yield conn is not None and conn.execute(_REFERENCED, {"sha": sha}).first() is None
 
 
 def _who(owner: str, actor: str | None) -> tuple[str, str]:

@@ -185,6 +185,31 @@ class AuditLog(Base):
     details: Mapped[dict[str, Any]] = mapped_column(Json)
 
 
+class Replica(Base):
+    """A `mintd serve` process sharing this catalog. Its heartbeat is the lease on every run it holds."""
+
+    __tablename__ = "replicas"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    url: Mapped[str] = mapped_column(String(1024))
+    started_at: Mapped[float] = mapped_column(Double)
+    heartbeat_at: Mapped[float] = mapped_column(Double)
+
+
+class TrainingRun(Base):
+    """A Tinker training run: who owns it, what it trains, and which replica holds its live adapter
+    (`replica`, cleared when the run is unloaded). Outlives the process, for the REST views."""
+
+    __tablename__ = "training_runs"
+    __table_args__ = (Index(None, "owner", "id"),)
+
+    id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    replica: Mapped[str | None] = mapped_column(String(128))
+    record: Mapped[dict[str, Any]] = mapped_column(Json)
+    created_at: Mapped[float] = mapped_column(Double)
+
+
 @event.listens_for(Revision, "before_update")
 def _revision_is_immutable(_mapper: Any, _conn: Any, target: Revision) -> None:
     changed = {a.key for a in inspect(target).attrs if a.history.has_changes()}

@@ -37,12 +37,12 @@ from mintd.service.checkpoints import (
 )
 from mintd.service.errors import NotFound
 from mintd.service.futures import Future, FutureStore, RequestError
-from mintd.service.runs import RunRecords
+from mintd.service.runs import RunElsewhere, RunRecords
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
 from mintd.store.packed import pack, split_state
 from mintd.store.peft import load_peft_folder, untar_peft
 
-__all__ = ["NotFound", "TinkerService"]
+__all__ = ["NotFound", "RunElsewhere", "TinkerService"]
 
 
 @dataclass
@@ -125,6 +125,7 @@ class TinkerService:
         self._sample_seq = itertools.count()
 
     def close(self) -> None:
+        self.runs.stop()
         for handle in self.models.values():
             handle.worker.stop()
 
@@ -153,6 +154,9 @@ class TinkerService:
         with self._lock:
             r = self._runs.get(model_id)
         if r is None or r.owner != owner:
+            elsewhere = self.runs.elsewhere(model_id, owner) if r is None else None
+            if elsewhere is not None:
+                raise elsewhere
             raise NotFound(f"model_id: training run {model_id} not found")
         return r
 
@@ -507,6 +511,7 @@ class TinkerService:
                 self._runs.pop(model_id, None)
                 for sampler_id in run.ephemeral:
                     self._samplers.pop(sampler_id, None)
+            self.runs.release(model_id)
             return {"model_id": model_id, "type": "unload_model"}
 
         return self._submit_direct(handle, ("unload", model_id), "UnloadModel", unload)
@@ -656,8 +661,7 @@ class TinkerService:
         }
 
     def training_runs(self, owner: str) -> list[dict[str, Any]]:
-        ids = [r for r in self.runs.ids() if (self.runs.read(r) or {}).get("owner") == owner]
-        return [self.training_run(owner, r) for r in ids]
+        return [self.training_run(owner, r) for r in self.runs.ids(owner)]
 
     def session_view(self, owner: str, session_id: str) -> dict[str, Any]:
         s = self.session(session_id, owner)
