@@ -37,7 +37,7 @@ class BlobCache:
         for mtime, sha, size in sorted(found):
             self._entries[sha] = (size, mtime)
         self.bytes = sum(size for size, _ in self._entries.values())
-        self._evict()
+        self._evict(in_use_s=0.0)  # nothing is in use yet in a new process
 
     def lookup(self, sha: str) -> Path | None:
         """The cached file, marked as just used; None when absent."""
@@ -92,9 +92,9 @@ class BlobCache:
             self.bytes -= entry[0]
         self.store.delete(sha)
 
-    def _evict(self) -> None:
+    def _evict(self, in_use_s: float | None = None) -> None:
         with self._lock:
-            recent = time.time() - self.in_use_s
+            recent = time.time() - (self.in_use_s if in_use_s is None else in_use_s)
             for sha, (_size, used) in list(self._entries.items()):
                 if self.bytes <= self.budget:
                     return

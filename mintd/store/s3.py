@@ -121,6 +121,7 @@ class S3Blobs:
                 Bucket=self.bucket,
                 Key=self._key(sha),
                 Body=data,
+                ChecksumAlgorithm="SHA256",
                 ChecksumSHA256=base64.b64encode(digest).decode(),
             )
         except (ClientError, BotoCoreError) as exc:
