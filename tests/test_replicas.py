@@ -145,11 +145,9 @@ def test_two_replicas_share_revisions_state_aliases_and_survive_a_kill(
             f"{first.url}/api/v1/catalog/adapters/{adapter}/aliases/prod", "POST", {"ref": rev["ref"]}
         )
         assert status == 200, moved
-        # The tinker SDK takes only tinker:// paths, so the alias is followed through the catalog API
-        # (as a client or the OpenAI surface does), on the other replica.
         status, _, followed = call(f"{second.url}/api/v1/catalog/resolve?ref={adapter}:prod")
         assert status == 200 and followed["ref"] == rev["ref"], followed
-        alias = followed["tinker_path"]
+        alias = f"tinker://adapters/{adapter}:prod"  # the SDK samples the alias itself on the second
 
         used = run_sdk_json(
             "tinker-0.38",
