@@ -72,16 +72,17 @@ def build_app(
         raise ValueError("--model: give at least one NAME=DIR")
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    engines = {name: Engine(path, engine_settings) for name, path in models.items()}
     limits = SchedulerLimits(
         max_train_tokens=settings.max_train_tokens,
         max_sample_rows=settings.max_sample_rows,
         seq_gap_timeout_s=settings.seq_gap_timeout_s,
     )
+    # The shared stores first: a wrong URL fails in a second, not after loading the models.
     catalog = Catalog(CatalogDB.from_settings(catalog_settings or CatalogSettings(), data_dir))
     blobs = open_blobs(blob_settings.blob_url, data_dir, int(blob_settings.blob_cache_budget))
     runs = RunRecords(catalog.db, replica_info(settings))
     runs.import_folder(data_dir / "runs")
+    engines = {name: Engine(path, engine_settings) for name, path in models.items()}
     runs.start_heartbeat()
     service = TinkerService(
         engines,

@@ -23,6 +23,7 @@ from mintd.catalog.types import NewRevision
 from mintd.catalog.validate import JsonText
 
 _string = json.encoder.encode_basestring_ascii  # what the encoder uses for str (ensure_ascii)
+_EMPTY = JsonText("{}")
 
 T = TypeVar("T")
 _IN = 500  # bound parameters per IN (...) list: far below every backend's limit
@@ -168,13 +169,13 @@ def _adapters(
             "name": n,
             "created_at": now,
             "last_number": 0,
-            "metadata": {},
+            "metadata": _EMPTY,
         }
         for n in missing
     ]
     try:
         with conn.begin_nested():
-            conn.execute(insert(q.adapters), new)
+            insert_many(conn, q.adapters, new)
     except IntegrityError:  # PostgreSQL: some were created concurrently; take the one-by-one path
         for n in missing:
             writes.adapter(conn, owner_id, owner, n, create=True, now=now, actor=actor)
@@ -188,11 +189,11 @@ def _adapters(
             "actor": actor,
             "action": "adapter.create",
             "subject": f"{owner}/{v['name']}",
-            "details": {"id": v["public_id"]},
+            "details": JsonText(f'{{"id":"{v["public_id"]}"}}'),  # a uuid's hex digits need no escaping
         }
         for v in new
     ]
-    conn.execute(insert(q.audit_log), audits)
+    insert_many(conn, q.audit_log, audits)
     return ids
 
 
