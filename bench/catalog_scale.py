@@ -1,11 +1,15 @@
-"""Catalog at scale: register N revisions across M adapters on one SQLite file, then resolve refs.
+"""Catalog at scale: register N revisions across M adapters, then resolve refs.
 
-Claims measured (issue "Catalog database"): >= 20,000 registrations/s, resolve p99 <= 1 ms, memory
-flat in catalog size. Registration goes through `Catalog.register_revisions_bulk` (full validation,
-per-adapter numbering, one audit row per revision, one transaction per batch); one `prod` alias per
-adapter goes through `Catalog.promote` (one transaction each, as the service does); resolution goes
-through `Catalog.resolve`, the same call serving makes, on a random mix of `name@N`, `name:alias`,
-`name` (newest) and `tinker://` refs.
+Claims measured: >= 20,000 registrations/s on SQLite at 10^6 revisions with resolve p99 <= 1 ms, memory
+flat in catalog size; at 10^7 revisions (`--revisions 10000000`) resolve p99 <= 2 ms. By default the
+catalog is a new SQLite file in a temporary folder; `--url postgresql+psycopg://...` runs the same on
+an empty PostgreSQL database instead.
+
+Registration goes through `Catalog.register_revisions_bulk` (full validation, per-adapter numbering,
+one audit row per revision, one transaction per batch); one `prod` alias per adapter goes through
+`Catalog.promote` (one transaction each, as the service does); resolution goes through
+`Catalog.resolve`, the same call serving makes, on a random mix of `name@N`, `name:alias`, `name`
+(newest) and `tinker://` refs.
 
 Prints one JSON line to stdout; progress goes to stderr. `--quick` is a small smoke run.
 """
@@ -103,6 +107,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=20_000, help="revisions per transaction")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20,000 revisions, 2,000 adapters")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--url", help="catalog database URL (an empty database); default: a new SQLite file in a temp dir"
+    )
     args = ap.parse_args()
     if args.quick:
         args.revisions, args.adapters, args.resolves = 20_000, 2_000, 2_000
@@ -112,8 +119,11 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     with tempfile.TemporaryDirectory(prefix="catalog-scale-") as tmp:
-        db = CatalogDB(f"sqlite:///{tmp}/catalog.db")
+        db = CatalogDB(args.url or f"sqlite:///{tmp}/catalog.db")
         catalog = Catalog(db)
+        with db.read() as conn:
+            if conn.exec_driver_sql("SELECT count(*) FROM revisions").scalar():
+                ap.error("--url: the database already holds revisions; give an empty one")
         rss_start = rss_mb()
 
         # Register in tenths, sampling memory after each, to show it does not grow with the catalog.
@@ -168,11 +178,18 @@ def main() -> None:
         every = sorted(ms for values in timings.values() for ms in values)
         cpu_ms.sort()
 
-        db_mb = sum(p.stat().st_size for p in Path(tmp).glob("catalog.db*")) / 2**20
+        p99_goal = 2.0 if args.revisions > 1_000_000 else 1.0
+        if db.is_sqlite:
+            backend = "sqlite-wal"
+            db_mb = sum(p.stat().st_size for p in Path(tmp).glob("catalog.db*")) / 2**20
+        else:
+            backend = f"postgresql-{db.engine.dialect.server_version_info[0]}"
+            with db.read() as conn:
+                db_mb = conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar() / 2**20
         first = marks[0]
         result = {
             "bench": "catalog_scale",
-            "backend": "sqlite-wal",
+            "backend": backend,
             "revisions": args.revisions,
             "adapters": args.adapters,
             "aliases": args.adapters,
@@ -199,7 +216,7 @@ def main() -> None:
             "rss_growth_ratio_10x_catalog": round(rss_at[args.revisions] / rss_at[first], 3),
             "goals_met": {
                 "register_per_s>=20000": args.revisions / register_s >= 20_000,
-                "resolve_p99_ms<=1": percentile(every, 99) <= 1.0,
+                f"resolve_p99_ms<={p99_goal}": percentile(every, 99) <= p99_goal,
             },
         }
         db.dispose()

@@ -162,24 +162,69 @@ def serve(
             help="Accepted key, as KEY or OWNER=KEY; repeat for several. None: any key, loopback only."
         ),
     ] = None,
+    catalog_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The catalog database as a SQLAlchemy URL, e.g. postgresql+psycopg://USER@HOST/DB to share "
+            "it between replicas. Default: sqlite under --data-dir (or MINTD_CATALOG_URL).",
+            show_default=False,
+        ),
+    ] = None,
+    blob_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Where adapter bytes live: a local folder, or s3://BUCKET/PREFIX on any S3-compatible store "
+            "(endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...). "
+            "Default: DATA_DIR/blobs (or MINTD_BLOB_URL).",
+            show_default=False,
+        ),
+    ] = None,
+    blob_cache_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="With s3:// blobs: bytes the local disk cache under DATA_DIR/blob-cache may hold, "
+            "e.g. 20GiB (the default).",
+            show_default=False,
+        ),
+    ] = None,
+    replica_id: Annotated[
+        str | None,
+        typer.Option(
+            help="This server's name among replicas sharing one catalog; a training run is held by the "
+            "replica that created it. Default: HOSTNAME:PORT.",
+            show_default=False,
+        ),
+    ] = None,
     public_url: Annotated[
         str | None,
         typer.Option(
-            help="The URL clients reach this server at, when a proxy rewrites Host (e.g. "
-            "https://mintd.example.com); checkpoint download links are built from it."
+            help="The URL clients reach this server at (e.g. https://mintd.example.com behind a proxy that "
+            "rewrites Host): checkpoint download links, and the URL other replicas name in a 409 for a run "
+            "held here, are built from it. Default: links from the request's Host; http://HOST:PORT.",
+            show_default=False,
         ),
     ] = None,
 ) -> None:
     import uvicorn
+    from pydantic import ValidationError
 
-    from mintd.config import ServeSettings
+    from mintd.config import BlobSettings, CatalogSettings, ServeSettings
     from mintd.server import build_app
 
+    given = {"replica_id": replica_id, "public_url": public_url}
+    blob_given = {"blob_url": blob_url, "blob_cache_budget": blob_cache_budget}
     try:
-        given = {"public_url": public_url} if public_url else {}
-        settings = ServeSettings(host=host, port=port, data_dir=data_dir, **given)
+        settings = ServeSettings(
+            host=host, port=port, data_dir=data_dir, **{k: v for k, v in given.items() if v is not None}
+        )
+        blobs = BlobSettings(**{k: v for k, v in blob_given.items() if v is not None})
+        catalog = CatalogSettings(**({"catalog_url": catalog_url} if catalog_url else {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise typer.BadParameter(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    try:
         models = _parse_models(model)
-        app_, _ = build_app(models, settings, api_key or [])
+        app_, _ = build_app(models, settings, api_key or [], catalog_settings=catalog, blob_settings=blobs)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     console.print(f"mintd serving {', '.join(models)} on http://{host}:{port}")

@@ -21,7 +21,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from mintd.catalog import Catalog, Gate, Revision
-    from mintd.store.blobs import BlobStore
+    from mintd.store.blobs import Blobs
 
 adapters_app = typer.Typer(
     name="adapters",
@@ -70,10 +70,13 @@ def _catalog(data_dir: Path, create: bool = False) -> Catalog:
     return Catalog(CatalogDB.from_settings(CatalogSettings(), data_dir))
 
 
-def _blobs(data_dir: Path) -> BlobStore:
-    from mintd.store.blobs import BlobStore
+def _blobs(data_dir: Path) -> Blobs:
+    """The server's blob store: DATA_DIR/blobs, or MINTD_BLOB_URL (a folder or s3://BUCKET/PREFIX)."""
+    from mintd.config import BlobSettings
+    from mintd.store.blobs import open_blobs
 
-    return BlobStore(Path(data_dir) / "blobs")
+    settings = BlobSettings()
+    return open_blobs(settings.blob_url, data_dir, int(settings.blob_cache_budget))
 
 
 def _when(ts: float | None) -> str:
@@ -348,7 +351,9 @@ def export_cmd(
     "gc",
     help=(
         "Expire revisions past their TTL, then delete blobs no live revision uses (all owners).\n\n"
-        "Blobs younger than --min-age-s are kept: a save writes its blob before registering it."
+        "Blobs younger than --min-age-s are kept: a save writes its blob before registering it. The blob "
+        "store is the server's: DATA_DIR/blobs, or MINTD_BLOB_URL (with MINTD_CATALOG_URL for a shared "
+        "catalog); several collectors may run at once."
     ),
 )
 def gc_cmd(
@@ -358,22 +363,13 @@ def gc_cmd(
     ] = 3600.0,
     data_dir: DataDir = Path("data"),
 ) -> None:
-    import time
-
     with _errors():
         cat = _catalog(data_dir)
         blobs = _blobs(data_dir)
         expired = 0 if dry_run else cat.expire()
         live = cat.referenced_hashes()
-        if dry_run:
-            cutoff = time.time() - min_age_s
-            doomed = [
-                sha
-                for sha in blobs.iter_hashes()
-                if sha not in live and blobs.path(sha).stat().st_mtime <= cutoff
-            ]
-        else:
-            doomed = blobs.gc(live=live, min_age_s=min_age_s)
+        # Each deletion is re-checked under the catalog's blob lock, so other replicas' saves are safe.
+        doomed = blobs.stale(live, min_age_s) if dry_run else blobs.gc(live, min_age_s, claim=cat.claim_blob)
     verb = "would delete" if dry_run else "deleted"
     if not dry_run:
         console.print(f"expired {expired} revision(s)")

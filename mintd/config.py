@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ByteSize, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MAX_ID_CHARS = 256  # ids, names and paths a request may carry (ours are far shorter)
@@ -61,7 +61,16 @@ class ServeSettings(BaseSettings):
         None,
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
         description="base URL clients reach this server at (e.g. https://mintd.example.com behind a "
-        "proxy that rewrites Host); download links are built from it. Unset: from each request's Host",
+        "proxy that rewrites Host): download links, and the URL other replicas name in a 409, are built "
+        "from it. Unset: links from each request's Host, the replica URL http://HOST:PORT",
+    )
+    replica_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$",
+        description="this process's name among replicas sharing one catalog; unset means HOSTNAME:PORT",
+    )
+    run_lease_s: float = Field(
+        30.0, ge=1, description="a run's claim on its replica lapses this long after the replica's last beat"
     )
 
     # bounds on what one client can make the server hold (hardening; the README lists them)
@@ -102,4 +111,21 @@ class CatalogSettings(BaseSettings):
     )
     catalog_cache_mb: int = Field(
         64, ge=1, description="SQLite page cache per connection; bounds catalog memory at any catalog size"
+    )
+
+
+class BlobSettings(BaseSettings):
+    """Where adapter bytes live: a local folder, or an S3-compatible bucket behind a bounded disk cache."""
+
+    model_config = SettingsConfigDict(env_prefix="MINTD_", extra="ignore")
+
+    blob_url: str | None = Field(
+        None,
+        description="a local folder, or s3://BUCKET/PREFIX (endpoint and credentials from the standard "
+        "AWS settings: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...); unset means <data_dir>/blobs",
+    )
+    blob_cache_budget: ByteSize = Field(
+        ByteSize(20 * 2**30),
+        gt=0,
+        description="S3 only: bytes the local disk cache (<data_dir>/blob-cache) may hold, e.g. 20GiB",
     )

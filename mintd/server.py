@@ -14,13 +14,13 @@ from fastapi import FastAPI
 from mintd.api.app import create_app
 from mintd.api.auth import Authenticator
 from mintd.catalog import Catalog, CatalogDB
-from mintd.config import CatalogSettings, EngineSettings, ServeSettings
+from mintd.config import BlobSettings, CatalogSettings, EngineSettings, ServeSettings
 from mintd.engine.engine import Engine
 from mintd.service.checkpoints import Checkpoints
 from mintd.service.futures import FutureStore
-from mintd.service.runs import RunRecords
+from mintd.service.runs import ReplicaInfo, RunRecords
 from mintd.service.tinker import TinkerService
-from mintd.store.blobs import BlobStore
+from mintd.store.blobs import open_blobs
 
 
 def is_loopback(host: str) -> bool:
@@ -59,8 +59,11 @@ def build_app(
     settings: ServeSettings | None = None,
     api_keys: list[str] | None = None,
     engine_settings: EngineSettings | None = None,
+    catalog_settings: CatalogSettings | None = None,
+    blob_settings: BlobSettings | None = None,
 ) -> tuple[FastAPI, TinkerService]:
     settings = settings or ServeSettings()
+    blob_settings = blob_settings or BlobSettings()
     keys = parse_keys(api_keys or [])
     if not keys and not is_loopback(settings.host):
         raise ValueError(f"--host {settings.host}: binding beyond loopback needs at least one --api-key")
@@ -68,19 +71,30 @@ def build_app(
         raise ValueError("--model: give at least one NAME=DIR")
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    # The shared stores first: a wrong URL fails in a second, not after loading the models.
+    catalog = Catalog(CatalogDB.from_settings(catalog_settings or CatalogSettings(), data_dir))
+    blobs = open_blobs(blob_settings.blob_url, data_dir, int(blob_settings.blob_cache_budget))
+    runs = RunRecords(catalog.db, replica_info(settings))
+    runs.import_folder(data_dir / "runs")
     engines = {name: Engine(path, engine_settings) for name, path in models.items()}
-    catalog = Catalog(CatalogDB.from_settings(CatalogSettings(), data_dir))
-    blobs = BlobStore(data_dir / "blobs")
+    runs.start_heartbeat()
     service = TinkerService(
         engines,
         Checkpoints(catalog, blobs),
-        RunRecords(data_dir / "runs"),
+        runs,
         FutureStore(settings.future_retention_s),
         settings,
     )
     auth = Authenticator(keys, _secret(data_dir))
     app = create_app(service, auth, settings, catalog=catalog, blobs=blobs)
     return app, service
+
+
+def replica_info(settings: ServeSettings) -> ReplicaInfo:
+    """This process among the replicas of one catalog: its name, where clients reach it, its lease."""
+    name = settings.replica_id or f"{socket.gethostname()}:{settings.port}"
+    url = settings.public_url or f"http://{settings.host}:{settings.port}"
+    return ReplicaInfo(name, url, settings.run_lease_s)
 
 
 class ServerThread:

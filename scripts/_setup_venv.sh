@@ -20,9 +20,9 @@ fi
 source .venv/bin/activate
 
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "mintd: installing $torch_req and mintd[dev,demo,postgres] into .venv" >&2
+    echo "mintd: installing $torch_req and mintd[dev,demo,postgres,s3] into .venv" >&2
     python -m pip install -q "$torch_req"
-    python -m pip install -q -e '.[dev,demo,postgres]'
+    python -m pip install -q -e '.[dev,demo,postgres,s3]'
     printf '%s\n' "$want" > "$stamp"
 fi
 

@@ -3,6 +3,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup_venv.sh"
 bash scripts/sdk_envs.sh  # the client SDK venvs (.venv-sdk/) the end-to-end tests drive mintd with
+source scripts/system_deps.sh  # the PostgreSQL server the shared-catalog tests start clusters of
 
 rc=0
 python -m pytest "$@" || rc=$?

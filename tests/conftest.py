@@ -1,7 +1,7 @@
 """Shared fixtures: tiny models built once per test session, and never any hub access."""
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -40,3 +40,39 @@ def llama_dir(tiny_model_dir: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session")
 def moe_dir(tiny_model_dir: Callable[..., Path]) -> Path:
     return tiny_model_dir("qwen3-moe")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster for the session (fails, not skips, where none can start)."""
+    from tests.servers import postgres_cluster
+
+    with postgres_cluster() as socket_dir:
+        yield socket_dir
+
+
+@pytest.fixture
+def pg_url(pg_cluster: str) -> str:
+    """A new empty PostgreSQL database per test."""
+    from tests.servers import pg_database
+
+    return pg_database(pg_cluster)
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> Iterator[dict[str, str]]:
+    """moto's S3 server on loopback for the session; the AWS environment that reaches it."""
+    from tests.servers import s3_server
+
+    with s3_server() as env:
+        yield env
+
+
+@pytest.fixture
+def s3_url(s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """`s3://BUCKET/blobs` on a new empty bucket, with boto3's environment pointed at the server."""
+    from tests.servers import new_bucket
+
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{new_bucket(s3_env)}/blobs"

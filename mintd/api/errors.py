@@ -2,7 +2,8 @@
 
 Every error body is `{"detail": "<one line>"}`. ValueError and pydantic errors are the client's
 (400/422, naming the field); unknown or foreign objects are 404 (worded alike, so existence does not
-leak); closed sessions' objects 410; bad credentials 401; quotas 429. Anything else is logged with its
+leak); a training run held by another replica 409 (naming it); closed sessions' objects 410; bad
+credentials 401; quotas 429. Anything else is logged with its
 traceback under the request's id and answered 500 with that id (by `guard.RequestGuard`): no stack
 trace or server path ever reaches a client.
 """
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from mintd.api.auth import Unauthorized
 from mintd.catalog.errors import CatalogNotFound
 from mintd.service.errors import Gone, NotFound, QuotaExceeded
+from mintd.service.runs import RunElsewhere
 
 
 class ErrorBody(BaseModel):
@@ -29,6 +31,7 @@ _MEANINGS = {
     400: "bad input; `detail` names the field",
     401: "missing, unknown or expired credential",
     404: "no such object for this caller (another owner's objects look missing)",
+    409: "the training run lives on another replica; headers name it (x-mintd-replica, -url)",
     410: "gone: an expired result, or an object of a closed session",
     413: "request body too large",
     422: "a field of the request is missing or has the wrong type",
@@ -69,6 +72,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(CatalogNotFound)
     async def _missing(_: Request, exc: Exception) -> JSONResponse:
         return _error(404, str(exc) or "not found")
+
+    @app.exception_handler(RunElsewhere)
+    async def _elsewhere(_: Request, exc: RunElsewhere) -> JSONResponse:
+        # 409 names the holder for a router; x-should-retry stops the SDKs' retry loop on 409.
+        headers = {"x-mintd-replica": exc.replica, "x-mintd-replica-url": exc.url, "x-should-retry": "false"}
+        return _error(409, str(exc), **headers)
 
     @app.exception_handler(Gone)
     async def _gone(_: Request, exc: Gone) -> JSONResponse:

@@ -15,16 +15,18 @@ Conventions every method keeps:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, exists, func, insert, select
+from sqlalchemy import Connection, Row, bindparam, exists, func, insert, literal_column, select
 
 from mintd.catalog import aliases, bulk, refs, validate, writes
 from mintd.catalog import queries as q
 from mintd.catalog.bulk import batched
 from mintd.catalog.db import CatalogDB
 from mintd.catalog.errors import CatalogConflict, CatalogNotFound
+from mintd.catalog.models import HASH_PREFIX_SQL
 from mintd.catalog.types import (
     Adapter,
     AdapterView,
@@ -40,6 +42,12 @@ from mintd.catalog.types import (
 
 TTL_ACTOR = "mintd:ttl"
 _HELD_BY = select(q.aliases.c.name).where(q.aliases.c.revision_id == bindparam("revision_id"))
+_HASH_PREFIX = literal_column(HASH_PREFIX_SQL.replace("content_hash", "revisions.content_hash"))
+# Live hashes by their first 8 hex digits (the indexed prefix); the caller compares whole hashes. A
+# `content_hash = ?` in the same query would make SQLite substitute it into substr() and scan.
+_LIVE_BY_PREFIX = select(q.r.content_hash).where(
+    _HASH_PREFIX.in_(bindparam("prefixes", expanding=True)), q.r.deleted_at.is_(None)
+)
 
 
 class Catalog:
@@ -260,7 +268,7 @@ class Catalog:
                 actor=actor,
                 action="revision.register",
                 subject=f"{owner}/{adapter}@{number}",
-                **bulk.register_details(values, expires_at, parent_rows),
+                encoded=bulk.register_details(values, expires_at, parent_rows),
             )
             return q.revision_from_row(conn.execute(q.BY_ID, {"owner": owner, "id": rid}).one())
 
@@ -279,9 +287,10 @@ class Catalog:
         total = 0
         for chunk in batched(rows, batch_size):
             checked = []
+            encode = validate.JsonMemo()
             for i, new in enumerate(chunk, start=total):
                 try:
-                    values = validate.revision_values(new)
+                    values = validate.revision_values(new, encode)
                 except ValueError as exc:
                     raise ValueError(f"rows[{i}].{exc}") from None
                 values["created_by"] = values["created_by"] or actor
@@ -471,14 +480,31 @@ class Catalog:
         uses. With `candidates`, only those among them (memory bounded by the candidates); without, all
         of them. Run `expire()` first so expired revisions stop counting. A blob must be written before
         its revision is registered, so the GC should also spare blobs younger than a grace period."""
-        stmt = select(q.r.content_hash).where(q.r.deleted_at.is_(None)).distinct()
         with self.db.read() as conn:
             if candidates is None:
+                stmt = select(q.r.content_hash).where(q.r.deleted_at.is_(None)).distinct()
                 return set(conn.execute(stmt).scalars())
-            found: set[str] = set()
-            for chunk in batched(set(candidates), 500):
-                found.update(conn.execute(stmt.where(q.r.content_hash.in_(chunk))).scalars())
-            return found
+            wanted = set(candidates)
+            return {sha for chunk in batched(wanted, 500) for sha in _live(conn, chunk) if sha in wanted}
+
+    @contextmanager
+    def hold_blob(self, sha: str) -> Iterator[None]:
+        """Keep every replica's collector off `sha` while it is stored and then registered."""
+        with self.db.blob_lock(sha, exclusive=False):
+            yield
+
+    @contextmanager
+    def claim_blob(self, sha: str) -> Iterator[bool]:
+        """For the blob collector (`Blobs.gc`'s claim): True, with the lock held, when no live revision
+        references `sha` and no save holds it; False (skip it this time) otherwise."""
+        with self.db.blob_lock(sha, exclusive=True) as conn:
+            yield conn is not None and sha not in _live(conn, [sha])
+
+
+def _live(conn: Connection, hashes: list[str]) -> set[str]:
+    """Live content hashes sharing an indexed prefix with one of `hashes` (a superset of the live ones
+    among them)."""
+    return set(conn.execute(_LIVE_BY_PREFIX, {"prefixes": sorted({h[:8] for h in hashes})}).scalars())
 
 
 def _who(owner: str, actor: str | None) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from mintd.catalog import validate
@@ -26,6 +26,11 @@ from mintd.config import CatalogSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _WRITE = "mintd_catalog_write"
+# PostgreSQL advisory lock classes (the first of the two int4 keys), so mintd's locks never collide.
+_MIGRATIONS_LOCK, _BLOB_LOCK = 0x6D696E74, 0x626C6F62  # "mint", "blob"
+_XACT_LOCK = text("SELECT pg_advisory_xact_lock(:cls, :key)")
+_XACT_LOCK_SHARED = text("SELECT pg_advisory_xact_lock_shared(:cls, :key)")
+_TRY_XACT_LOCK = text("SELECT pg_try_advisory_xact_lock(:cls, :key)")
 
 
 class CatalogDB:
@@ -70,13 +75,37 @@ class CatalogDB:
     def migrate(self) -> None:
         """Bring the schema to the newest version (a no-op when it is already there).
 
-        Runs inside one write transaction, so processes starting together on one SQLite file upgrade
-        once: the second waits for the lock, then finds the schema at head.
+        Runs inside one write transaction, so processes starting together upgrade once: the others
+        wait (SQLite: for the write lock; PostgreSQL: for an advisory lock taken before Alembic reads
+        the version table), then find the schema at head. PostgreSQL's DDL is transactional, so a
+        replica killed mid-migration leaves the old schema, not half of the new one.
         """
         with self.write() as conn:
+            if not self.is_sqlite:
+                conn.execute(_XACT_LOCK, {"cls": _MIGRATIONS_LOCK, "key": 0})
             cfg = alembic_config()
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+
+    @contextmanager
+    def blob_lock(self, sha: str, *, exclusive: bool) -> Iterator[Connection | None]:
+        """Cross-replica lock on one blob hash, held until the block exits: savers hold it shared from
+        the blob's upload until its revision commits; the collector tries it exclusively and yields
+        the connection to re-check references on, or None when a saver holds it. SQLite has no such
+        lock (one machine; the blob store's grace period covers it) and always grants."""
+        if self.is_sqlite:
+            with self.read() as conn:
+                yield conn
+            return
+        key = {"cls": _BLOB_LOCK, "key": int.from_bytes(bytes.fromhex(sha[:8]), "big", signed=True)}
+        with self.engine.connect() as conn, conn.begin():  # the lock ends with this transaction
+            if not exclusive:
+                conn.execute(_XACT_LOCK_SHARED, key)
+                yield conn
+            elif conn.execute(_TRY_XACT_LOCK, key).scalar():
+                yield conn
+            else:
+                yield None
 
     def dispose(self) -> None:
         self.engine.dispose()

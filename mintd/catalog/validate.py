@@ -120,6 +120,28 @@ def json_object(value: Any, field: str, *, optional: bool = False) -> JsonText |
     return encoded
 
 
+class JsonMemo:
+    """`json_object` for one batch, remembering flat objects it has seen: a sweep's revisions repeat
+    the same LoRA config and optimizer settings, so each distinct object is checked and encoded once.
+    The key holds every value's type, so `True`, `1` and `1.0` (different JSON) never share an entry;
+    objects holding lists or objects are not remembered, only checked."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, tuple[Any, ...], tuple[type, ...]], JsonText | None] = {}
+
+    def __call__(self, value: Any, field: str, *, optional: bool = False) -> JsonText | None:
+        if not isinstance(value, dict) or not value:
+            return json_object(value, field, optional=optional)
+        try:
+            key = (field, tuple(value.items()), tuple(map(type, value.values())))
+            return self._seen[key]
+        except TypeError:  # an unhashable (nested) value
+            return json_object(value, field, optional=optional)
+        except KeyError:
+            encoded = self._seen[key] = json_object(value, field, optional=optional)
+            return encoded
+
+
 def limit(value: Any, field: str = "limit", maximum: int = 10_000) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
         raise ValueError(f"{field}: {value!r} must be an integer from 1 to {maximum}")
@@ -147,8 +169,10 @@ def prefix(value: Any) -> str:
     return value
 
 
-def revision_values(new: NewRevision) -> dict[str, Any]:
-    """Checked column values for one new revision (everything but adapter, number and times)."""
+def revision_values(new: NewRevision, encode: JsonMemo | None = None) -> dict[str, Any]:
+    """Checked column values for one new revision (everything but adapter, number and times); a bulk
+    registration passes one `JsonMemo` per batch as `encode`."""
+    encode = encode or json_object
     p = new.provenance
     if not isinstance(p, Provenance):
         raise ValueError("provenance: must be a Provenance")
@@ -158,15 +182,15 @@ def revision_values(new: NewRevision) -> dict[str, Any]:
         "size_bytes": count(new.size_bytes, "size_bytes"),
         "base_fingerprint": text(p.base_fingerprint, "provenance.base_fingerprint", optional=False),
         "base_model": text(p.base_model, "provenance.base_model"),
-        "lora_config": json_object(p.lora_config, "provenance.lora_config"),
+        "lora_config": encode(p.lora_config, "provenance.lora_config"),
         "training_run_id": text(p.training_run_id, "provenance.training_run_id"),
         "step": count(p.step, "provenance.step"),
         "loss_fn": text(p.loss_fn, "provenance.loss_fn"),
-        "optimizer": json_object(p.optimizer, "provenance.optimizer", optional=True),
+        "optimizer": encode(p.optimizer, "provenance.optimizer", optional=True),
         "data_fingerprint": text(p.data_fingerprint, "provenance.data_fingerprint"),
         "created_by": text(p.created_by, "provenance.created_by"),
         "tinker_path": new.tinker_path,
-        "metadata": json_object(new.metadata, "metadata"),
+        "metadata": encode(new.metadata, "metadata"),
     }
     if new.tinker_path is not None:
         path_kind = tinker_kind(new.tinker_path)

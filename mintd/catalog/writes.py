@@ -36,8 +36,10 @@ def audit(
     action: str,
     subject: str,
     adapter_id: int | None = None,
+    encoded: JsonText | None = None,
     **details: Any,
 ) -> None:
+    """Append an audit row; its details are `details`, or `encoded` when the caller encoded them."""
     conn.execute(
         _INSERT_AUDIT,
         {
@@ -47,7 +49,7 @@ def audit(
             "actor": actor,
             "action": action,
             "subject": subject,
-            "details": details,
+            "details": details if encoded is None else encoded,
         },
     )
 

@@ -10,12 +10,13 @@ at most an unreferenced blob (collected by `mintd adapters gc`), a crash after i
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mintd.catalog import Catalog, Provenance, Revision
-from mintd.store.blobs import BlobNotFound, Blobs
+from mintd.store.blobs import BlobNotFound, Blobs, BlobUnavailable
 from mintd.store.packed import PackedAdapter, load_packed_into, read_packed
 
 if TYPE_CHECKING:
@@ -74,17 +75,19 @@ class Checkpoints:
         provenance: Provenance,
         **revision: Any,
     ) -> Revision:
-        """Store packed bytes durably, then register them (the acknowledgment) as the next revision."""
-        sha = self.blobs.put(data)
-        return self.catalog.register_revision(
-            owner, adapter, sha, kind, provenance=provenance, size_bytes=len(data), **revision
-        )
+        """Store packed bytes durably, then register them (the acknowledgment) as the next revision;
+        the blob is held against every replica's collector in between."""
+        with self.catalog.hold_blob(hashlib.sha256(data).hexdigest()):
+            sha = self.blobs.put(data)
+            return self.catalog.register_revision(
+                owner, adapter, sha, kind, provenance=provenance, size_bytes=len(data), **revision
+            )
 
     def read(self, rev: Revision, field: str = "path") -> PackedAdapter:
         """The revision's packed adapter, memory-mapped from its blob with every checksum verified."""
         try:
             return read_packed(self.blobs.path(rev.content_hash), verify=True)
-        except (ValueError, BlobNotFound) as exc:
+        except (ValueError, BlobNotFound, BlobUnavailable) as exc:
             raise ValueError(f"{field}: the stored bytes of {rev.ref} are unreadable: {exc}") from None
 
     def load_into(

@@ -38,13 +38,13 @@ from mintd.service.checkpoints import (
 )
 from mintd.service.errors import Gone, NotFound
 from mintd.service.futures import Future, FutureStore, RequestError
-from mintd.service.runs import RunRecords
+from mintd.service.runs import RunElsewhere, RunRecords
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
 from mintd.service.sessions import Quotas, Registry, Run, Sampler, Session
 from mintd.store.packed import pack, split_state
 from mintd.store.peft import load_peft_folder, untar_peft
 
-__all__ = ["Gone", "NotFound", "TinkerService"]
+__all__ = ["Gone", "NotFound", "RunElsewhere", "TinkerService"]
 log = logging.getLogger(__name__)
 
 
@@ -91,6 +91,7 @@ class TinkerService:
     def close(self) -> None:
         self._closed.set()
         self._reaper.join(timeout=10)
+        self.runs.stop()
         for handle in self.models.values():
             handle.worker.stop()
 
@@ -110,7 +111,13 @@ class TinkerService:
         return self.registry.session(session_id, owner, live)
 
     def run(self, model_id: str, owner: str) -> Run:
-        return self.registry.run(model_id, owner)
+        try:
+            return self.registry.run(model_id, owner)
+        except NotFound:  # not here: maybe another replica holds it (409 naming it)
+            elsewhere = self.runs.elsewhere(model_id, owner)
+            if elsewhere is not None:
+                raise elsewhere from None
+            raise
 
     def sampler(self, sampler_id: str, owner: str) -> Sampler:
         return self.registry.sampler(sampler_id, owner)
@@ -158,6 +165,7 @@ class TinkerService:
             for run in ended.runs:
                 worker = self.models[run.base_model].worker
                 worker.remove_run(run.model_id)
+                self.runs.release(run.model_id)
                 worker.post(lambda e, slots=(run.slot, *run.ephemeral.values()): _drop(e, slots))
             for sampler in ended.samplers:
                 worker = self.models[sampler.base_model].worker
@@ -497,6 +505,7 @@ class TinkerService:
             handle.worker.remove_run(model_id)
             _drop(engine, (run.slot, *run.ephemeral.values()))
             self.registry.remove_run(run)
+            self.runs.release(model_id)
             return {"model_id": model_id, "type": "unload_model"}
 
         return self._submit_direct(handle, owner, run.session_id, ("unload", model_id), "UnloadModel", unload)
@@ -641,8 +650,7 @@ class TinkerService:
         }
 
     def training_runs(self, owner: str) -> list[dict[str, Any]]:
-        ids = [r for r in self.runs.ids() if (self.runs.read(r) or {}).get("owner") == owner]
-        return [self.training_run(owner, r) for r in ids]
+        return [self.training_run(owner, r) for r in self.runs.ids(owner)]
 
     def session_view(self, owner: str, session_id: str) -> dict[str, Any]:
         s = self.session(session_id, owner)

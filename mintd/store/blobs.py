@@ -7,7 +7,8 @@ this layer only stores bytes and collects the ones nothing references any more.
 `BlobStore` keeps them under a local folder as `<root>/<first two hex digits>/<sha256>`. A write goes to
 a temporary file in the blob's own folder, is fsynced, renamed into place and the folder fsynced, so a
 blob either exists whole or not at all, also after a crash; a leftover temporary file is never listed
-as a blob and `gc` removes it once stale. `Blobs` is the interface another backend (e.g. S3) provides.
+as a blob and `gc` removes it once stale. `Blobs` is the interface every backend provides; `open_blobs`
+picks one from a URL (a folder, or `s3://` for `mintd.store.s3`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -33,6 +35,19 @@ class BlobNotFound(LookupError):
 
 class BlobCorrupt(ValueError):
     pass
+
+
+class BlobUnavailable(OSError):
+    """The store could not be reached or refused the request (network, credentials, permissions)."""
+
+
+# `claim(sha)` is entered around each deletion and yields whether it may go ahead: the catalog's
+# cross-replica blob lock, taken without waiting, with the hash re-checked against the catalog inside it.
+Claim = Callable[[str], AbstractContextManager[bool]]
+
+
+def no_claim(_sha: str) -> AbstractContextManager[bool]:
+    return nullcontext(True)
 
 
 @runtime_checkable
@@ -63,9 +78,27 @@ class Blobs(Protocol):
 
     def iter_hashes(self) -> Iterator[str]: ...
 
-    def gc(self, live: set[str], min_age_s: float = 3600.0) -> list[str]:
-        """Delete blobs not in `live` and older than `min_age_s`; return the deleted hashes."""
+    def stale(self, live: set[str], min_age_s: float = 3600.0) -> list[str]:
+        """Blobs not in `live` and older than `min_age_s`: what `gc` would delete (a dry run)."""
         ...
+
+    def gc(self, live: set[str], min_age_s: float = 3600.0, claim: Claim = no_claim) -> list[str]:
+        """Delete the stale blobs that `claim` grants, each re-checked for age just before; return them."""
+        ...
+
+
+def open_blobs(url: str | None, data_dir: Path, cache_budget: int) -> Blobs:
+    """The blob store a URL names: unset (`<data_dir>/blobs`), a folder, or `s3://BUCKET/PREFIX` read
+    through a disk cache of `cache_budget` bytes under `<data_dir>/blob-cache`."""
+    if url is None:
+        return BlobStore(Path(data_dir) / "blobs")
+    if url.startswith("s3://"):
+        from mintd.store.s3 import S3Blobs  # boto3 only when a bucket is used
+
+        return S3Blobs(url, Path(data_dir) / "blob-cache", cache_budget)
+    if "://" in url:
+        raise ValueError(f"blob_url: {url!r} must be a local folder or s3://BUCKET/PREFIX")
+    return BlobStore(url)
 
 
 def check_sha(sha: str) -> str:
@@ -151,17 +184,24 @@ class BlobStore:
             raise
 
     def put_file(self, path: Path | str) -> str:
-        """Copy and hash in one pass. The temporary file sits at the root until its name is known."""
+        with Path(path).open("rb") as src:
+            return self.put_stream(iter(lambda: src.read(_CHUNK), b""))
+
+    def put_stream(self, chunks: Iterable[bytes], expect: str | None = None) -> str:
+        """Copy and hash in one pass. The temporary file sits at the root until its name is known; with
+        `expect`, content whose hash differs raises BlobCorrupt and is never stored."""
         h = hashlib.sha256()
         f, tmp = self._temp(self.root)
         try:
-            with f, Path(path).open("rb") as src:
-                while chunk := src.read(_CHUNK):
+            with f:
+                for chunk in chunks:
                     h.update(chunk)
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
             sha = h.hexdigest()
+            if expect is not None and sha != expect:
+                raise BlobCorrupt(f"blob {expect}: received content whose sha256 is {sha}")
             moved = self._folder(sha) / tmp.name
             os.replace(tmp, moved)
             tmp = moved
@@ -205,15 +245,17 @@ class BlobStore:
                 if _SHA.match(path.name) and path.name[:2] == folder.name and path.is_file():
                     yield path.name
 
-    def gc(self, live: set[str], min_age_s: float = 3600.0) -> list[str]:
+    def stale(self, live: set[str], min_age_s: float = 3600.0) -> list[str]:
+        cutoff = time.time() - min_age_s
+        return [sha for sha in self.iter_hashes() if sha not in live and _older(self.path(sha), cutoff)]
+
+    def gc(self, live: set[str], min_age_s: float = 3600.0, claim: Claim = no_claim) -> list[str]:
         """Delete unreferenced blobs and stale temporary files, both only when older than `min_age_s`."""
         cutoff = time.time() - min_age_s
         removed = []
-        for sha in list(self.iter_hashes()):
-            if sha in live:
-                continue
-            with self._lock:
-                if _older(self.path(sha), cutoff):
+        for sha in self.stale(live, min_age_s):
+            with claim(sha) as granted, self._lock:
+                if granted and _older(self.path(sha), cutoff):
                     self.delete(sha)
                     removed.append(sha)
         for tmp in [*self.root.glob(f"{_TMP_PREFIX}*"), *self.root.glob(f"??/{_TMP_PREFIX}*")]:

@@ -524,7 +524,7 @@ def test_migrations_build_the_schema_and_rerun_as_no_ops(tmp_path: Path) -> None
         assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
         version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
     first.dispose()
-    assert version == "0001"
+    assert version == "0002"
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -565,3 +565,40 @@ def test_concurrent_registration_gives_unique_consecutive_numbers(tmp_path: Path
     assert len([e for e in cats[1].audit("alice", limit=1000) if e.action == "adapter.create"]) == 1
     for d in dbs:
         d.dispose()
+
+
+@pytest.mark.parametrize(
+    ("path", "expires_at"),
+    [
+        (None, None),
+        ('tinker://r/weights/a"b\\c ünï', 1.5e9 + 0.125),
+        ("tinker://r/sampler_weights/s", 3600.0),
+    ],
+)
+def test_bulk_audit_details_are_exactly_the_json_encoding(path: str | None, expires_at: float | None) -> None:
+    from mintd.catalog.bulk import register_details
+    from mintd.catalog.validate import dump_json
+
+    values = {"kind": "state", "content_hash": "ab" * 32, "tinker_path": path}
+    details = {"kind": "state", "content_hash": "ab" * 32, "tinker_path": path, "expires_at": expires_at}
+    assert register_details(values, expires_at, []) == dump_json({**details, "parents": []})
+
+
+def test_json_memo_never_confuses_values_that_encode_differently() -> None:
+    from mintd.catalog.validate import JsonMemo
+
+    memo = JsonMemo()
+    forms = [{"a": True}, {"a": 1}, {"a": 1.0}, {"a": "1"}, {"a": [1]}, {"a": 1, "b": 2}, {"b": 2, "a": 1}]
+    assert [memo(f, "x") for f in forms] == [
+        '{"a":true}',
+        '{"a":1}',
+        '{"a":1.0}',
+        '{"a":"1"}',
+        '{"a":[1]}',
+        '{"a":1,"b":2}',
+        '{"b":2,"a":1}',
+    ]
+    assert memo({"a": True}, "x") == '{"a":true}'  # remembered
+    with pytest.raises(ValueError, match="^y: "):
+        memo({"a": float("nan")}, "y")
+    assert memo(None, "z", optional=True) is None

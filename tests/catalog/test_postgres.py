@@ -1,76 +1,32 @@
 """The same catalog code on PostgreSQL: migrations, the lifecycle, and concurrent writers (row locks
-instead of SQLite's database lock). Runs only where a PostgreSQL server (initdb, pg_ctl) and the
-psycopg driver are installed; it starts a throwaway cluster on a unix socket, no TCP."""
+instead of SQLite's database lock), and replicas starting together on one database. A throwaway cluster
+on a unix socket (tests/servers.py); where PostgreSQL is not installed the tests fail saying so."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+import sys
+import time
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import inspect
 
 from mintd.catalog import models
 from mintd.catalog.api import Catalog
-from mintd.catalog.db import CatalogDB
+from mintd.catalog.db import CatalogDB, alembic_config
 from mintd.catalog.errors import CatalogConflict, CatalogNotFound
 from mintd.catalog.types import Gate, NewRevision, Provenance
 from tests.catalog.concurrency import run_writers
 
-
-def _pg_bin() -> Path | None:
-    found = shutil.which("pg_ctl")
-    candidates = [found] if found else sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    return Path(os.path.realpath(candidates[-1])).parent if candidates else None
-
-
-PG_BIN = _pg_bin()
-try:
-    import psycopg  # noqa: F401
-
-    HAVE_DRIVER = True
-except ImportError:
-    HAVE_DRIVER = False
-
-pytestmark = pytest.mark.skipif(
-    PG_BIN is None or not (PG_BIN / "initdb").exists() or not HAVE_DRIVER,
-    reason="needs a PostgreSQL server (initdb, pg_ctl) and the psycopg driver",
-)
 PROV = Provenance(base_fingerprint="fp", lora_config={"rank": 4})
 
 
 def sha(i: object) -> str:
     return hashlib.sha256(str(i).encode()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    # PostgreSQL refuses to run as root; then the cluster belongs to `nobody`.
-    as_root = os.geteuid() == 0
-    prefix = ["runuser", "-u", "nobody", "--"] if as_root else []
-    root = Path(tempfile.mkdtemp(prefix="mintd-pg-"))
-    if as_root:
-        shutil.chown(root, "nobody")
-    data = root / "data"
-
-    def run(*cmd: str) -> None:
-        subprocess.run([*prefix, *cmd], check=True, capture_output=True, timeout=60)
-
-    run(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "mintd", "--no-sync")
-    options = f"-k {root} -c listen_addresses='' -c fsync=off -p 54329"
-    run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
-    try:
-        yield f"postgresql+psycopg://mintd@/postgres?host={root}&port=54329"
-    finally:
-        run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_postgres_migrations_and_lifecycle(pg_url: str) -> None:
@@ -131,3 +87,63 @@ def test_postgres_concurrent_writers_get_consecutive_numbers(pg_url: str) -> Non
     assert cats[0].get_adapter("carol", "shared").last_number == 60
     for d in dbs:
         d.dispose()
+
+
+_REPLICA = """
+import sys, time
+from mintd.catalog.db import CatalogDB
+url, at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, at - time.time()))
+CatalogDB(url).dispose()
+"""
+
+
+def _start_together(url: str, count: int) -> list[CatalogDB]:
+    """`count` replica processes opening (and so migrating) one database at the same moment; then a
+    handle on it for the test."""
+    at = time.time() + 3  # past every interpreter's start-up, so they really start together
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _REPLICA, url, str(at)], stderr=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    failed = [e for p, e in zip(procs, errors, strict=True) if p.returncode != 0]
+    assert not failed, failed[0]
+    return [CatalogDB(url, migrate=False) for _ in range(count)]
+
+
+def test_replicas_starting_together_on_an_empty_database_migrate_once(pg_url: str) -> None:
+    dbs = _start_together(pg_url, 8)  # before the advisory lock: UniqueViolation on alembic_version
+    with dbs[0].engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0002"]
+        assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
+    numbers = run_writers(
+        8,
+        lambda k: [
+            Catalog(dbs[k]).register_revision("dave", "pol", sha(("m", k)), "sampler", provenance=PROV).number
+        ],
+    )
+    assert sorted(numbers) == list(range(1, 9))
+    for db in dbs:
+        db.dispose()
+
+
+def test_replicas_starting_together_on_an_older_database_upgrade_it_once(pg_url: str) -> None:
+    old = CatalogDB(pg_url, migrate=False)
+    with old.write() as conn:  # the schema as the previous release left it, with data in it
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    with old.engine.connect() as conn:
+        assert not inspect(conn).has_table("training_runs")
+    before = Catalog(old).register_revision("erin", "pol", sha("old"), "sampler", provenance=PROV)
+    old.dispose()
+    dbs = _start_together(pg_url, 6)
+    with dbs[0].engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
+        assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
+    cat = Catalog(dbs[0])
+    assert cat.resolve("erin", "pol@1") == before
+    assert cat.register_revision("erin", "pol", sha("new"), "sampler", provenance=PROV).number == 2
+    for db in dbs:
+        db.dispose()
