@@ -466,12 +466,14 @@ class TinkerService:
         optimizer: bool,
         user_metadata: dict[str, Any],
     ) -> Future:
-        """0.38 create-via-load: a new run whose adapter (and optimizer) come from a revision."""
+        """0.38 create-via-load: a new run whose adapter (and optimizer) come from a revision. It
+        continues that revision's adapter (its saves are the adapter's next revisions, the state their
+        parent) unless `user_metadata["adapter_name"]` names another."""
         self.session(session_id, owner, live=True)
         rev = self.revision(owner, path)
         handle = self.base_of(rev)
         model_id = f"{session_id}:train:{model_seq_id}"
-        adapter = _adapter_name(user_metadata, model_id)
+        adapter = _adapter_name(user_metadata, model_id, default=rev.adapter)
 
         def create(engine: Engine) -> dict[str, Any]:
             slot = self.checkpoints.load_into(engine, rev, trainable=True, optimizer=optimizer)
@@ -690,12 +692,12 @@ def _refusal(exc: Exception) -> RequestError:
     return RequestError(f"internal error: {type(exc).__name__}", "server")
 
 
-def _adapter_name(user_metadata: dict[str, Any] | None, run_id: str) -> str:
+def _adapter_name(user_metadata: dict[str, Any] | None, run_id: str, default: str | None = None) -> str:
     """The catalog adapter a run saves into: `user_metadata["adapter_name"]` (several runs may continue
-    one adapter) or one named after the run."""
+    one adapter), else `default` (a resumed state's own adapter), else one named after the run."""
     name = (user_metadata or {}).get("adapter_name")
     if name is None:
-        return run_adapter_name(run_id)
+        return default or run_adapter_name(run_id)
     return catalog_validate.name(name, "user_metadata.adapter_name")
 
 
