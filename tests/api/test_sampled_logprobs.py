@@ -29,6 +29,6 @@ def test_tempered_logprob_differences_scale_by_one_over_tau(server):
         assert len(common) >= 5
         errors = [
             abs((tempered[i] - tempered[j]) - (base[i] - base[j]) / float(temperature))
-            for i, j in zip(common, common[1:])
+            for i, j in zip(common[:-1], common[1:], strict=True)
         ]
         assert max(errors) < 1e-4, (temperature, max(errors))

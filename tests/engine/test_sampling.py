@@ -110,7 +110,9 @@ def test_sampled_logprobs_are_those_of_the_tempered_distribution(engine, tempera
     tempered = _first_token_logprobs(engine, temperature)
     common = sorted(set(base) & set(tempered))
     assert len(common) >= 3, common
-    for i, j in zip(common, common[1:]):  # same prompt, same position: differences scale by 1/τ
+    for i, j in zip(
+        common[:-1], common[1:], strict=True
+    ):  # same prompt, same position: differences scale by 1/τ
         expected = (base[i] - base[j]) / temperature
         assert abs((tempered[i] - tempered[j]) - expected) < 1e-4
     # exactly log softmax(z/τ): the model's full next-token distribution, tempered here by hand
