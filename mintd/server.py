@@ -18,6 +18,7 @@ from mintd.config import CatalogSettings, EngineSettings, ServeSettings
 from mintd.engine.engine import Engine
 from mintd.service.checkpoints import Checkpoints
 from mintd.service.futures import FutureStore
+from mintd.service.provenance import SequenceRecords
 from mintd.service.runs import RunRecords
 from mintd.service.scheduler import SchedulerLimits
 from mintd.service.tinker import TinkerService
@@ -84,6 +85,7 @@ def build_app(
         FutureStore(settings.future_retention_s),
         limits,
         settings.ephemeral_samplers_per_run,
+        SequenceRecords(settings.sequence_ttl_s, settings.max_recorded_sequences),
     )
     auth = Authenticator(keys, _secret(data_dir))
     app = create_app(

@@ -27,7 +27,7 @@ from mintd.engine.engine import Engine
 from mintd.engine.optim import AdamParams
 from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
 from mintd.engine.train import TrainGroup, TrainOutput
-from mintd.service import wire
+from mintd.service import provenance, wire
 from mintd.service.checkpoints import (
     CHECKPOINT_TYPES,
     Checkpoints,
@@ -37,6 +37,7 @@ from mintd.service.checkpoints import (
 )
 from mintd.service.errors import NotFound
 from mintd.service.futures import Future, FutureStore, RequestError
+from mintd.service.provenance import SequenceRecords
 from mintd.service.runs import RunRecords
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
 from mintd.store.packed import pack, split_state
@@ -85,6 +86,7 @@ class Run:
 class Sampler:
     id: str
     owner: str
+    session_id: str  # recorded sequences belong to it
     base_model: str
     model_path: str | None
     slot: int | None  # None until the first sample loads the checkpoint (a scheduled cold load)
@@ -108,6 +110,7 @@ class TinkerService:
         futures: FutureStore,
         limits: SchedulerLimits,
         ephemeral_samplers_per_run: int = 8,
+        sequences: SequenceRecords | None = None,
     ) -> None:
         self.models = {
             name: BaseModelHandle(name, e.model_dir, e, EngineWorker(e, futures, limits, name))
@@ -118,6 +121,7 @@ class TinkerService:
         self.runs = runs
         self.futures = futures
         self.ephemeral_per_run = ephemeral_samplers_per_run
+        self.sequences = sequences or SequenceRecords()
         self._lock = threading.RLock()
         self._sessions: dict[str, Session] = {}
         self._runs: dict[str, Run] = {}
@@ -299,7 +303,9 @@ class TinkerService:
         def make(run: Run) -> TrainOp:
             handle = self.models[run.base_model]
             config = {k: float(v) for k, v in (loss_fn_config or {}).items() if isinstance(v, (int, float))}
-            group = TrainGroup(run.slot, [wire.datum(d, i) for i, d in enumerate(data)], loss_fn, config)
+            datums = [wire.datum(d, i) for i, d in enumerate(data)]
+            provenance.apply(loss_fn, data, datums, self.sequences, run.session_id)
+            group = TrainGroup(run.slot, datums, loss_fn, config)
             train.validate(group, handle.engine.vocab_size, handle.engine.max_len)
 
             def result(out: TrainOutput) -> dict[str, Any]:
@@ -431,7 +437,8 @@ class TinkerService:
     def _ephemeral_sampler(self, engine: Engine, run: Run, sampler_id: str) -> dict[str, Any]:
         slot = engine.snapshot(run.slot)
         with self._lock:
-            self._samplers[sampler_id] = Sampler(sampler_id, run.owner, run.base_model, None, slot)
+            sampler = Sampler(sampler_id, run.owner, run.session_id, run.base_model, None, slot)
+            self._samplers[sampler_id] = sampler
             self._sessions[run.session_id].sampler_ids.append(sampler_id)
             run.ephemeral[sampler_id] = slot
             while len(run.ephemeral) > self.ephemeral_per_run:  # bounded: the oldest snapshots go
@@ -527,10 +534,10 @@ class TinkerService:
         if model_path is not None:  # any ref: tinker:// path, name@N, name:alias (pinned here)
             rev = self.revision(owner, model_path, "model_path")
             handle = self.base_of(rev, "model_path")
-            sampler = Sampler(sampler_id, owner, handle.name, model_path, None, rev)
+            sampler = Sampler(sampler_id, owner, session_id, handle.name, model_path, None, rev)
         else:
             handle = self.base(base_model)
-            sampler = Sampler(sampler_id, owner, handle.name, None, BASE_SLOT)
+            sampler = Sampler(sampler_id, owner, session_id, handle.name, None, BASE_SLOT)
         with self._lock:
             self._samplers[sampler_id] = sampler
             self._sessions[session_id].sampler_ids.append(sampler_id)
@@ -551,7 +558,11 @@ class TinkerService:
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         prompt_logprobs_last_n: int | None,
+        record_stability_info: bool = False,
     ) -> tuple[Future, list[str]]:
+        """Queue a sample; answers its future and the sequence ids (one per sample, minted now, so a
+        retried request gets the same ones). With `record_stability_info` the sequences are recorded
+        for stable_reinforce."""
         sampler = self.sampler(sampler_id, owner)
         handle = self.models[sampler.base_model]
         tokens = wire.tokens(prompt, "prompt")
@@ -567,6 +578,8 @@ class TinkerService:
                 return request
 
             def finish(result: SampleResult) -> SampleResult:
+                if record_stability_info:
+                    self.sequences.record(sampler.session_id, sequence_ids, tokens, result.sequences)
                 if prompt_logprobs_last_n is not None and result.prompt_logprobs is not None:
                     keep = len(result.prompt_logprobs) - prompt_logprobs_last_n
                     result.prompt_logprobs = [
