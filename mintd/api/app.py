@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from mintd import __version__
 from mintd.api import catalog as catalog_routes
-from mintd.api import exports, tinker
+from mintd.api import exports, mint, tinker
 from mintd.api.auth import Authenticator, Unauthorized
 from mintd.catalog.errors import CatalogNotFound
 from mintd.service.tinker import NotFound, TinkerService
@@ -54,6 +54,7 @@ def create_app(
     app.state.blobs = blobs
     app.state.download_ttl_s = download_ttl_s
     app.include_router(tinker.router)
+    app.include_router(mint.router)
     app.include_router(exports.router)
     if catalog is not None:
         app.include_router(catalog_routes.router)

@@ -27,7 +27,7 @@ from mintd.engine.engine import Engine
 from mintd.engine.optim import AdamParams
 from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
 from mintd.engine.train import TrainGroup, TrainOutput
-from mintd.service import provenance, wire
+from mintd.service import interpolate, provenance, wire
 from mintd.service.checkpoints import (
     CHECKPOINT_TYPES,
     Checkpoints,
@@ -599,6 +599,38 @@ class TinkerService:
         if sampler.slot != BASE_SLOT and sampler.slot not in engine.slots:
             raise RequestError(f"sampler {sampler.id} expired; save the weights for sampling again")
         return sampler.slot
+
+    # MinT extensions ------------------------------------------------------------------------------
+
+    def interpolate_checkpoints(
+        self,
+        owner: str,
+        source_paths: list[str],
+        coefficients: list[float],
+        output_path: str | None,
+        rank: int | None = None,
+    ) -> Future:
+        """A sampler revision Σ cᵢ·Δᵢ (see service/interpolate); done before answering, so bad input is
+        an immediate 4xx, and the SDK's future resolves on its first poll."""
+        result = interpolate.interpolate(
+            self.checkpoints, owner, source_paths, coefficients, interpolate.output_adapter(output_path), rank
+        )
+        fut, _ = self.futures.create("MintInterpolateCheckpoints")
+        self.futures.resolve(
+            fut,
+            {
+                "type": "mint_interpolate_checkpoints",
+                "path": result.path,
+                "checkpoint_type": "sampler",
+                "source_paths": source_paths,
+                "coefficients": coefficients,
+                "has_rank_shards": False,
+                "revision": result.revision.ref,
+                "rank": result.rank,
+                "truncation_error": result.truncation_error,
+            },
+        )
+        return fut
 
     # REST views ---------------------------------------------------------------------------------
 

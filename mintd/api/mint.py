@@ -1,0 +1,30 @@
+"""MinT's extensions to the Tinker API (/api/v1/mint), as the `mint` SDK sends them: checkpoint
+interpolation and reverse-KL distillation. Validation and shaping only; the service does the work."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import Field
+
+from mintd.api.tinker import Body, _future, owner, service
+from mintd.service.tinker import TinkerService
+
+router = APIRouter(prefix="/api/v1/mint")
+
+
+class InterpolateCheckpoints(Body):
+    source_paths: list[str] = Field(min_length=1)
+    coefficients: list[float]
+    output_path: str | None = None
+    output_checkpoint_type: Literal["sampler"] = "sampler"
+    rank: int | None = Field(None, ge=1, le=1024)  # mintd extension: compress to this rank by SVD
+
+
+@router.post("/checkpoints/interpolate")
+def interpolate_checkpoints(
+    body: InterpolateCheckpoints, who: str = Depends(owner), svc: TinkerService = Depends(service)
+) -> dict[str, Any]:
+    fut = svc.interpolate_checkpoints(who, body.source_paths, body.coefficients, body.output_path, body.rank)
+    return _future(fut)
