@@ -28,3 +28,21 @@ def interpolate_checkpoints(
 ) -> dict[str, Any]:
     fut = svc.interpolate_checkpoints(who, body.source_paths, body.coefficients, body.output_path, body.rank)
     return _future(fut)
+
+
+class ReverseKL(Body):
+    model_id: str
+    reference_model_path: str
+    data: list[dict[str, Any]]
+    temperature: float = Field(1.0, gt=0)
+    seq_id: int | None = None
+
+
+@router.post("/forward_backward_reverse_kl")
+def forward_backward_reverse_kl(
+    body: ReverseKL, who: str = Depends(owner), svc: TinkerService = Depends(service)
+) -> dict[str, Any]:
+    fut = svc.forward_backward_reverse_kl(
+        who, body.model_id, body.seq_id, body.reference_model_path, body.data, body.temperature
+    )
+    return _future(fut, model_id=body.model_id)

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mintd.catalog import Provenance, Revision
 from mintd.catalog import validate as catalog_validate
 from mintd.catalog.errors import CatalogNotFound
-from mintd.engine import sampling, train
+from mintd.engine import distill, sampling, train
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
+from mintd.engine.distill import KLDatum, KLGroup, KLOutput
 from mintd.engine.engine import Engine
 from mintd.engine.optim import AdamParams
 from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
@@ -632,6 +635,55 @@ class TinkerService:
         )
         return fut
 
+    def forward_backward_reverse_kl(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int | None,
+        reference_model_path: str,
+        data: list[Any],
+        temperature: float,
+    ) -> Future:
+        """MinT's reverse-KL distillation step (engine/distill): the run's adapter is the student; the
+        reference is any revision of the same base, or the base model itself (named as the run's base
+        model). Without a seq_id it runs after the run's work already submitted."""
+        run = self.run(model_id, owner)
+        handle = self.models[run.base_model]
+        if reference_model_path == run.base_model:
+            reference = None
+        else:
+            reference = self.revision(owner, reference_model_path, "reference_model_path")
+            if reference.provenance.base_fingerprint != handle.engine.fingerprint:
+                raise ValueError(
+                    f"reference_model_path: {reference.ref} was trained on base model "
+                    f"{reference.provenance.base_model!r}, not this run's {run.base_model!r}"
+                )
+        group = KLGroup(BASE_SLOT, BASE_SLOT, [distill_datum(d, i) for i, d in enumerate(data)], temperature)
+        distill.validate(group, handle.engine.vocab_size, handle.engine.max_len)
+
+        def step(engine: Engine) -> dict[str, Any]:
+            group.slot = run.slot
+            if reference is not None:
+                group.reference_slot = self.checkpoints.load_into(
+                    engine, reference, trainable=False, optimizer=False, field="reference_model_path"
+                )
+            try:
+                out = engine.reverse_kl(group)
+            finally:
+                if reference is not None:
+                    engine.drop(group.reference_slot)
+            run.loss_fn = "reverse_kl"
+            return _reverse_kl_result(out)
+
+        if seq_id is not None:
+            return self._run_op(
+                owner, model_id, seq_id, "MintForwardBackwardReverseKL", lambda _r: CallOp(step)
+            )
+        fut, _ = self.futures.create("MintForwardBackwardReverseKL")
+        run.last_request_time = time.time()
+        handle.worker.submit_after_run(model_id, fut, CallOp(step))
+        return fut
+
     # REST views ---------------------------------------------------------------------------------
 
     def list_checkpoints(self, owner: str, run_id: str) -> list[dict[str, Any]]:
@@ -744,6 +796,39 @@ def _adapter_name(user_metadata: dict[str, Any] | None, run_id: str, default: st
     if name is None:
         return default or run_adapter_name(run_id)
     return catalog_validate.name(name, "user_metadata.adapter_name")
+
+
+def distill_datum(value: Any, index: int) -> KLDatum:
+    """A `ReverseKLDatum` {student_input, reference_input, target_tokens, weights} to the engine's."""
+    where = f"data[{index}]"
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a ReverseKLDatum object")
+    for name in ("target_tokens", "weights"):
+        if value.get(name) is None:
+            raise ValueError(f"{where}.{name}: missing")
+    return KLDatum(
+        torch.tensor(wire.tokens(value.get("student_input"), f"{where}.student_input"), dtype=torch.long),
+        torch.tensor(wire.tokens(value.get("reference_input"), f"{where}.reference_input"), dtype=torch.long),
+        wire.tensor(value["target_tokens"], f"{where}.target_tokens").long().reshape(-1),
+        wire.tensor(value["weights"], f"{where}.weights").float().reshape(-1),
+    )
+
+
+def _reverse_kl_result(out: KLOutput) -> dict[str, Any]:
+    weight = out.weight or 1.0
+    return {
+        "type": "mint_forward_backward_reverse_kl",
+        "outputs": [
+            {"loss": {"data": lp.tolist(), "shape": [len(lp)], "dtype": "float32"}} for lp in out.losses
+        ],
+        "metrics": {
+            "loss:sum": out.loss,
+            "reverse_kl:mean": out.loss / weight,  # exact, per unit of weight
+            "sampled_kl:sum": out.sampled_kl,  # log π_student(y) − log π_reference(y) at the targets
+            "sampled_kl:mean": out.sampled_kl / weight,
+            "weight:sum": out.weight,
+        },
+    }
 
 
 def _forward_result(out: TrainOutput) -> dict[str, Any]:
