@@ -348,6 +348,32 @@ def export_cmd(
 
 
 @adapters_app.command(
+    "interpolate",
+    help=(
+        "Write Σ cᵢ·Δᵢ of revisions of one base model as a new sampler revision of NAME (model soups).\n\n"
+        "Exact by default (rank Σ rᵢ, any signs, ranks and target sets); --rank keeps the best rank-k "
+        "approximation (SVD) and reports its relative error. The output's lineage names every source."
+    ),
+)
+def interpolate_cmd(
+    refs: Annotated[list[str], typer.Argument(help="Source revisions: name, name@N, tinker:// path, ...")],
+    coef: Annotated[list[float], typer.Option("--coef", help="One coefficient per source, in order.")],
+    name: Annotated[str, typer.Option(help="Adapter to write the result to (created if missing).")],
+    rank: Annotated[int | None, typer.Option(min=1, max=1024, help="Compress to this rank by SVD.")] = None,
+    data_dir: DataDir = Path("data"),
+    owner: Owner = "local",
+) -> None:
+    with _errors():
+        from mintd.service.checkpoints import Checkpoints
+        from mintd.service.interpolate import interpolate, output_adapter
+
+        checkpoints = Checkpoints(_catalog(data_dir), _blobs(data_dir))
+        done = interpolate(checkpoints, owner, refs, coef, output_adapter(name), rank)
+    error = "" if done.truncation_error is None else f", truncation error {done.truncation_error:.3g}"
+    console.print(f"[green]interpolated[/green] {escape(done.revision.ref)}  (rank {done.rank}{error})")
+
+
+@adapters_app.command(
     "gc",
     help=(
         "Expire revisions past their TTL, then delete blobs no live revision uses (all owners).\n\n"

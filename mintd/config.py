@@ -54,6 +54,15 @@ class ServeSettings(BaseSettings):
     max_sample_rows: int = Field(64, ge=1, description="rows decoded together in one engine batch")
     max_train_tokens: int = Field(65536, ge=1, description="tokens merged into one forward_backward call")
     ephemeral_samplers_per_run: int = Field(8, ge=1, description="sampler snapshots kept per training run")
+    sequence_ttl_s: float = Field(
+        86400.0,
+        gt=0,
+        description="sequences sampled with record_stability_info stay usable by stable_reinforce this "
+        "long after their last use",
+    )
+    max_recorded_sequences: int = Field(
+        1_000_000, ge=1, description="recorded sequences kept in memory; the least recently used go first"
+    )
     download_ttl_s: int = Field(
         900, ge=60, description="how long a checkpoint download link (export, archive) stays valid"
     )

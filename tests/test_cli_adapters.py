@@ -53,6 +53,7 @@ def test_help_for_every_command() -> None:
         "rollback",
         "import",
         "export",
+        "interpolate",
         "gc",
     ):
         result = runner.invoke(app, ["adapters", *cmd.split(), "--help"])
@@ -136,3 +137,28 @@ def test_errors_are_one_red_line(peft_dir: Path, qwen3_dir: Path, tmp_path: Path
     assert "not found" in cli("show", "nope", data_dir=data, code=1)
     assert "does not exist" in cli("list", data_dir=tmp_path / "elsewhere", code=1)
     assert "suite:metric>=threshold" in cli("promote", "a", "b", "1", "--gate", "x", data_dir=data, code=1)
+
+
+def test_interpolate_writes_an_exact_or_compressed_soup(
+    peft_dir: Path, qwen3_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    cli("import", str(peft_dir), "--name", "math", "--base-model-dir", str(qwen3_dir), data_dir=data)
+    out = cli(
+        "interpolate", "math@1", "math@1", "--coef", "0.5", "--coef", "1.5", "--name", "soup", data_dir=data
+    )
+    assert "interpolated local/soup@1  (rank 8)" in out
+    out = cli("interpolate", "math@1", "--coef", "2", "--name", "soup", "--rank", "2", data_dir=data)
+    assert "local/soup@2  (rank 2, truncation error" in out
+    cat = Catalog(CatalogDB.from_settings(CatalogSettings(), data))
+    assert [r.ref for r in cat.lineage("local", "soup@1")] == ["local/math@1"]
+    cli("export", "soup@1", str(tmp_path / "soup"), data_dir=data)
+    exact, source = load_file(str(tmp_path / "soup" / WEIGHTS_FILE)), load_file(str(peft_dir / WEIGHTS_FILE))
+    for key, a in source.items():
+        if ".lora_A." in key:
+            b = source[key.replace(".lora_A.", ".lora_B.")]
+            ea, eb = exact[key], exact[key.replace(".lora_A.", ".lora_B.")]
+            # source alpha 8 / rank 4; soup alpha 32 / rank 8: 2·(8/4)·B·A == (32/8)·B'·A'
+            assert torch.allclose(4.0 * eb @ ea, 2.0 * 2.0 * b @ a, atol=1e-6), key
+    out = cli("interpolate", "math@1", "--coef", "1", "--coef", "2", "--name", "soup", data_dir=data, code=1)
+    assert "coefficients: 2 given for 1 source_paths" in out and "Traceback" not in out

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from mintd import __version__
 from mintd.api import catalog as catalog_routes
-from mintd.api import errors, exports, tinker
+from mintd.api import errors, exports, mint, tinker
 from mintd.api.auth import Authenticator
 from mintd.api.guard import RequestGuard
 from mintd.config import ServeSettings
@@ -40,6 +40,7 @@ def create_app(
     app.state.catalog = catalog
     app.state.blobs = blobs
     app.include_router(tinker.router)
+    app.include_router(mint.router)
     app.include_router(exports.router)
     if catalog is not None:
         app.include_router(catalog_routes.router)

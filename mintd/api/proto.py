@@ -213,8 +213,9 @@ def decode_forward_backward_request(body: bytes, max_elements: int) -> dict[str,
     before anything is allocated.
 
     `loss_fn_config` merges the legacy numeric map (5) and v2 (7, numbers and text), v2 winning as
-    the SDK asks; it is None when neither is sent, like an omitted JSON key. Provenance spans and
-    unknown fields are skipped."""
+    the SDK asks; it is None when neither is sent, like an omitted JSON key. Provenance spans become
+    each datum's `model_input_spans` / `loss_fn_input_spans` (present only when sent); unknown fields
+    are skipped."""
     out: dict[str, Any] = {"model_id": "", "seq_id": 0, "data": [], "loss_fn": "", "forward_only": False}
     config_v1: dict[str, float] = {}
     config_v2: dict[str, float | str] = {}
@@ -270,6 +271,7 @@ def run_and_seq(body: bytes) -> tuple[str, int] | None:
 def _decode_datum(data: memoryview, max_elements: int) -> dict[str, Any]:
     chunks: list[dict[str, Any]] = []
     inputs: dict[str, dict[str, Any]] = {}
+    spans: dict[str, list[dict[str, Any]]] = {}
     for f, wt, v in iter_fields(data):
         if f == 1:
             _expect(f, wt, _LEN)
@@ -282,8 +284,31 @@ def _decode_datum(data: memoryview, max_elements: int) -> dict[str, Any]:
                 inputs[key] = _decode_tensor(value if value is not None else memoryview(b""), max_elements)
             except ProtoDecodeError as e:
                 raise ProtoDecodeError(f"loss_fn_inputs[{key!r}]: {e}") from None
-        # 3, 4: provenance spans, only meaningful to losses this server does not offer
-    return {"model_input": {"chunks": chunks}, "loss_fn_inputs": inputs}
+        elif f in (3, 4):
+            _expect(f, wt, _LEN)
+            spans.setdefault(_SPAN_FIELDS[f], []).append(_decode_span(v))
+    return {"model_input": {"chunks": chunks}, "loss_fn_inputs": inputs, **spans}
+
+
+_SPAN_FIELDS = {3: "model_input_spans", 4: "loss_fn_input_spans"}
+_SPAN_KINDS = {1: "prompt_tokens", 2: "sampled_tokens"}
+
+
+def _decode_span(data: memoryview) -> dict[str, Any]:
+    """ProvenanceSpan {oneof 1 prompt_tokens, 2 sampled_tokens} of {1 sequence_id, 2 offset, 3 length}
+    to `{kind: {sequence_id, offset, length}}`; proto3 leaves zeros off the wire, so absent means 0."""
+    out: dict[str, Any] = {}
+    for f, wt, v in iter_fields(data):
+        if f in _SPAN_KINDS:
+            _expect(f, wt, _LEN)
+            run: dict[str, Any] = {"sequence_id": "", "offset": 0, "length": 0}
+            for rf, rwt, rv in iter_fields(v):
+                if rf == 1:
+                    run["sequence_id"] = _text(rf, rwt, rv)
+                elif rf in (2, 3):
+                    run["offset" if rf == 2 else "length"] = _int(rf, rwt, rv)
+            out = {_SPAN_KINDS[f]: run}
+    return out
 
 
 def _b64(data: memoryview) -> str:
@@ -431,6 +456,11 @@ def encode_forward_backward_request(
             t = Writer().blob(1, arr.tobytes()).varint(3, _DTYPE_ENUM[tensor["dtype"]])
             t.packed_varints(4, tensor.get("shape") or [arr.size])
             d.message(2, Writer().string(1, name).message(2, t))
+        for field, name in _SPAN_FIELDS.items():
+            for span in datum.get(name) or ():
+                (kind, run), *_ = span.items()
+                r = Writer().string(1, run["sequence_id"]).varint(2, run["offset"]).varint(3, run["length"])
+                d.message(field, Writer().message(2 if kind == "sampled_tokens" else 1, r))
         w.message(3, d)
     w.string(4, loss_fn)
     for key, value in (loss_fn_config or {}).items():

@@ -410,6 +410,7 @@ class SampleBody(Body):
     prompt_alt_tokens_k: int = 0
     target_prompt_logprobs: dict[str, Any] | None = None
     prompt_logprobs_last_n: int | None = Field(None, ge=0)
+    record_stability_info: bool = False  # 0.38: record the sequences for stable_reinforce
 
 
 @router.post("/asample")
@@ -429,6 +430,7 @@ def asample(body: SampleBody, who: str = Depends(owner), svc: TinkerService = De
         body.prompt_logprobs or body.prompt_logprobs_last_n is not None,
         body.topk_prompt_logprobs,
         body.prompt_logprobs_last_n,
+        body.record_stability_info,
     )
     return _future(fut, sample_sequence_ids=sequence_ids)
 

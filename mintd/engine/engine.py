@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from mintd.config import EngineSettings
-from mintd.engine import sampling, train
+from mintd.engine import distill, sampling, train
 from mintd.engine.adapters import BASE_SLOT, AdapterSlots, LoraSpec
+from mintd.engine.distill import KLGroup, KLOutput
 from mintd.engine.families import adapted_names, classify, display_name
 from mintd.engine.lora import LoraContext, install_lora
 from mintd.engine.model import fingerprint, load_base_model, pick_device, pick_dtype
@@ -143,6 +144,16 @@ class Engine:
             self.pad_id,
             self.settings.micro_batch_tokens,
             forward_only,
+        )
+
+    def reverse_kl(self, group: KLGroup) -> KLOutput:
+        """Reverse-KL distillation of adapter `group.slot` toward `group.reference_slot`; gradients
+        accumulate like forward_backward's."""
+        train.check_slot(group.slot, self.slots, train=True)
+        train.check_slot(group.reference_slot, self.slots, train=False)
+        distill.validate(group, self.vocab_size, self.max_len)
+        return distill.reverse_kl(
+            self.model, self.ctx, self.slots, group, self.pad_id, self.settings.micro_batch_tokens
         )
 
     def optim_step(self, slot: int, params: AdamParams) -> dict[str, float]:

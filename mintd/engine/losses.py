@@ -7,6 +7,7 @@ batch into micro-batches changes nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,13 @@ Config = dict[str, float]
 DEFAULT_CLIP_LOW = 0.8
 DEFAULT_CLIP_HIGH = 1.2
 DEFAULT_DRO_BETA = 0.05
+# GSPO's sequence-ratio bounds: the GSPO paper's ε_low = 3e-4, ε_high = 4e-4 (a geometric-mean ratio
+# moves far less than a token ratio, so ppo's 0.8/1.2 would almost never clip).
+GSPO_CLIP_LOW = 1 - 3e-4
+GSPO_CLIP_HIGH = 1 + 4e-4
+# mintd's stable_reinforce: importance weights truncated at this cap, and no KL term unless asked.
+DEFAULT_IS_CAP = 1.0
+DEFAULT_KL_COEFF = 0.0
 
 
 def _ratio(lp: torch.Tensor, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,10 +33,12 @@ def _ratio(lp: torch.Tensor, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor
     return torch.exp(lp - q), q, adv
 
 
-def _clip_bounds(inputs: Inputs, config: Config) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+def _clip_bounds(
+    inputs: Inputs, config: Config, low: float = DEFAULT_CLIP_LOW, high: float = DEFAULT_CLIP_HIGH
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """Per-token thresholds (0.38 loss_fn_inputs) win over scalar config, which wins over defaults."""
-    low = inputs.get("clip_low_threshold", config.get("clip_low_threshold", DEFAULT_CLIP_LOW))
-    high = inputs.get("clip_high_threshold", config.get("clip_high_threshold", DEFAULT_CLIP_HIGH))
+    low = inputs.get("clip_low_threshold", config.get("clip_low_threshold", low))
+    high = inputs.get("clip_high_threshold", config.get("clip_high_threshold", high))
     return low, high
 
 
@@ -66,6 +76,45 @@ def dro(lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
     return -(lp * adv - 0.5 * beta * (lp - q) ** 2).sum()
 
 
+def gspo(lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+    """GSPO-token: s_t = exp(ℓ + lp_t − sg(lp_t)) with ℓ the detached mean log-ratio over the rows
+    `sequence_ratio_mask` selects; Σ over all rows of −min(s·A, clip(s, lo, hi)·A). One ratio value per
+    datum, so clipping gates the whole datum (by the sign of each row's A)."""
+    q, adv = inputs["logprobs"], inputs["advantages"]
+    selected = inputs["sequence_ratio_mask"] != 0
+    mean_log_ratio = (lp.detach() - q)[selected].mean()
+    ratio = torch.exp(mean_log_ratio + lp - lp.detach())
+    low, high = _clip_bounds(inputs, config, GSPO_CLIP_LOW, GSPO_CLIP_HIGH)
+    return -torch.minimum(ratio * adv, torch.clamp(ratio, low, high) * adv).sum()
+
+
+def stable_reinforce(lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+    """mintd's stable off-policy REINFORCE (not necessarily the hosted service's formula), over the rows
+    m_t = 1 that reproduce recorded sampled tokens, with q_t the sampler's recorded logprob:
+
+        Σ_t m_t · [ −min(exp(sg(lp_t) − q_t), c) · A_t · lp_t  +  kl_coeff · (q_t − lp_t) ]
+
+    The first term is REINFORCE with a truncated importance weight (c = `is_cap`, default 1): stale or
+    numerically drifted samples can down-weight but never amplify an update. The second is the k1
+    estimate of KL(sampler ‖ learner) on the sampler's own draws (gradient −kl_coeff·∇lp), a pull
+    back toward what was sampled; kl_coeff defaults to 0."""
+    q, adv, mask = inputs["logprobs"], inputs["advantages"], inputs["sampled_mask"]
+    cap = config.get("is_cap", DEFAULT_IS_CAP)
+    kl_coeff = config.get("kl_coeff", DEFAULT_KL_COEFF)
+    weight = torch.clamp(torch.exp(lp.detach() - q), max=cap)
+    return (mask * (-weight * adv * lp + kl_coeff * (q - lp))).sum()
+
+
+def check_config(config: Config) -> None:
+    """ValueError naming the bad `loss_fn_config` key, for the keys a loss reads."""
+    for key in ("kl_coeff", "is_cap", "beta"):
+        value = config.get(key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"loss_fn_config.{key}: must be a finite number >= 0 (got {value})")
+    if config.get("is_cap") == 0:
+        raise ValueError("loss_fn_config.is_cap: must be > 0")
+
+
 LossFn = Callable[[torch.Tensor, Inputs, Config], torch.Tensor]
 _RL_INPUTS = ("logprobs", "advantages")
 
@@ -76,6 +125,8 @@ LOSSES: dict[str, tuple[LossFn, tuple[str, ...]]] = {
     "ppo": (ppo, _RL_INPUTS),
     "cispo": (cispo, _RL_INPUTS),
     "dro": (dro, _RL_INPUTS),
+    "gspo": (gspo, (*_RL_INPUTS, "sequence_ratio_mask")),
+    "stable_reinforce": (stable_reinforce, (*_RL_INPUTS, "sampled_mask")),
 }
 
 

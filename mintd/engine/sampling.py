@@ -1,7 +1,9 @@
 """Batched generation with a KV cache, each row on its own adapter slot (or the base).
 
-Returned logprobs are the model's own (before temperature, top-k or top-p), so they equal what a
-forward pass over the same sequence gives: the numbers importance sampling needs.
+Each sampled token's logprob is log softmax(z/τ) at that token: the distribution sampled from at
+temperature τ (over the full vocabulary; top-k / top-p truncation is not renormalised into it), so an
+importance-sampling ratio against it is exact at any τ. Greedy rows (τ = 0) report the model's own
+logprob (τ = 1). Prompt logprobs are always the model's own.
 """
 
 from __future__ import annotations
@@ -137,9 +139,20 @@ def _prompt_logprobs(
             ]
 
 
+def _temperatures(rows: list[_Row], device: torch.device) -> torch.Tensor:
+    return torch.tensor([r.params.temperature for r in rows], device=device)
+
+
+def _tempered_logprobs(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """log softmax(z/τ) per row; τ = 0 (greedy) keeps τ = 1."""
+    temps = _temperatures(rows, logits.device)
+    temps = torch.where(temps > 0, temps, torch.ones_like(temps))
+    return torch.log_softmax(logits / temps.unsqueeze(-1), dim=-1)
+
+
 def _choose(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
     """One token per row under its temperature / top-k / top-p and its request's generator."""
-    temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+    temps = _temperatures(rows, logits.device)
     greedy = logits.argmax(dim=-1)
     if bool((temps == 0).all()):
         return greedy
@@ -239,7 +252,7 @@ def _decode(
     while True:
         live = [rows[i] for i in active]
         tokens = _choose(logits, live)
-        chosen_lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        chosen_lp = _tempered_logprobs(logits, live).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         keep = []
         for j, (row, tok, lp) in enumerate(zip(live, tokens.tolist(), chosen_lp.tolist(), strict=True)):
             row.tokens.append(tok)

@@ -16,7 +16,7 @@ from mintd.engine.adapters import BASE_SLOT, AdapterSlots
 from mintd.engine.forward import padded_forward, target_logprobs
 from mintd.engine.lora import LoraContext
 from mintd.engine.lora_batch import row_order
-from mintd.engine.losses import get_loss
+from mintd.engine.losses import check_config, get_loss
 
 
 @dataclass
@@ -51,6 +51,7 @@ def check_slot(slot: int, table: AdapterSlots, train: bool) -> None:
 def validate(group: TrainGroup, vocab_size: int, max_len: int) -> None:
     """Raise ValueError naming the bad field. Pure: safe to call from any thread before queueing."""
     _, required = get_loss(group.loss_fn)
+    check_config(group.loss_config)
     if not group.data:
         raise ValueError("data: empty batch")
     for i, d in enumerate(group.data):
@@ -78,6 +79,8 @@ def validate(group: TrainGroup, vocab_size: int, max_len: int) -> None:
                 raise ValueError(
                     f"{where}.loss_fn_inputs.{name}: shape {tuple(t.shape)} does not match {n} tokens"
                 )
+        if group.loss_fn == "gspo" and not bool((d.inputs["sequence_ratio_mask"] != 0).any()):
+            raise ValueError(f"{where}.sequence_ratio_mask: selects no rows (gspo's ratio is their mean)")
         if "weights" in d.inputs and d.inputs["weights"].shape != target.shape:
             raise ValueError(f"{where}.weights: shape must equal target_tokens shape {tuple(target.shape)}")
 

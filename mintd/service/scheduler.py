@@ -54,9 +54,21 @@ class _RunQueue:
     waiting: dict[int, _Queued] = field(default_factory=dict)
     waiting_since: float = field(default_factory=time.monotonic)
     failed: str | None = None
+    # ops without a seq_id: (last seq_id submitted before them, op); each runs once all of those ran
+    unsequenced: deque[tuple[int, _Queued]] = field(default_factory=deque)
 
     def head(self) -> _Queued | None:
+        if self.unsequenced and self.unsequenced[0][0] < self.next_seq:
+            return self.unsequenced[0][1]
         return self.waiting.get(self.next_seq)
+
+    def pop_head(self) -> None:
+        if self.unsequenced and self.unsequenced[0][0] < self.next_seq:
+            self.unsequenced.popleft()
+        else:
+            del self.waiting[self.next_seq]
+            self.next_seq += 1
+        self.waiting_since = time.monotonic()
 
 
 @dataclass
@@ -104,7 +116,7 @@ class EngineWorker:
     def remove_run(self, model_id: str) -> None:
         with self._cv:
             queue = self._runs.pop(model_id, None)
-        for item in queue.waiting.values() if queue else ():
+        for item in _queued(queue) if queue else ():
             self.futures.resolve(item.future, error=RequestError(f"model {model_id} was unloaded"))
 
     def submit_run_op(self, model_id: str, seq_id: int, future: Future, op: TrainOp | CallOp) -> None:
@@ -120,6 +132,19 @@ class EngineWorker:
             if not queue.waiting:
                 queue.waiting_since = time.monotonic()
             queue.waiting[seq_id] = _Queued(future, op)
+            self._cv.notify()
+
+    def submit_after_run(self, model_id: str, future: Future, op: TrainOp | CallOp) -> None:
+        """An op without a seq_id: it runs after every op of the run already submitted (including
+        seq_ids still awaited), before any submitted later, and consumes no seq_id."""
+        with self._cv:
+            queue = self._runs.get(model_id)
+            if queue is None or queue.failed:
+                reason = queue.failed if queue else f"unknown model_id {model_id}"
+                self.futures.resolve(future, error=RequestError(reason))
+                return
+            last = max([queue.next_seq - 1, *queue.waiting, *(after for after, _ in queue.unsequenced)])
+            queue.unsequenced.append((last, _Queued(future, op)))
             self._cv.notify()
 
     def submit_sample(self, session_id: str, future: Future, op: SampleOp) -> None:
@@ -220,9 +245,10 @@ class EngineWorker:
                     f"model {model_id}: seq_id {queue.next_seq} never arrived within "
                     f"{self.limits.seq_gap_timeout_s:g}s; the training run is stopped"
                 )
-                for item in queue.waiting.values():
+                for item in _queued(queue):
                     self.futures.resolve(item.future, error=RequestError(queue.failed))
                 queue.waiting.clear()
+                queue.unsequenced.clear()
 
     def _take_run_ops(self) -> tuple[list[tuple[Future, CallOp]], list[tuple[Future, TrainOp]]]:
         """Round-robin over runs: each gives its in-order head ops (up to the fair-share cap)."""
@@ -251,9 +277,7 @@ class EngineWorker:
                     break
                 else:
                     calls.append((item.future, item.op))
-                del queue.waiting[queue.next_seq]
-                queue.next_seq += 1
-                queue.waiting_since = time.monotonic()
+                queue.pop_head()
         return calls, train
 
     def _take_samples(self) -> list[tuple[Future, SampleOp]]:
@@ -334,6 +358,10 @@ class EngineWorker:
             self.futures.resolve(fut, error=_as_request_error(exc))
             return False
         return True
+
+
+def _queued(queue: _RunQueue) -> list[_Queued]:
+    return [*queue.waiting.values(), *(item for _, item in queue.unsequenced)]
 
 
 def _as_request_error(exc: Exception, blame: str = "user") -> RequestError:

@@ -18,17 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mintd.catalog import Provenance, Revision
 from mintd.catalog import validate as catalog_validate
 from mintd.catalog.errors import CatalogNotFound
 from mintd.config import ServeSettings
-from mintd.engine import sampling, train
+from mintd.engine import distill, sampling, train
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
+from mintd.engine.distill import KLDatum, KLGroup, KLOutput
 from mintd.engine.engine import Engine
 from mintd.engine.optim import AdamParams
 from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
 from mintd.engine.train import TrainGroup, TrainOutput
-from mintd.service import wire
+from mintd.service import interpolate, provenance, wire
 from mintd.service.checkpoints import (
     CHECKPOINT_TYPES,
     Checkpoints,
@@ -38,6 +41,7 @@ from mintd.service.checkpoints import (
 )
 from mintd.service.errors import Gone, NotFound
 from mintd.service.futures import Future, FutureStore, RequestError
+from mintd.service.provenance import SequenceRecords
 from mintd.service.runs import RunElsewhere, RunRecords
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
 from mintd.service.sessions import Quotas, Registry, Run, Sampler, Session
@@ -83,6 +87,7 @@ class TinkerService:
             settings.max_sessions_per_owner, settings.max_runs_per_owner, settings.max_samplers_per_owner
         )
         self.registry = Registry(quotas)
+        self.sequences = SequenceRecords(settings.sequence_ttl_s, settings.max_recorded_sequences)
         self._sample_seq = itertools.count()
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="mintd-reaper", daemon=True)
@@ -300,7 +305,9 @@ class TinkerService:
             handle = self.models[run.base_model]
             config = {k: float(v) for k, v in (loss_fn_config or {}).items() if isinstance(v, (int, float))}
             cap = self.settings.max_tensor_elements
-            group = TrainGroup(run.slot, [wire.datum(d, i, cap) for i, d in enumerate(data)], loss_fn, config)
+            datums = [wire.datum(d, i, cap) for i, d in enumerate(data)]
+            provenance.apply(loss_fn, data, datums, self.sequences, run.session_id)
+            group = TrainGroup(run.slot, datums, loss_fn, config)
             train.validate(group, handle.engine.vocab_size, handle.engine.max_len)
 
             def result(out: TrainOutput) -> dict[str, Any]:
@@ -466,13 +473,15 @@ class TinkerService:
         optimizer: bool,
         user_metadata: dict[str, Any],
     ) -> Future:
-        """0.38 create-via-load: a new run whose adapter (and optimizer) come from a revision."""
+        """0.38 create-via-load: a new run whose adapter (and optimizer) come from a revision. It
+        continues that revision's adapter (its saves are the adapter's next revisions, the state their
+        parent) unless `user_metadata["adapter_name"]` names another."""
         self.session(session_id, owner, live=True)
         rev = self.revision(owner, path)
         handle = self.base_of(rev)
         self.registry.check_run_quota(owner)
         model_id = f"{session_id}:train:{model_seq_id}"
-        adapter = _adapter_name(user_metadata, model_id)
+        adapter = _adapter_name(user_metadata, model_id, default=rev.adapter)
 
         def create(engine: Engine) -> dict[str, Any]:
             slot = self.checkpoints.load_into(engine, rev, trainable=True, optimizer=optimizer)
@@ -541,7 +550,11 @@ class TinkerService:
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         prompt_logprobs_last_n: int | None,
+        record_stability_info: bool = False,
     ) -> tuple[Future, list[str]]:
+        """Queue a sample; answers its future and the sequence ids (one per sample, minted now, so a
+        retried request gets the same ones). With `record_stability_info` the sequences are recorded
+        for stable_reinforce."""
         sampler = self.sampler(sampler_id, owner)
         handle = self.models[sampler.base_model]
         tokens = wire.tokens(prompt, "prompt").tolist()
@@ -558,6 +571,8 @@ class TinkerService:
                 return request
 
             def finish(result: SampleResult) -> SampleResult:
+                if record_stability_info:
+                    self.sequences.record(sampler.session_id, sequence_ids, tokens, result.sequences)
                 if prompt_logprobs_last_n is not None and result.prompt_logprobs is not None:
                     keep = len(result.prompt_logprobs) - prompt_logprobs_last_n
                     result.prompt_logprobs = [
@@ -577,6 +592,92 @@ class TinkerService:
         if sampler.slot != BASE_SLOT and sampler.slot not in engine.slots:
             raise RequestError(f"sampler {sampler.id} expired; save the weights for sampling again")
         return sampler.slot
+
+    # MinT extensions ------------------------------------------------------------------------------
+
+    def interpolate_checkpoints(
+        self,
+        owner: str,
+        source_paths: list[str],
+        coefficients: list[float],
+        output_path: str | None,
+        rank: int | None = None,
+    ) -> Future:
+        """A sampler revision Σ cᵢ·Δᵢ (see service/interpolate); done before answering, so bad input is
+        an immediate 4xx, and the SDK's future resolves on its first poll."""
+        result = interpolate.interpolate(
+            self.checkpoints, owner, source_paths, coefficients, interpolate.output_adapter(output_path), rank
+        )
+        fut, _ = self.futures.create("MintInterpolateCheckpoints", owner)
+        self.futures.resolve(
+            fut,
+            {
+                "type": "mint_interpolate_checkpoints",
+                "path": result.path,
+                "checkpoint_type": "sampler",
+                "source_paths": source_paths,
+                "coefficients": coefficients,
+                "has_rank_shards": False,
+                "revision": result.revision.ref,
+                "rank": result.rank,
+                "truncation_error": result.truncation_error,
+            },
+        )
+        return fut
+
+    def forward_backward_reverse_kl(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int | None,
+        reference_model_path: str,
+        data: list[Any],
+        temperature: float,
+    ) -> Future:
+        """MinT's reverse-KL distillation step (engine/distill): the run's adapter is the student; the
+        reference is any revision of the same base, or the base model itself (named as the run's base
+        model). Without a seq_id it runs after the run's work already submitted."""
+        run = self.run(model_id, owner)
+        handle = self.models[run.base_model]
+        if reference_model_path == run.base_model:
+            reference = None
+        else:
+            reference = self.revision(owner, reference_model_path, "reference_model_path")
+            if reference.provenance.base_fingerprint != handle.engine.fingerprint:
+                raise ValueError(
+                    f"reference_model_path: {reference.ref} was trained on base model "
+                    f"{reference.provenance.base_model!r}, not this run's {run.base_model!r}"
+                )
+        group = KLGroup(
+            BASE_SLOT,
+            BASE_SLOT,
+            [distill_datum(d, i, self.settings.max_tensor_elements) for i, d in enumerate(data)],
+            temperature,
+        )
+        distill.validate(group, handle.engine.vocab_size, handle.engine.max_len)
+
+        def step(engine: Engine) -> dict[str, Any]:
+            group.slot = run.slot
+            if reference is not None:
+                group.reference_slot = self.checkpoints.load_into(
+                    engine, reference, trainable=False, optimizer=False, field="reference_model_path"
+                )
+            try:
+                out = engine.reverse_kl(group)
+            finally:
+                if reference is not None:
+                    engine.drop(group.reference_slot)
+            run.loss_fn = "reverse_kl"
+            return _reverse_kl_result(out)
+
+        if seq_id is not None:
+            return self._run_op(
+                owner, model_id, seq_id, "MintForwardBackwardReverseKL", lambda _r: CallOp(step)
+            )
+        fut, _ = self.futures.create("MintForwardBackwardReverseKL", owner, session_id=run.session_id)
+        run.last_request_time = time.time()
+        handle.worker.submit_after_run(model_id, fut, CallOp(step))
+        return fut
 
     # REST views ---------------------------------------------------------------------------------
 
@@ -689,13 +790,46 @@ def _refusal(exc: Exception) -> RequestError:
     return RequestError(f"internal error: {type(exc).__name__}", "server")
 
 
-def _adapter_name(user_metadata: dict[str, Any] | None, run_id: str) -> str:
+def _adapter_name(user_metadata: dict[str, Any] | None, run_id: str, default: str | None = None) -> str:
     """The catalog adapter a run saves into: `user_metadata["adapter_name"]` (several runs may continue
-    one adapter) or one named after the run."""
+    one adapter), else `default` (a resumed state's own adapter), else one named after the run."""
     name = (user_metadata or {}).get("adapter_name")
     if name is None:
-        return run_adapter_name(run_id)
+        return default or run_adapter_name(run_id)
     return catalog_validate.name(name, "user_metadata.adapter_name")
+
+
+def distill_datum(value: Any, index: int, max_elements: int) -> KLDatum:
+    """A `ReverseKLDatum` {student_input, reference_input, target_tokens, weights} to the engine's."""
+    where = f"data[{index}]"
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a ReverseKLDatum object")
+    for name in ("target_tokens", "weights"):
+        if value.get(name) is None:
+            raise ValueError(f"{where}.{name}: missing")
+    return KLDatum(
+        torch.from_numpy(wire.tokens(value.get("student_input"), f"{where}.student_input")),
+        torch.from_numpy(wire.tokens(value.get("reference_input"), f"{where}.reference_input")),
+        wire.tensor(value["target_tokens"], f"{where}.target_tokens", max_elements).long().reshape(-1),
+        wire.tensor(value["weights"], f"{where}.weights", max_elements).float().reshape(-1),
+    )
+
+
+def _reverse_kl_result(out: KLOutput) -> dict[str, Any]:
+    weight = out.weight or 1.0
+    return {
+        "type": "mint_forward_backward_reverse_kl",
+        "outputs": [
+            {"loss": {"data": lp.tolist(), "shape": [len(lp)], "dtype": "float32"}} for lp in out.losses
+        ],
+        "metrics": {
+            "loss:sum": out.loss,
+            "reverse_kl:mean": out.loss / weight,  # exact, per unit of weight
+            "sampled_kl:sum": out.sampled_kl,  # log π_student(y) − log π_reference(y) at the targets
+            "sampled_kl:mean": out.sampled_kl / weight,
+            "weight:sum": out.weight,
+        },
+    }
 
 
 def _forward_result(out: TrainOutput) -> dict[str, Any]:

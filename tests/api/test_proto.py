@@ -47,7 +47,15 @@ def case(model_id, seq_id, data, loss_fn, config=None, forward_only=False):
             arr = td.to_numpy()
             inputs[name] = {"data": arr.ravel().tolist(), "dtype": td.dtype, "shape": list(arr.shape)}
         chunks = [c.model_dump(mode="json", exclude_none=True) for c in d.model_input.chunks]
-        datums.append({"model_input": {"chunks": chunks}, "loss_fn_inputs": inputs})
+        datum = {"model_input": {"chunks": chunks}, "loss_fn_inputs": inputs}
+        for name in ("model_input_spans", "loss_fn_input_spans"):
+            if getattr(d, name, None):
+                datum[name] = [
+                    {"sampled_tokens" if isinstance(sp, T.SampledProvenanceSpan) else "prompt_tokens":
+                     {"sequence_id": sp.sequence_id, "offset": sp.offset, "length": sp.length}}
+                    for sp in getattr(d, name)
+                ]
+        datums.append(datum)
     expected = {
         "model_id": model_id, "seq_id": seq_id, "data": datums, "loss_fn": loss_fn,
         "loss_fn_config": dict(config) if config else None, "forward_only": forward_only,
@@ -87,12 +95,14 @@ cases = [
     case("model-2", 2**31 - 1, [d2], "ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.25}),
     case("m", 3, [], "cross_entropy"),
 ]
-if V038:  # 0.38-only wire features: forward_only, provenance spans (skipped), dmel chunks, text config
+if V038:  # 0.38-only wire features: forward_only, provenance spans, dmel chunks, text config
     spanned = T.Datum(
         model_input=T.ModelInput(chunks=[text(tokens=[1, 2]), T.DmelChunk(dmel=b"\x00\x01dmel")]),
         loss_fn_inputs={"target_tokens": T.TensorData(data=[2, 3], dtype="int64")},
-        model_input_spans=[T.PromptProvenanceSpan(sequence_id="s1", offset=0, length=2)],
-        loss_fn_input_spans=[T.SampledProvenanceSpan(sequence_id="s1", offset=3, length=2)],
+        model_input_spans=[T.PromptProvenanceSpan(sequence_id="s1", offset=0, length=2),
+                           T.SampledProvenanceSpan(sequence_id="s1:é", offset=0, length=0)],
+        loss_fn_input_spans=[T.PromptProvenanceSpan(sequence_id="s1", offset=1, length=1),
+                             T.SampledProvenanceSpan(sequence_id="s1", offset=3, length=2**40)],
     )
     cases.append(case("model-3", 5, [spanned, d1], "importance_sampling", {"mode": "token", "beta": 0.5},
                       forward_only=True))
@@ -160,7 +170,7 @@ def _check_requests(cases: list[dict[str, Any]]) -> None:
 @pytest.mark.parametrize("env", ["tinker-0.38", "tinker-0.22"])
 def test_sdk_requests_decode(env: str) -> None:
     """Text and image chunks, 1-D and 2-D tensors, dense and CSR, loss configs, and (0.38) dmel,
-    provenance spans (skipped) and forward_only."""
+    provenance spans and forward_only."""
     cases = run_sdk_json(env, SDK_REQUEST_HELPERS + SDK_FIXED_REQUESTS)
     assert len(cases) == (4 if env == "tinker-0.38" else 3)
     _check_requests(cases)
@@ -191,6 +201,11 @@ def test_our_request_encoding_is_understood_by_the_sdk() -> None:
                 "target_tokens": {"data": [2, 3, 4, 5, 6, 7], "dtype": "int64", "shape": [3, 2]},
                 "weights": {"data": [1.0, 0.5, 0.0], "dtype": "float32", "shape": [3]},
             },
+            "model_input_spans": [{"prompt_tokens": {"sequence_id": "a:1:0", "offset": 0, "length": 3}}],
+            "loss_fn_input_spans": [
+                {"prompt_tokens": {"sequence_id": "a:1:0", "offset": 1, "length": 2}},
+                {"sampled_tokens": {"sequence_id": "a:1:0", "offset": 0, "length": 1}},
+            ],
         }
     ]
     request = {
@@ -488,7 +503,8 @@ def test_unknown_fields_of_every_wire_type_are_skipped_at_every_level() -> None:
     tensor.blob(4, b"\x02")  # packed shape [2]
     chunk = u(_w()).message(1, u(_w().blob(1, np.array([7, 8], "<i4").tobytes())))
     datum = u(_w().message(1, chunk)).message(2, u(_w().string(1, "weights")).message(2, tensor))
-    datum.message(3, _w().message(1, _w().string(1, "seq").varint(3, 2)))  # a provenance span
+    span = u(_w()).message(1, u(_w().string(1, "seq").varint(3, 2)))  # a provenance span
+    datum.message(3, span)
     body = u(_w()).string(1, "m").varint(2, 4).message(3, datum).string(4, "cross_entropy")
     body.message(7, u(_w().string(1, "x")).message(2, u(_w().string(2, "y"))))
     assert decode(u(body).getvalue()) == {
@@ -498,6 +514,7 @@ def test_unknown_fields_of_every_wire_type_are_skipped_at_every_level() -> None:
             {
                 "model_input": {"chunks": [{"type": "encoded_text", "tokens": [7, 8]}]},
                 "loss_fn_inputs": {"weights": {"data": [1.0, 2.0], "dtype": "float32", "shape": [2]}},
+                "model_input_spans": [{"prompt_tokens": {"sequence_id": "seq", "offset": 0, "length": 2}}],
             }
         ],
         "loss_fn": "cross_entropy",

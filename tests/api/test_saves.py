@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from mintd.config import EngineSettings
 from mintd.engine.engine import Engine
 from mintd.engine.train import Datum, TrainGroup
+from mintd.service.checkpoints import run_adapter_name
 from mintd.store.packed import load_packed_into, read_packed
 from mintd.store.peft import CONFIG_FILE, README_FILE, WEIGHTS_FILE, load_peft_folder
 from tests.sdk import run_sdk_json
@@ -169,3 +170,49 @@ def test_checkpoint_archive_for_tinker_0_22(server, tmp_path):
     source = server.service.revision("local", out["path"])
     assert rev.kind == "external" and rev.provenance.base_fingerprint == source.provenance.base_fingerprint
     assert rev.content_hash == source.content_hash  # packing is deterministic: same adapter, same blob
+
+
+RESUME = """
+import json
+import tinker
+from tinker import types
+
+service = tinker.ServiceClient(base_url={url!r}, api_key="tml-e2e")
+ids = list(range(5, 25))
+datum = types.Datum(
+    model_input=types.ModelInput.from_ints(ids[:-1]),
+    loss_fn_inputs={{"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)}},
+)
+
+def step(client):
+    client.forward_backward([datum], "cross_entropy").result()
+    client.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+
+first = service.create_lora_training_client(base_model="tiny", rank=4, seed=1).result()
+step(first)
+paths = [first.save_state("s1").result().path]
+client = first
+for i in (2, 3):  # killed and resumed twice: every resume continues the same adapter
+    client = service.create_training_client_from_state_with_optimizer(paths[-1]).result()
+    step(client)
+    paths.append(client.save_state(f"s{{i}}").result().path)
+plain = service.create_training_client_from_state(paths[-1]).result()
+paths.append(plain.save_weights_for_sampler("p4").result().path)
+fork = service.create_training_client_from_state(paths[0], user_metadata={{"adapter_name": "fork"}}).result()
+paths.append(fork.save_weights_for_sampler("f1").result().path)
+print(json.dumps({{"paths": paths, "runs": [first.model_id, client.model_id, plain.model_id]}}))
+"""
+
+
+def test_resume_from_state_continues_the_adapter(server):
+    out = run_sdk_json("tinker-0.38", RESUME.format(url=server.url), timeout=180)
+    catalog = server.service.catalog
+    revs = [catalog.resolve("local", p) for p in out["paths"]]
+    *chain, forked = revs
+    assert {r.adapter for r in chain} == {run_adapter_name(out["runs"][0])}
+    assert [r.number for r in chain] == [1, 2, 3, 4]
+    assert len({r.provenance.training_run_id for r in chain}) == 4  # four runs, one adapter
+    assert [r.provenance.step for r in chain] == [1, 2, 3, 3]
+    assert [r.ref for r in catalog.lineage("local", chain[-1].ref)] == [r.ref for r in reversed(chain[:-1])]
+    assert forked.adapter == "fork" and forked.number == 1
+    assert [r.ref for r in catalog.lineage("local", forked.ref)] == [chain[0].ref]

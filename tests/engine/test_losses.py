@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mintd.engine.losses import get_loss
+from mintd.engine.losses import check_config, get_loss
 
 LP = [-0.5, -1.2, -2.0, -0.1]
 Q = [-0.7, -1.0, -2.5, -0.1]
@@ -87,6 +87,68 @@ def test_dro():
     expected = -sum(lp * a - 0.5 * beta * (lp - q) ** 2 for lp, q, a in zip(LP, Q, ADV, strict=True))
     assert value == pytest.approx(expected)
     assert grad == pytest.approx([-(a - beta * (lp - q)) for lp, q, a in zip(LP, Q, ADV, strict=True)])
+
+
+def gspo_reference(mask: list, low: float, high: float) -> tuple[float, list]:
+    log_ratios = [lp - q for lp, q, m in zip(LP, Q, mask, strict=True) if m]
+    s = math.exp(sum(log_ratios) / len(log_ratios))  # one ratio for the datum
+    clipped = min(max(s, low), high)
+    value = -sum(min(s * a, clipped * a) for a in ADV)
+    grad = [-s * a if s * a <= clipped * a or low <= s <= high else 0.0 for a in ADV]
+    return value, grad
+
+
+@pytest.mark.parametrize("mask", [[1, 1, 1, 0], [0, 1, 0, 0], [1, 0.5, 2, 1]])
+def test_gspo_sequence_ratio_over_the_masked_rows(mask):
+    inputs = {**rl_inputs(), "sequence_ratio_mask": mask}
+    selected = [m != 0 for m in mask]  # the mask selects; its values are not weights
+    assert_matches(run("gspo", inputs), gspo_reference(selected, 1 - 3e-4, 1 + 4e-4))
+    config = {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}
+    assert_matches(run("gspo", inputs, config), gspo_reference(selected, 0.5, 2.0))
+
+
+def test_gspo_clipping_gates_the_whole_datum_by_sign():
+    inputs = {**rl_inputs(), "sequence_ratio_mask": [1, 1, 1, 0]}  # mean log-ratio 1/6: s > 1.2
+    _, grad = run("gspo", inputs, {"clip_low_threshold": 0.8, "clip_high_threshold": 1.1})
+    assert grad[0] == grad[2] == 0.0  # A > 0 rows are clipped away
+    assert grad[1] == pytest.approx(0.5 * math.exp(1 / 6))  # the A < 0 row still gets −s·A
+
+
+def stable_reinforce_reference(mask: list, cap: float, kl: float) -> tuple[float, list]:
+    value, grad = 0.0, []
+    for lp, q, a, m in zip(LP, Q, ADV, mask, strict=True):
+        w = min(math.exp(lp - q), cap)
+        value += m * (-w * a * lp + kl * (q - lp))
+        grad.append(m * (-w * a - kl))
+    return value, grad
+
+
+@pytest.mark.parametrize(("cap", "kl"), [(None, None), (1.5, 0.0), (1.0, 0.01), (100.0, 0.3)])
+def test_stable_reinforce_truncated_is_and_kl(cap, kl):
+    mask = [1.0, 1.0, 1.0, 0.0]
+    inputs = {**rl_inputs(), "sampled_mask": mask}
+    config = {k: v for k, v in (("is_cap", cap), ("kl_coeff", kl)) if v is not None}
+    expected = stable_reinforce_reference(mask, cap or 1.0, kl or 0.0)
+    assert_matches(run("stable_reinforce", inputs, config), expected)
+
+
+def test_stable_reinforce_ignores_rows_outside_the_sampled_mask():
+    inputs = {"logprobs": Q, "advantages": [1.0, 1.0, 1.0, 5.0], "sampled_mask": [1.0, 1.0, 1.0, 0.0]}
+    _, grad = run("stable_reinforce", inputs, {"kl_coeff": 0.5})
+    assert grad[3] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"kl_coeff": -0.1}, "loss_fn_config.kl_coeff"),
+        ({"kl_coeff": math.inf}, "loss_fn_config.kl_coeff"),
+        ({"is_cap": 0.0}, "loss_fn_config.is_cap"),
+    ],
+)
+def test_bad_config_names_the_key(config, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(config)
 
 
 def test_unknown_loss_names_the_supported_ones():

@@ -1,6 +1,7 @@
 """Sampling behaviour: stops, seeds, n samples, filters, and request validation."""
 
 import pytest
+import torch
 
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
 from mintd.engine.sampling import SampleRequest, SamplingParams
@@ -94,3 +95,40 @@ def test_bad_requests_name_the_field(engine, request_kwargs, message):
 def test_top_k_zero_is_rejected():
     with pytest.raises(ValueError, match="top_k"):
         SamplingParams(top_k=0)
+
+
+def _first_token_logprobs(engine, temperature: float) -> dict[int, float]:
+    """token -> returned logprob of the first sampled token, over many samples of one prompt."""
+    params = SamplingParams(max_tokens=1, temperature=temperature, seed=5, stop=[])
+    result = engine.sample([SampleRequest(BASE_SLOT, [5, 6, 7], params, num_samples=64)])[0]
+    return {s.tokens[0]: s.logprobs[0] for s in result.sequences}
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.5])
+def test_sampled_logprobs_are_those_of_the_tempered_distribution(engine, temperature):
+    base = _first_token_logprobs(engine, 1.0)
+    tempered = _first_token_logprobs(engine, temperature)
+    common = sorted(set(base) & set(tempered))
+    assert len(common) >= 3, common
+    for i, j in zip(
+        common[:-1], common[1:], strict=True
+    ):  # same prompt, same position: differences scale by 1/τ
+        expected = (base[i] - base[j]) / temperature
+        assert abs((tempered[i] - tempered[j]) - expected) < 1e-4
+    # exactly log softmax(z/τ): the model's full next-token distribution, tempered here by hand
+    request = SampleRequest(
+        BASE_SLOT, [5, 6, 7, 0], SamplingParams(max_tokens=1), topk_prompt_logprobs=engine.vocab_size
+    )
+    full = dict(engine.sample([request])[0].topk_prompt_logprobs[-1])
+    logp1 = torch.tensor([full[t] for t in range(engine.vocab_size)])
+    reference = torch.log_softmax(logp1 / temperature, dim=-1)
+    assert all(abs(base[t] - full[t]) < 1e-4 for t in base)
+    assert all(abs(tempered[t] - float(reference[t])) < 1e-4 for t in tempered)
+
+
+def test_greedy_reports_the_models_own_logprobs(engine):
+    greedy = sample_one(engine, [5, 6, 7], max_tokens=1, temperature=0, stop=[])
+    request = SampleRequest(
+        BASE_SLOT, [5, 6, 7, *greedy.tokens], SamplingParams(max_tokens=1), prompt_logprobs=True
+    )
+    assert abs(engine.sample([request])[0].prompt_logprobs[-1] - greedy.logprobs[0]) < 1e-4

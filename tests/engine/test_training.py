@@ -28,6 +28,8 @@ def rl_data(engine) -> list[Datum]:
                     "target_tokens": d.inputs["target_tokens"],
                     "logprobs": -torch.rand(n, generator=gen) * 3,
                     "advantages": torch.randn(n, generator=gen),
+                    "sequence_ratio_mask": (torch.arange(n) >= n // 2).float(),
+                    "sampled_mask": torch.ones(n),
                 },
             )
         )
@@ -61,7 +63,7 @@ def test_step_touches_only_the_stepped_adapter(engine):
     assert all(p.grad is None for p in engine.slots[a].params)
 
 
-@pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling"])
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "gspo", "stable_reinforce"])
 def test_micro_batches_equal_one_full_batch(engine, loss_fn):
     batch = data(engine) if loss_fn == "cross_entropy" else rl_data(engine)
     full = engine.create_adapter(LoraSpec(rank=8, seed=3))
@@ -179,3 +181,9 @@ def test_rl_loss_without_its_inputs_names_them(engine):
     slot = engine.create_adapter(LoraSpec(rank=4, seed=0))
     with pytest.raises(ValueError, match="importance_sampling needs logprobs"):
         engine.forward_backward([TrainGroup(slot, data(engine), "importance_sampling")])
+    empty = rl_data(engine)
+    empty[1].inputs["sequence_ratio_mask"] = torch.zeros(len(empty[1].tokens))
+    with pytest.raises(ValueError, match=r"data\[1\]\.sequence_ratio_mask: selects no rows"):
+        engine.forward_backward([TrainGroup(slot, empty, "gspo")])
+    with pytest.raises(ValueError, match="loss_fn_config.kl_coeff"):
+        engine.forward_backward([TrainGroup(slot, rl_data(engine), "stable_reinforce", {"kl_coeff": -1.0})])

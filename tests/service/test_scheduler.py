@@ -87,6 +87,22 @@ def test_out_of_order_submissions_run_in_seq_order(worker: EngineWorker, futures
     assert log == [1, 2, 3]
 
 
+def test_an_op_without_seq_id_runs_after_everything_submitted_before_it(
+    worker: EngineWorker, futures: FutureStore
+) -> None:
+    worker.add_run("m")
+    log: list[Any] = []
+    first = [submit(worker, futures, "m", s, record(log, s)) for s in (1, 3)]  # seq 2 still to come
+    after, _ = futures.create("CallOp", "local")
+    worker.submit_after_run("m", after, record(log, "after"))
+    time.sleep(0.1)
+    assert log == [1]  # waits for seq 2 and 3, which were submitted (or awaited) before it
+    later = [submit(worker, futures, "m", s, record(log, s)) for s in (2, 4)]  # consumes no seq_id
+    for f in [*first, after, *later]:
+        assert wait_done(f).error is None, f.error
+    assert log == [1, 2, 3, "after", 4]
+
+
 def test_mixed_ops_in_random_arrival_order_run_in_seq_order(
     worker: EngineWorker, futures: FutureStore
 ) -> None:
