@@ -187,6 +187,14 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    adapter_device_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Bytes the saved adapters being sampled may occupy per base model, e.g. 512MiB or 4GiB (the "
+            "default); the least recently used ones not in use are evicted beyond it.",
+            show_default=False,
+        ),
+    ] = None,
     replica_id: Annotated[
         str | None,
         typer.Option(
@@ -211,7 +219,11 @@ def serve(
     from mintd.config import BlobSettings, CatalogSettings, ServeSettings
     from mintd.server import build_app
 
-    given = {"replica_id": replica_id, "public_url": public_url}
+    given = {
+        "replica_id": replica_id,
+        "public_url": public_url,
+        "adapter_device_budget": adapter_device_budget,
+    }
     blob_given = {"blob_url": blob_url, "blob_cache_budget": blob_cache_budget}
     try:
         settings = ServeSettings(

@@ -53,6 +53,11 @@ class ServeSettings(BaseSettings):
     )
     max_sample_rows: int = Field(64, ge=1, description="rows decoded together in one engine batch")
     max_train_tokens: int = Field(65536, ge=1, description="tokens merged into one forward_backward call")
+    adapter_device_budget: ByteSize = Field(
+        ByteSize(4 * 2**30),
+        description="bytes the saved adapters being sampled may occupy in each base model's engine "
+        "(e.g. 512MiB, 4GiB); the least recently used unreferenced ones are evicted beyond it",
+    )
     ephemeral_samplers_per_run: int = Field(8, ge=1, description="sampler snapshots kept per training run")
     sequence_ttl_s: float = Field(
         86400.0,

@@ -102,6 +102,13 @@ def capabilities(svc: TinkerService = Depends(service)) -> dict[str, Any]:
     return {"supported_models": svc.capabilities()}
 
 
+@router.get("/residency")
+def residency(_: str = Depends(owner), svc: TinkerService = Depends(service)) -> dict[str, Any]:
+    """Per base model: the adapter byte budget and use, hits, misses, evictions, load times (aggregates
+    only: which adapters are resident is not shown, since they belong to many owners)."""
+    return {"models": svc.residency()}
+
+
 @router.post("/telemetry")
 def telemetry() -> dict[str, str]:
     return {"status": "accepted"}

@@ -4,7 +4,9 @@ Policy lives here, mechanics in the engine. Each training run's requests execute
 order (early arrivals wait in a buffer). Ready forward_backward work of *all* runs is merged into one
 engine call; ready samples of all sampling sessions decode together. Both are taken round-robin with a
 per-round cap, so one busy client cannot starve the others. A run whose next seq_id never arrives is
-failed after `seq_gap_timeout_s` with an error naming the missing id.
+failed after `seq_gap_timeout_s` with an error naming the missing id. A sample of a saved adapter asks
+residency for its slot when its round starts and releases it when the batch is done; one that finds no
+room waits for the next round at the head of its queue.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mintd.catalog import Revision
+from mintd.engine.adapters import BASE_SLOT
 from mintd.engine.engine import Engine
 from mintd.engine.sampling import SampleRequest
 from mintd.engine.train import TrainGroup, TrainOutput
+from mintd.residency import NoRoom, Residency
 from mintd.service.futures import Future, FutureStore, RequestError
 
 log = logging.getLogger(__name__)
@@ -73,8 +78,13 @@ class _RunQueue:
 
 @dataclass
 class SampleOp:
-    request: SampleRequest | Callable[[Engine], SampleRequest]  # a callable resolves the slot lazily
+    """A sample: its request, and the saved adapter whose slot the request needs (None: `request.slot`
+    is already right, the base or a training run's snapshot)."""
+
+    request: SampleRequest
     finish: Callable[[Any], Any]
+    adapter: Revision | None = None
+    queue: str = ""  # the sampling session it was queued under (set on submission)
 
 
 @dataclass
@@ -94,10 +104,18 @@ class SchedulerLimits:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, futures: FutureStore, limits: SchedulerLimits, name: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        futures: FutureStore,
+        limits: SchedulerLimits,
+        name: str,
+        residency: Residency | None = None,
+    ) -> None:
         self.engine = engine
         self.futures = futures
         self.limits = limits
+        self.residency = residency
         self._cv = threading.Condition()
         self._runs: dict[str, _RunQueue] = {}
         self._rr = 0
@@ -148,6 +166,7 @@ class EngineWorker:
             self._cv.notify()
 
     def submit_sample(self, session_id: str, future: Future, op: SampleOp) -> None:
+        op.queue = session_id
         with self._cv:
             self._samples.setdefault(session_id, deque()).append((future, op))
             self._cv.notify()
@@ -291,7 +310,7 @@ class EngineWorker:
                     continue
                 fut, op = q.popleft()
                 taken.append((fut, op))
-                rows += op.request.num_samples if isinstance(op.request, SampleRequest) else 1
+                rows += op.request.num_samples
             queues = [q for q in queues if q]
         self._samples = {k: v for k, v in self._samples.items() if v}
         return taken
@@ -331,25 +350,56 @@ class EngineWorker:
                 self.futures.resolve(fut, op.finish(out))
 
     def _run_samples(self, items: list[tuple[Future, SampleOp]]) -> None:
-        ready: list[tuple[Future, SampleOp, SampleRequest]] = []
+        ready: list[tuple[Future, SampleOp]] = []
+        deferred: list[tuple[Future, SampleOp]] = []
         for fut, op in items:
             try:
-                req = op.request(self.engine) if callable(op.request) else op.request
-                self.engine.check_sample(req)
+                self._place(op)
+            except NoRoom:
+                deferred.append((fut, op))
+                continue
             except Exception as exc:  # noqa: BLE001
                 self.futures.resolve(fut, error=_as_request_error(exc))
                 continue
-            ready.append((fut, op, req))
+            ready.append((fut, op))
+        self._defer(deferred)
         if not ready:
             return
         try:
-            results = self.engine.sample([req for _, _, req in ready])
+            results = self.engine.sample([op.request for _, op in ready])
         except Exception as exc:  # noqa: BLE001 - checked already, so this is the server's fault
-            for fut, _, _ in ready:
+            for fut, _ in ready:
                 self.futures.resolve(fut, error=_as_request_error(exc, "server"))
             return
-        for (fut, op, _), res in zip(ready, results, strict=True):
+        finally:
+            for _, op in ready:
+                if op.adapter is not None:
+                    self.residency.release(op.adapter)
+        for (fut, op), res in zip(ready, results, strict=True):
             self.futures.resolve(fut, op.finish(res))
+
+    def _place(self, op: SampleOp) -> None:
+        """Give the request its slot (a saved adapter's through residency) and check it; on failure the
+        adapter is not left referenced."""
+        if op.adapter is not None:
+            op.request.slot = self.residency.acquire(op.adapter)
+        elif op.request.slot != BASE_SLOT and op.request.slot not in self.engine.slots:
+            raise RequestError(
+                "this sampler's weights snapshot was dropped (a training run keeps its newest few); "
+                "save the weights for sampling again"
+            )
+        try:
+            self.engine.check_sample(op.request)
+        except Exception:
+            if op.adapter is not None:
+                self.residency.release(op.adapter)
+            raise
+
+    def _defer(self, items: list[tuple[Future, SampleOp]]) -> None:
+        """Back to the head of their queues, for the next round (whose batch will have room)."""
+        with self._cv:
+            for fut, op in reversed(items):
+                self._samples.setdefault(op.queue, deque()).appendleft((fut, op))
 
     def _valid(self, fut: Future, check: Callable[[], None]) -> bool:
         try:

@@ -69,13 +69,9 @@ class Sampler:
     session_id: str
     base_model: str
     model_path: str | None
-    slot: int | None  # None until the first sample loads the checkpoint (a scheduled cold load)
+    slot: int | None  # the base or a run's snapshot; None for a saved adapter (residency places it)
     revision: Revision | None = None  # what model_path resolved to when the sampler was made
     ephemeral: bool = False  # a training run's snapshot: the run owns (and frees) its slot
-
-    @property
-    def owns_slot(self) -> bool:
-        return self.revision is not None and self.slot not in (None, BASE_SLOT)
 
 
 @dataclass(frozen=True)

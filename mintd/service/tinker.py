@@ -31,6 +31,7 @@ from mintd.engine.engine import Engine
 from mintd.engine.optim import AdamParams
 from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
 from mintd.engine.train import TrainGroup, TrainOutput
+from mintd.residency import Residency
 from mintd.service import interpolate, provenance, wire
 from mintd.service.checkpoints import (
     CHECKPOINT_TYPES,
@@ -74,8 +75,11 @@ class TinkerService:
             max_sample_rows=settings.max_sample_rows,
             seq_gap_timeout_s=settings.seq_gap_timeout_s,
         )
+        budget = int(settings.adapter_device_budget)
         self.models = {
-            name: BaseModelHandle(name, e.model_dir, e, EngineWorker(e, futures, limits, name))
+            name: BaseModelHandle(
+                name, e.model_dir, e, EngineWorker(e, futures, limits, name, Residency(e, self._load, budget))
+            )
             for name, e in models.items()
         }
         self.checkpoints = checkpoints
@@ -92,6 +96,13 @@ class TinkerService:
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="mintd-reaper", daemon=True)
         self._reaper.start()
+
+    def _load(self, engine: Engine, rev: Revision) -> int:
+        """Residency's loader: a saved adapter into a new slot, for sampling (verified, base checked)."""
+        return self.checkpoints.load_into(engine, rev, trainable=False, optimizer=False, field="model_path")
+
+    def residency(self) -> dict[str, Any]:
+        return {name: h.worker.residency.stats() for name, h in self.models.items()}
 
     def close(self) -> None:
         self._closed.set()
@@ -172,9 +183,6 @@ class TinkerService:
                 worker.remove_run(run.model_id)
                 self.runs.release(run.model_id)
                 worker.post(lambda e, slots=(run.slot, *run.ephemeral.values()): _drop(e, slots))
-            for sampler in ended.samplers:
-                worker = self.models[sampler.base_model].worker
-                worker.post(lambda e, s=sampler: _drop(e, (s.slot,) if s.owns_slot else ()))
             log.info(
                 "session %s of %s closed (%s): freed %d training runs, %d samplers",
                 session.id,
@@ -565,10 +573,8 @@ class TinkerService:
         key = ("sample", sampler_id, seq_id)
         fut, created = self.futures.create("Sample", owner, key, sampler.session_id)
         if created:
-
-            def resolve(engine: Engine) -> SampleRequest:
-                request.slot = self._sampler_slot(engine, sampler)
-                return request
+            if sampler.revision is None:  # the base, or a training run's snapshot
+                request.slot = sampler.slot
 
             def finish(result: SampleResult) -> SampleResult:
                 if record_stability_info:
@@ -580,18 +586,8 @@ class TinkerService:
                     ]
                 return result
 
-            handle.worker.submit_sample(sampler_id, fut, SampleOp(resolve, finish))
+            handle.worker.submit_sample(sampler_id, fut, SampleOp(request, finish, sampler.revision))
         return fut, sequence_ids
-
-    def _sampler_slot(self, engine: Engine, sampler: Sampler) -> int:
-        """Runs on the worker: a checkpoint sampler's adapter is loaded once, on first use."""
-        if sampler.slot is None:
-            sampler.slot = self.checkpoints.load_into(
-                engine, sampler.revision, trainable=False, optimizer=False, field="model_path"
-            )
-        if sampler.slot != BASE_SLOT and sampler.slot not in engine.slots:
-            raise RequestError(f"sampler {sampler.id} expired; save the weights for sampling again")
-        return sampler.slot
 
     # MinT extensions ------------------------------------------------------------------------------
 
