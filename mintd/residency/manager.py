@@ -44,6 +44,7 @@ class Residency:
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
         self.bytes_used = self.peak_bytes = 0
         self.hits = self.misses = self.evictions = 0
+        self.in_use = 0  # resident adapters some batch references
         self._load_ms: list[float] = []
 
     def acquire(self, rev: Revision) -> int:
@@ -55,12 +56,14 @@ class Residency:
         else:
             entry = self._load(rev)
         entry.refs += 1
+        self.in_use += entry.refs == 1
         return entry.slot
 
     def release(self, rev: Revision) -> None:
         entry = self._resident.get(rev.content_hash)
         if entry is not None and entry.refs > 0:
             entry.refs -= 1
+            self.in_use -= entry.refs == 0
 
     def _load(self, rev: Revision) -> _Resident:
         if rev.size_bytes > self.budget_bytes:
@@ -73,7 +76,7 @@ class Residency:
         slot = self.load(self.engine, rev)  # a corrupt or foreign blob raises here, and is not kept
         self._load_ms.append((time.perf_counter() - started) * 1000)
         del self._load_ms[:-1000]
-        entry = _Resident(slot, self.engine.slots[slot].nbytes())
+        entry = _Resident(slot, self.engine.slots[slot].nbytes)
         self.misses += 1
         self._resident[rev.content_hash] = entry
         self.bytes_used += entry.nbytes
@@ -101,6 +104,7 @@ class Residency:
             "device_bytes": self.bytes_used,
             "device_peak_bytes": self.peak_bytes,
             "resident_adapters": len(self._resident),
+            "adapters_in_use": self.in_use,
             "hits": self.hits,
             "misses": self.misses,
             "evictions": self.evictions,

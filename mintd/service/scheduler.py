@@ -300,18 +300,22 @@ class EngineWorker:
         return calls, train
 
     def _take_samples(self) -> list[tuple[Future, SampleOp]]:
+        """Round-robin over sampling sessions, up to `max_sample_rows` rows (a request with n samples is
+        n rows; one larger than the cap runs alone)."""
         taken: list[tuple[Future, SampleOp]] = []
         rows = 0
         queues = [q for q in self._samples.values() if q]
-        while queues and rows < self.limits.max_sample_rows:
+        while queues:
             for q in list(queues):
-                if not q:
-                    queues.remove(q)
-                    continue
-                fut, op = q.popleft()
+                fut, op = q[0]
+                if taken and rows + op.request.num_samples > self.limits.max_sample_rows:
+                    queues = []
+                    break
+                q.popleft()
                 taken.append((fut, op))
                 rows += op.request.num_samples
-            queues = [q for q in queues if q]
+                if not q:
+                    queues.remove(q)
         self._samples = {k: v for k, v in self._samples.items() if v}
         return taken
 

@@ -234,7 +234,9 @@ def reaping(qwen3_dir: Path, tmp_path: Path) -> Iterator[Live]:
 
 
 def _slots(service: TinkerService) -> int:
-    return len(service.models["tiny"].engine.slots)
+    """Engine slots something holds: all but the saved adapters residency merely caches (evictable)."""
+    cached = service.models["tiny"].worker.residency.stats()
+    return len(service.models["tiny"].engine.slots) - cached["resident_adapters"] + cached["adapters_in_use"]
 
 
 def _hold_memory(c: TinkerHTTP) -> tuple[str, str, str]:
@@ -278,7 +280,7 @@ def test_idle_sessions_are_closed_and_free_their_memory(reaping: Live) -> None:
         beats.start()
         try:
             model_id, sampler, path = _hold_memory(alice)
-            assert _slots(reaping.service) >= empty + 4  # run, kept run, snapshot, loaded sampler
+            assert _slots(reaping.service) >= empty + 3  # run, kept run, snapshot (the sampler's is cached)
             session = model_id.split(":")[0]
             _wait(lambda: session not in reaping.service.session_ids("alice"), timeout=20)
             _wait(lambda: _slots(reaping.service) == empty + 1)  # only the heartbeating run remains

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from mintd.engine.adapters import LoraSpec
+from mintd.engine.adapters import BASE_SLOT, LoraSpec
 from mintd.engine.engine import Engine
+from mintd.engine.sampling import SampleRequest, SamplingParams
 from mintd.engine.train import Datum, TrainGroup
 from mintd.service.futures import Future, FutureStore
-from mintd.service.scheduler import CallOp, EngineWorker, SchedulerLimits, TrainOp
+from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
 from tests.service.worker_gate import Gate
 
 GAP_S = 1.0
@@ -216,3 +217,31 @@ def test_ready_train_ops_of_different_runs_share_one_engine_call(
         worker.add_run(f"solo{i}")
         alone.append(wait_done(submit(worker, futures, f"solo{i}", 1, train_op(slot, log, i, seed=i))).result)
     assert merged == pytest.approx(alone, rel=1e-5)
+
+
+def test_a_decode_batch_counts_rows_not_requests(
+    engine: Engine, futures: FutureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three requests of 4 samples each under a 8-row cap: two engine calls (8 rows, then 4)."""
+    worker = EngineWorker(engine, futures, SchedulerLimits(max_sample_rows=8), "rows")
+    batches: list[int] = []
+    real = engine.sample
+
+    def spy(requests: list[SampleRequest]) -> Any:
+        batches.append(sum(r.num_samples for r in requests))
+        return real(requests)
+
+    monkeypatch.setattr(engine, "sample", spy)
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    try:
+        with Gate(worker):
+            futs = []
+            for i in range(3):
+                fut, _ = futures.create("Sample", "local")
+                request = SampleRequest(BASE_SLOT, [1, 2, 3], params, num_samples=4)
+                worker.submit_sample(f"s{i}", fut, SampleOp(request, lambda result: result))
+                futs.append(fut)
+        assert all(wait_done(f).error is None for f in futs)
+        assert batches == [8, 4], batches
+    finally:
+        worker.stop()
