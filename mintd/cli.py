@@ -243,5 +243,47 @@ def serve(
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
+@app.command(
+    help=(
+        "Show a running server's adapter residency: per base model, the device byte budget, bytes in use "
+        "and at peak, resident adapters, hits, misses, evictions and load times (GET /api/v1/residency)."
+    )
+)
+def residency(
+    url: Annotated[str, typer.Option(help="The server's base URL.")] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str, typer.Option(envvar="TINKER_API_KEY", help="An API key the server accepts (or TINKER_API_KEY).")
+    ] = "tml-local",
+) -> None:
+    import httpx
+    from rich.table import Table
+
+    try:
+        reply = httpx.get(f"{url.rstrip('/')}/api/v1/residency", headers={"X-API-Key": api_key}, timeout=10)
+    except httpx.HTTPError as exc:
+        raise typer.BadParameter(f"cannot reach {url}: {exc}", param_hint="--url") from None
+    if reply.status_code != 200:
+        detail = reply.json().get("detail") if reply.content else reply.reason_phrase
+        raise typer.BadParameter(f"{url} answered {reply.status_code}: {detail}", param_hint="--url")
+    table = Table(title=f"adapter residency at {url}")
+    columns = ("device_bytes", "device_peak_bytes", "device_budget_bytes", "resident_adapters")
+    columns += ("adapters_in_use", "hits", "misses", "evictions", "load_ms_p50", "load_ms_p99")
+    table.add_column("base model")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right")
+    for name, stats in reply.json()["models"].items():
+        cells = [
+            "-" if stats[c] is None else f"{stats[c]:,.1f}" if "ms" in c else f"{stats[c]:,}" for c in columns
+        ]
+        table.add_row(name, *cells)
+    console.print(table)
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+
+
 if __name__ == "__main__":
     app()

@@ -88,3 +88,20 @@ def test_samplers_of_one_revision_share_one_copy(qwen3_dir: Path, saved: Any) ->
         assert (stats["misses"], stats["resident_adapters"]) == (1, 1), stats
         assert stats["hits"] == 19
     service.close()
+
+
+def test_the_cli_shows_a_running_servers_residency(qwen3_dir: Path, saved: Any) -> None:
+    from typer.testing import CliRunner
+
+    from mintd.cli import app as cli
+
+    data_dir, paths, _, _ = saved
+    app, service = build_app({"tiny": qwen3_dir}, ServeSettings(data_dir=data_dir, long_poll_s=2.0))
+    with ServerThread(app) as server, TinkerHTTP(server.url) as c:
+        c.result(c.ok("asample", _sample_body(_sampler(c, c.session(), 0, paths[0]), 1)))
+        shown = CliRunner().invoke(cli, ["residency", "--url", server.url], env={"COLUMNS": "250"})
+    service.close()
+    assert shown.exit_code == 0, shown.output
+    assert "tiny" in shown.output and "4,294,967,296" in shown.output  # the default 4 GiB budget
+    refused = CliRunner().invoke(cli, ["residency", "--url", "http://127.0.0.1:9"])
+    assert refused.exit_code != 0 and "cannot reach" in refused.output
