@@ -168,10 +168,12 @@ def test_two_replicas_share_revisions_state_aliases_and_survive_a_kill(
         status, _, view = call(f"{second.url}/api/v1/training_runs/{trained['model_id']}")
         assert status == 200 and view["training_run_id"] == trained["model_id"]
 
-        # Revision numbers of one adapter stay consecutive across replicas.
+        # Revision numbers of one adapter stay consecutive across replicas: the run resumed on the
+        # second replica continues the adapter, so its save is the third revision.
         status, _, log = call(f"{second.url}/api/v1/catalog/adapters/{adapter}/log")
         assert status == 200
-        assert sorted(r["number"] for r in log["revisions"]) == [1, 2]
+        numbers = {r["tinker_path"]: r["number"] for r in log["revisions"]}
+        assert sorted(numbers.values()) == [1, 2, 3] and numbers[used["resumed_path"]] == 3, numbers
 
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
