@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--revisions", type=int, default=1_000_000)
     ap.add_argument("--adapters", type=int, default=100_000)
     ap.add_argument("--resolves", type=int, default=10_000)
-    ap.add_argument("--batch", type=int, default=20_000, help="revisions per transaction")
+    ap.add_argument("--batch", type=int, default=50_000, help="revisions per transaction")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20,000 revisions, 2,000 adapters")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(

@@ -13,7 +13,7 @@ from itertools import islice
 from operator import itemgetter
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Row, Table, bindparam, insert, select, tuple_, update
+from sqlalchemy import Connection, Executable, Row, bindparam, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from mintd.catalog import queries as q
@@ -24,6 +24,7 @@ from mintd.catalog.validate import JsonText
 
 _string = json.encoder.encode_basestring_ascii  # what the encoder uses for str (ensure_ascii)
 _EMPTY = JsonText("{}")
+_SET_LAST = update(q.adapters).where(q.a.id == bindparam("aid")).values(last_number=bindparam("last"))
 
 T = TypeVar("T")
 _IN = 500  # bound parameters per IN (...) list: far below every backend's limit
@@ -85,7 +86,7 @@ def register_details(values: dict[str, Any], expires_at: float | None, parents: 
     there): the values are already validated, and each string goes through the encoder's own escaping,
     so the text is exactly what `dump_json` of the same object gives (tests/catalog compare them)."""
     path = values["tinker_path"]
-    refs_ = ",".join(_string(q.revision_from_row(p).ref) for p in parents)
+    refs_ = ",".join([_string(q.revision_from_row(p).ref) for p in parents]) if parents else ""
     return JsonText(
         f'{{"kind":{_string(values["kind"])},"content_hash":{_string(values["content_hash"])},'
         f'"tinker_path":{"null" if path is None else _string(path)},'
@@ -110,15 +111,9 @@ def register(
         adapter_id = adapter_ids[new.adapter]
         last[adapter_id] += 1
         expires_at = None if new.ttl_seconds is None else now + new.ttl_seconds
-        rows.append(
-            {
-                **values,
-                "adapter_id": adapter_id,
-                "number": last[adapter_id],
-                "created_at": now,
-                "expires_at": expires_at,
-            }
-        )
+        # completes the row in place: `values` was made for this batch by validate.revision_values
+        values.update(adapter_id=adapter_id, number=last[adapter_id], created_at=now, expires_at=expires_at)
+        rows.append(values)
         audits.append(
             {
                 "at": now,
@@ -130,23 +125,20 @@ def register(
                 "details": register_details(values, expires_at, parent),
             }
         )
-    conn.execute(
-        update(q.adapters).where(q.a.id == bindparam("aid")).values(last_number=bindparam("last")),
-        [{"aid": aid, "last": n} for aid, n in last.items()],
-    )
-    insert_many(conn, q.revisions, rows)
-    insert_many(conn, q.audit_log, audits)
+    execute_many(conn, _SET_LAST, [{"aid": aid, "last": n} for aid, n in last.items()])
+    execute_many(conn, insert(q.revisions), rows)
+    execute_many(conn, insert(q.audit_log), audits)
     _link_parents(conn, rows, parents)
 
 
-def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """One executemany of an INSERT compiled for the connection's dialect, skipping SQLAlchemy's
+def execute_many(conn: Connection, stmt: Executable, rows: list[dict[str, Any]]) -> None:
+    """One executemany of a statement compiled for the connection's dialect, skipping SQLAlchemy's
     per-row parameter processing (the bulk path's main cost after validation). Values must already be
     plain driver values: JSON columns take encoded text (`validate.JsonText` / `dump_json`)."""
     dialect = conn.dialect
     if dialect.name == "sqlite":  # sqlite3 binds :name from each dict in C; no per-row tuple in Python
         dialect = type(dialect)(paramstyle="named")
-    compiled = insert(table).compile(dialect=dialect, column_keys=list(rows[0]))
+    compiled = stmt.compile(dialect=dialect, column_keys=list(rows[0]))
     if compiled.positional:
         values_of = itemgetter(*compiled.positiontup)
         conn.exec_driver_sql(compiled.string, [values_of(row) for row in rows])
@@ -175,7 +167,7 @@ def _adapters(
     ]
     try:
         with conn.begin_nested():
-            insert_many(conn, q.adapters, new)
+            execute_many(conn, insert(q.adapters), new)
     except IntegrityError:  # PostgreSQL: some were created concurrently; take the one-by-one path
         for n in missing:
             writes.adapter(conn, owner_id, owner, n, create=True, now=now, actor=actor)
@@ -193,7 +185,7 @@ def _adapters(
         }
         for v in new
     ]
-    insert_many(conn, q.audit_log, audits)
+    execute_many(conn, insert(q.audit_log), audits)
     return ids
 
 
