@@ -652,17 +652,17 @@ class TinkerService:
         )
         distill.validate(group, handle.engine.vocab_size, handle.engine.max_len)
 
+        residency = handle.worker.residency
+
         def step(engine: Engine) -> dict[str, Any]:
             group.slot = run.slot
-            if reference is not None:
-                group.reference_slot = self.checkpoints.load_into(
-                    engine, reference, trainable=False, optimizer=False, field="reference_model_path"
-                )
+            if reference is not None:  # a resident copy, shared with samplers and kept between steps
+                group.reference_slot = residency.acquire(reference)
             try:
                 out = engine.reverse_kl(group)
             finally:
                 if reference is not None:
-                    engine.drop(group.reference_slot)
+                    residency.release(reference)
             run.loss_fn = "reverse_kl"
             return _reverse_kl_result(out)
 
