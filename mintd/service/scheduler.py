@@ -137,12 +137,18 @@ class EngineWorker:
         for item in _queued(queue) if queue else ():
             self.futures.resolve(item.future, error=RequestError(f"model {model_id} was unloaded"))
 
+    def _open_queue(self, model_id: str, future: Future) -> _RunQueue | None:
+        """The run's queue, or None after failing `future` (an unknown or failed run). Holds `_cv`."""
+        queue = self._runs.get(model_id)
+        if queue is None or queue.failed:
+            reason = queue.failed if queue else f"unknown model_id {model_id}"
+            self.futures.resolve(future, error=RequestError(reason))
+            return None
+        return queue
+
     def submit_run_op(self, model_id: str, seq_id: int, future: Future, op: TrainOp | CallOp) -> None:
         with self._cv:
-            queue = self._runs.get(model_id)
-            if queue is None or queue.failed:
-                reason = queue.failed if queue else f"unknown model_id {model_id}"
-                self.futures.resolve(future, error=RequestError(reason))
+            if (queue := self._open_queue(model_id, future)) is None:
                 return
             if seq_id < queue.next_seq or seq_id in queue.waiting:
                 self.futures.resolve(future, error=RequestError(f"seq_id {seq_id} was already used"))
@@ -156,10 +162,7 @@ class EngineWorker:
         """An op without a seq_id: it runs after every op of the run already submitted (including
         seq_ids still awaited), before any submitted later, and consumes no seq_id."""
         with self._cv:
-            queue = self._runs.get(model_id)
-            if queue is None or queue.failed:
-                reason = queue.failed if queue else f"unknown model_id {model_id}"
-                self.futures.resolve(future, error=RequestError(reason))
+            if (queue := self._open_queue(model_id, future)) is None:
                 return
             last = max([queue.next_seq - 1, *queue.waiting, *(after for after, _ in queue.unsequenced)])
             queue.unsequenced.append((last, _Queued(future, op)))
