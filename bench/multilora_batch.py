@@ -49,7 +49,13 @@ from mintd.engine.engine import Engine  # noqa: E402
 from mintd.engine.sampling import SampleRequest, SamplingParams  # noqa: E402
 from mintd.engine.tiny import ARCHS, make_tiny_model  # noqa: E402
 from mintd.engine.train import Datum, TrainGroup  # noqa: E402
-from mintd.store.peft import peft_config, peft_unloadable, to_peft_state_dict  # noqa: E402
+from mintd.store.peft import (  # noqa: E402
+    is_expert_target,
+    nesting_depths,
+    peft_config,
+    peft_unloadable,
+    to_peft_state_dict,
+)
 
 SINGLE_RANK = 16
 MIXED_RANKS = (4, 8, 16, 32)
@@ -120,21 +126,34 @@ class SwapModel:
         config = peft_config(spec.model_copy(update={"rank": max_rank}), targets_of(tensors))
         self.model = get_peft_model(load_base(model_dir, engine), config, adapter_name=self.NAME).eval()
         inner = self.model.base_model.model
+        depths = nesting_depths([t for t in targets_of(tensors) if is_expert_target(t)])
         self.adapters = []  # per adapter: [(peft lora layer, A, B)], scale
         for slot in slots:
             spec, tensors = engine.export_adapter(slot)  # host copies, as a server would keep them
-            layers = [
-                (inner.get_submodule(t), tensors[f"{t}.lora_A"], tensors[f"{t}.lora_B"])
-                for t in targets_of(tensors)
-            ]
+            layers = []
+            for t in targets_of(
+                tensors
+            ):  # a fused-expert parameter's wrapper sits `depth` deep in its module
+                module = t.rpartition(".")[0] + ".base_layer" * depths[t] if t in depths else t
+                layers.append((inner.get_submodule(module), tensors[f"{t}.lora_A"], tensors[f"{t}.lora_B"]))
             self.adapters.append((layers, spec.scale))
 
     @torch.no_grad()
     def swap_in(self, i: int) -> None:
         layers, scale = self.adapters[i]
         for layer, a, b in layers:
-            r = a.shape[0]
             wa, wb = layer.lora_A[self.NAME].weight, layer.lora_B[self.NAME].weight
+            if a.dim() == 3:  # experts: PEFT holds A as [E*R, in] and B as [out, R*E] (expert index last)
+                experts, r = a.shape[:2]
+                wa = wa.view(experts, -1, wa.shape[-1])
+                wa[:, :r].copy_(a)
+                wa[:, r:].zero_()
+                wb = wb.view(wb.shape[0], -1, experts)
+                wb[:, :r].copy_(b.permute(1, 2, 0))
+                wb[:, r:].zero_()
+                layer.scaling[self.NAME] = scale
+                continue
+            r = a.shape[0]
             wa[:r].copy_(a, non_blocking=True)
             wa[r:].zero_()
             wb[:, :r].copy_(b, non_blocking=True)
@@ -196,6 +215,19 @@ def summary(tokens: int, seconds: dict[str, float | None]) -> dict:
     }
 
 
+def peft_mixed_refusal(model: PeftModel, ids: torch.Tensor, names: list[str], train: bool) -> str | None:
+    """Why PEFT refuses a mixed-adapter batch in this mode (fused experts: always), or None."""
+    model.train(train)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), adapter_names=names[:1])
+        return None
+    except ValueError as e:
+        return f"unsupported: {e}"
+    finally:
+        model.eval()
+
+
 def bench_decode(ctx: dict, args: argparse.Namespace) -> dict:
     engine, rows, n_new = ctx["engine"], args.rows, args.decode_tokens
     device, pad = engine.device, engine.pad_id
@@ -239,11 +271,15 @@ def bench_decode(ctx: dict, args: argparse.Namespace) -> dict:
         "peft_mixed": peft_run,
         "swap": swap_run,
     }
+    refused = peft_mixed_refusal(peft_mixed, ids, names, train=False)
+    if refused:
+        del fns["peft_mixed"]
     seconds = measure(fns, args.repeats, device)
-    ours = ctx["engine_tokens"][tuple(ctx["mixed_slots"])]
-    same = sum(a == b for a, b in zip(ours, ctx["peft_tokens"], strict=True))
-    log(f"decode: engine mixed and PEFT mixed agree on {same}/{rows} greedy sequences")
-    return summary(rows * n_new, seconds)
+    if not refused:
+        ours = ctx["engine_tokens"][tuple(ctx["mixed_slots"])]
+        same = sum(a == b for a, b in zip(ours, ctx["peft_tokens"], strict=True))
+        log(f"decode: engine mixed and PEFT mixed agree on {same}/{rows} greedy sequences")
+    return {**summary(rows * n_new, seconds), **({"peft_mixed": refused} if refused else {})}
 
 
 def bench_train(ctx: dict, args: argparse.Namespace) -> dict:
@@ -272,14 +308,8 @@ def bench_train(ctx: dict, args: argparse.Namespace) -> dict:
 
     peft_mixed: PeftModel = ctx["peft_mixed"]
     names = [f"a{i}" for i in range(rows)]
-    peft_mixed.train()
-    try:
-        peft_mixed(input_ids=ids[:1], attention_mask=mask[:1], adapter_names=names[:1])
-        unsupported = None
-    except ValueError as e:
-        unsupported = f"unsupported: {e}"
-    finally:
-        peft_mixed.eval()
+    unsupported = peft_mixed_refusal(peft_mixed, ids, names, train=True)
+    refused = peft_mixed_refusal(peft_mixed, ids, names, train=False)  # not even in eval mode
     log(f"train: PEFT mixed batch in training mode: {unsupported or 'supported'}")
 
     lora_params = [p for n, p in peft_mixed.named_parameters() if "lora_" in n]
@@ -309,9 +339,13 @@ def bench_train(ctx: dict, args: argparse.Namespace) -> dict:
         swap.model.eval()
 
     fns = {"single": engine_single, "mixed": engine_mixed, "peft_mixed": peft_run, "swap": swap_run}
+    if refused:
+        del fns["peft_mixed"]
     seconds = measure(fns, args.repeats, device)
     out: dict = {}
-    if unsupported is not None:
+    if refused:
+        out = {**summary(rows * n_tok, seconds), "peft_mixed": refused}
+    elif unsupported is not None:
         # PEFT refuses this in training mode; the eval-mode timing is kept apart, for information only.
         eval_grad = rows * n_tok / seconds.pop("peft_mixed")
         seconds["peft_mixed"] = None

@@ -127,7 +127,7 @@ def _split_key(key: str) -> tuple[str, str]:
     return target, kind
 
 
-def _nesting_depths(expert_targets: list[str]) -> dict[str, int]:
+def nesting_depths(expert_targets: list[str]) -> dict[str, int]:
     """How many ParamWrappers PEFT puts around each expert parameter's own wrapper (see module doc)."""
     by_module: dict[str, list[str]] = {}
     for name in expert_targets:
@@ -145,7 +145,7 @@ def to_peft_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """Engine tensors -> the state dict PEFT saves (`set_peft_model_state_dict` loads it as is)."""
     split = {key: _split_key(key) for key in tensors}
     experts = sorted({t for t, _ in split.values() if is_expert_target(t)})
-    depths = _nesting_depths(experts)
+    depths = nesting_depths(experts)
     out = {}
     for key, t in tensors.items():
         target, kind = split[key]
