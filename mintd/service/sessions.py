@@ -163,9 +163,11 @@ class Registry:
             )
 
     def add_run(self, run: Run) -> None:
+        """Register a run made in a live session (Gone if the session ended while it was being made)."""
         with self._lock:
+            session = self._open(run.session_id, run.owner)
             self._runs[run.model_id] = run
-            self._sessions[run.session_id].run_ids.append(run.model_id)
+            session.run_ids.append(run.model_id)
 
     def remove_run(self, run: Run) -> list[str]:
         """Forget a run and its snapshot samplers; their ids."""
@@ -188,8 +190,9 @@ class Registry:
                         f"sampling_session: {sampler.owner} already holds {held} live samplers, the most "
                         "allowed; finish sessions that no longer sample"
                     )
+            session = self._open(sampler.session_id, sampler.owner)
             self._samplers[sampler.id] = sampler
-            self._sessions[sampler.session_id].sampler_ids.append(sampler.id)
+            session.sampler_ids.append(sampler.id)
             return sampler
 
     def drop_sampler(self, sampler_id: str) -> None:
@@ -222,6 +225,12 @@ class Registry:
             while len(self._ended) > TOMBSTONES:
                 self._ended.popitem(last=False)
         return Ended(session, runs, samplers)
+
+    def _open(self, session_id: str, owner: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            self._raise_missing(session_id, owner, f"session {session_id}")
+        return session
 
     def _raise_missing(self, object_id: str, owner: str, what: str) -> None:
         session_id = object_id.split(":", 1)[0]

@@ -229,14 +229,19 @@ class TinkerService:
         def create(engine: Engine) -> dict[str, Any]:
             slot = engine.create_adapter(spec)
             run = Run(model_id, session_id, owner, handle.name, spec, user_metadata, adapter, slot)
-            self._register_run(run)
+            self._register_run(engine, run)
             return {"model_id": model_id, "type": "create_model"}
 
         key = ("model", session_id, model_seq_id)
         return self._submit_direct(handle, owner, session_id, key, "CreateModel", create)
 
-    def _register_run(self, run: Run) -> None:
-        self.registry.add_run(run)
+    def _register_run(self, engine: Engine, run: Run) -> None:
+        """On the worker, once the run's slot exists; a session that ended meanwhile gets its slot back."""
+        try:
+            self.registry.add_run(run)
+        except Exception:
+            engine.drop(run.slot)
+            raise
         self.models[run.base_model].worker.add_run(run.model_id)
         self.runs.write(run.model_id, self._run_record(run))
 
@@ -447,7 +452,11 @@ class TinkerService:
     def _ephemeral_sampler(self, engine: Engine, run: Run, sampler_id: str) -> dict[str, Any]:
         slot = engine.snapshot(run.slot)
         sampler = Sampler(sampler_id, run.owner, run.session_id, run.base_model, None, slot, ephemeral=True)
-        self.registry.add_sampler(sampler)
+        try:
+            self.registry.add_sampler(sampler)
+        except Exception:  # the session ended meanwhile
+            engine.drop(slot)
+            raise
         run.ephemeral[sampler_id] = slot
         while len(run.ephemeral) > self.settings.ephemeral_samplers_per_run:  # the oldest snapshots go
             old_id, old_slot = run.ephemeral.popitem(last=False)
@@ -496,7 +505,7 @@ class TinkerService:
             spec = engine.slots[slot].spec
             run = Run(model_id, session_id, owner, handle.name, spec, user_metadata, adapter, slot)
             run.continue_from(rev)
-            self._register_run(run)
+            self._register_run(engine, run)
             return {"model_id": model_id, "path": path, "type": "load_weights"}
 
         key = ("model", session_id, model_seq_id)
