@@ -105,3 +105,28 @@ def test_the_cli_shows_a_running_servers_residency(qwen3_dir: Path, saved: Any) 
     assert "tiny" in shown.output and "4,294,967,296" in shown.output  # the default 4 GiB budget
     refused = CliRunner().invoke(cli, ["residency", "--url", "http://127.0.0.1:9"])
     assert refused.exit_code != 0 and "cannot reach" in refused.output
+
+
+def test_a_corrupt_blob_fails_only_its_own_requests_and_is_not_kept(qwen3_dir: Path, saved: Any) -> None:
+    data_dir, paths, alone, _ = saved
+    app, service = build_app({"tiny": qwen3_dir}, ServeSettings(data_dir=data_dir, long_poll_s=2.0))
+    residency = service.models["tiny"].worker.residency
+    blob = service.checkpoints.blobs.path(service.catalog.resolve("local", paths[1]).content_hash)
+    good = blob.read_bytes()
+    bad = bytearray(good)
+    bad[-100] ^= 0xFF
+    blob.chmod(0o644)
+    try:
+        blob.write_bytes(bytes(bad))
+        with ServerThread(app) as server, TinkerHTTP(server.url) as c:
+            session = c.session()
+            samplers = [_sampler(c, session, i, p) for i, p in enumerate(paths[:3])]
+            submitted = [c.ok("asample", _sample_body(s, 1)) for s in samplers]  # one wave, one batch
+            assert "checksum" in c.error(submitted[1])
+            assert [_tokens(c.result(submitted[i])) for i in (0, 2)] == [alone[0], alone[2]]
+            assert residency.stats()["resident_adapters"] == 2  # the corrupt one was not kept
+            blob.write_bytes(good)  # repaired, the same revision loads and serves
+            assert _tokens(c.result(c.ok("asample", _sample_body(samplers[1], 2)))) == alone[1]
+    finally:
+        blob.write_bytes(good)
+        service.close()
