@@ -37,28 +37,23 @@ def tensor(value: Any, field: str, max_elements: int) -> torch.Tensor:
     """TensorData `{data, dtype, shape?, sparse_crow_indices?, sparse_col_indices?}` (or a bare list,
     whose values decide the dtype)."""
     if isinstance(value, (list, np.ndarray)):
-        if len(value) > max_elements:
-            raise ValueError(f"{field}: {len(value)} values, more than the {max_elements} allowed")
-        try:
-            return _as_tensor(value)
-        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
-            raise ValueError(f"{field}: malformed tensor ({exc})") from None
-    if not isinstance(value, dict) or "data" not in value:
-        raise ValueError(f"{field}: expected TensorData with a 'data' list")
-    dtype = _DTYPES.get(value.get("dtype", "float32"))
-    if dtype is None:
-        raise ValueError(f"{field}.dtype: must be int64 or float32")
-    data = value["data"]
-    data = data if isinstance(data, (list, np.ndarray)) else [data]
+        data, dtype, shape, crow, col = value, None, None, None, None
+    else:
+        if not isinstance(value, dict) or "data" not in value:
+            raise ValueError(f"{field}: expected TensorData with a 'data' list")
+        dtype = _DTYPES.get(value.get("dtype", "float32"))
+        if dtype is None:
+            raise ValueError(f"{field}.dtype: must be int64 or float32")
+        data = value["data"] if isinstance(value["data"], (list, np.ndarray)) else [value["data"]]
+        shape = None if value.get("shape") is None else _shape(value["shape"], field, max_elements)
+        crow, col = value.get("sparse_crow_indices"), value.get("sparse_col_indices")
     if len(data) > max_elements:
         raise ValueError(f"{field}: {len(data)} values, more than the {max_elements} allowed")
-    shape = value.get("shape")
-    shape = None if shape is None else _shape(shape, field, max_elements)
-    crow, col = value.get("sparse_crow_indices"), value.get("sparse_col_indices")
+    sparse = crow is not None or col is not None
+    if sparse and (shape is None or len(shape) != 2 or crow is None or col is None):
+        raise ValueError(f"{field}: sparse CSR needs a 2-D shape, crow and col indices")
     try:
-        if crow is not None or col is not None:
-            if shape is None or len(shape) != 2 or crow is None or col is None:
-                raise ValueError(f"{field}: sparse CSR needs a 2-D shape, crow and col indices")
+        if sparse:
             values = _as_tensor(data, dtype)
             # check_invariants: indices out of range must be an error here, not memory corruption later
             return torch.sparse_csr_tensor(
@@ -66,7 +61,7 @@ def tensor(value: Any, field: str, max_elements: int) -> torch.Tensor:
             ).to_dense()
         t = _as_tensor(data, dtype)
         return t.reshape(shape) if shape is not None else t
-    except (RuntimeError, TypeError, IndexError, OverflowError) as exc:
+    except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
         raise ValueError(f"{field}: malformed tensor ({exc})") from None
 
 
