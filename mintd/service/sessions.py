@@ -17,12 +17,13 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from mintd.catalog import Revision
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
 from mintd.service.errors import Gone, NotFound, QuotaExceeded
 
+Owned = TypeVar("Owned", "Session", "Run", "Sampler")
 TOMBSTONES = 100_000  # ended sessions remembered for a clear 410; beyond this the oldest answer 404
 
 
@@ -113,9 +114,7 @@ class Registry:
 
     def session(self, session_id: str, owner: str, live: bool = False) -> Session:
         with self._lock:
-            s = self._sessions.get(session_id)
-            if s is None or s.owner != owner:
-                self._raise_missing(session_id, owner, f"session {session_id}")
+            s = self._owned(self._sessions, session_id, owner, f"session {session_id}")
             s.last_seen = time.monotonic()
         if live and s.finished:
             raise ValueError(f"session_id: session {session_id} is finished ({s.finished})")
@@ -135,9 +134,7 @@ class Registry:
 
     def run(self, model_id: str, owner: str) -> Run:
         with self._lock:
-            r = self._runs.get(model_id)
-            if r is None or r.owner != owner:
-                self._raise_missing(model_id, owner, f"model_id: training run {model_id}")
+            r = self._owned(self._runs, model_id, owner, f"model_id: training run {model_id}")
             self.touch(r.session_id)
             return r
 
@@ -147,9 +144,7 @@ class Registry:
 
     def sampler(self, sampler_id: str, owner: str) -> Sampler:
         with self._lock:
-            s = self._samplers.get(sampler_id)
-            if s is None or s.owner != owner:
-                self._raise_missing(sampler_id, owner, f"sampling_session_id: sampler {sampler_id}")
+            s = self._owned(self._samplers, sampler_id, owner, f"sampling_session_id: sampler {sampler_id}")
             self.touch(s.session_id)
             return s
 
@@ -165,7 +160,7 @@ class Registry:
     def add_run(self, run: Run) -> None:
         """Register a run made in a live session (Gone if the session ended while it was being made)."""
         with self._lock:
-            session = self._open(run.session_id, run.owner)
+            session = self._owned(self._sessions, run.session_id, run.owner, f"session {run.session_id}")
             self._runs[run.model_id] = run
             session.run_ids.append(run.model_id)
 
@@ -190,7 +185,9 @@ class Registry:
                         f"sampling_session: {sampler.owner} already holds {held} live samplers, the most "
                         "allowed; finish sessions that no longer sample"
                     )
-            session = self._open(sampler.session_id, sampler.owner)
+            session = self._owned(
+                self._sessions, sampler.session_id, sampler.owner, f"session {sampler.session_id}"
+            )
             self._samplers[sampler.id] = sampler
             session.sampler_ids.append(sampler.id)
             return sampler
@@ -226,13 +223,14 @@ class Registry:
                 self._ended.popitem(last=False)
         return Ended(session, runs, samplers)
 
-    def _open(self, session_id: str, owner: str) -> Session:
-        session = self._sessions.get(session_id)
-        if session is None or session.owner != owner:
-            self._raise_missing(session_id, owner, f"session {session_id}")
-        return session
+    def _owned(self, table: dict[str, Owned], object_id: str, owner: str, what: str) -> Owned:
+        """`table[object_id]` if `owner` holds it (call with the lock held); else Gone or NotFound."""
+        found = table.get(object_id)
+        if found is None or found.owner != owner:
+            self._raise_missing(object_id, owner, what)
+        return found
 
-    def _raise_missing(self, object_id: str, owner: str, what: str) -> None:
+    def _raise_missing(self, object_id: str, owner: str, what: str) -> NoReturn:
         session_id = object_id.split(":", 1)[0]
         ended = self._ended.get(session_id)
         if ended is not None and ended[0] == owner:
