@@ -83,8 +83,8 @@ class SampleOp:
 
     request: SampleRequest
     finish: Callable[[Any], Any]
+    sampler_id: str  # its queue: samples of one sampling session run in order, sessions round-robin
     adapter: Revision | None = None
-    queue: str = ""  # the sampling session it was queued under (set on submission)
 
 
 @dataclass
@@ -168,10 +168,9 @@ class EngineWorker:
             queue.unsequenced.append((last, _Queued(future, op)))
             self._cv.notify()
 
-    def submit_sample(self, session_id: str, future: Future, op: SampleOp) -> None:
-        op.queue = session_id
+    def submit_sample(self, future: Future, op: SampleOp) -> None:
         with self._cv:
-            self._samples.setdefault(session_id, deque()).append((future, op))
+            self._samples.setdefault(op.sampler_id, deque()).append((future, op))
             self._cv.notify()
 
     def submit_call(self, future: Future, op: CallOp) -> None:
@@ -406,7 +405,7 @@ class EngineWorker:
         """Back to the head of their queues, for the next round (whose batch will have room)."""
         with self._cv:
             for fut, op in reversed(items):
-                self._samples.setdefault(op.queue, deque()).appendleft((fut, op))
+                self._samples.setdefault(op.sampler_id, deque()).appendleft((fut, op))
 
     def _valid(self, fut: Future, check: Callable[[], None]) -> bool:
         try:

@@ -595,7 +595,7 @@ class TinkerService:
                     ]
                 return result
 
-            handle.worker.submit_sample(sampler_id, fut, SampleOp(request, finish, sampler.revision))
+            handle.worker.submit_sample(fut, SampleOp(request, finish, sampler_id, sampler.revision))
         return fut, sequence_ids
 
     # MinT extensions ------------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def test_a_decode_batch_counts_rows_not_requests(
             for i in range(3):
                 fut, _ = futures.create("Sample", "local")
                 request = SampleRequest(BASE_SLOT, [1, 2, 3], params, num_samples=4)
-                worker.submit_sample(f"s{i}", fut, SampleOp(request, lambda result: result))
+                worker.submit_sample(fut, SampleOp(request, lambda result: result, f"s{i}"))
                 futs.append(fut)
         assert all(wait_done(f).error is None for f in futs)
         assert batches == [8, 4], batches
