@@ -1,12 +1,14 @@
-"""Real servers for the shared-storage tests: a throwaway PostgreSQL cluster and an S3 server (moto) on
-loopback. Where either cannot start, the test fails saying what to install (never skips): a skipped
-PostgreSQL or S3 test would look like a passing one. `bash scripts/test.sh` installs both.
+"""Real servers for tests: `mintd serve` in its own process (for tests that watch or kill the server
+itself), and for the shared-storage tests a throwaway PostgreSQL cluster and an S3 server (moto) on
+loopback. Where PostgreSQL or the S3 server cannot start, the test fails saying what to install (never
+skips): a skipped PostgreSQL or S3 test would look like a passing one. `bash scripts/test.sh` installs both.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,8 +20,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 _INSTALL_PG = "apt-get install -y postgresql (bash scripts/test.sh installs it)"
 
 
@@ -128,3 +132,36 @@ def new_bucket(env: dict[str, str]) -> str:
         region_name=env["AWS_DEFAULT_REGION"],
     ).create_bucket(Bucket=name)
     return name
+
+
+def serve(
+    model_dir: Path,
+    data_dir: Path,
+    port: int,
+    *args: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+) -> subprocess.Popen:
+    """Start `mintd serve --model tiny=<model_dir>` with extra `args` (and `env` settings, its output in
+    `log`); return once it answers."""
+    command = [sys.executable, "-m", "mintd.cli", "serve", "--model", f"tiny={model_dir}"]
+    command += ["--data-dir", str(data_dir), "--port", str(port), *args]
+    # one thread: a busy shared CPU makes more thrash
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    out = log.open("w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/v1/healthz").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    said = f":\n{log.read_text()}" if log else ""
+    raise AssertionError(f"mintd serve did not come up{said}")
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024

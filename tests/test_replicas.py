@@ -7,10 +7,7 @@ second gets a 409 naming the first; and after the first is SIGKILLed the second 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,10 +16,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.sdk import run_sdk_json
-from tests.servers import free_port
+from tests.servers import free_port, serve
 
 KEY = "tml-replicas"
 PRELUDE = """
@@ -103,31 +98,17 @@ def call(url: str, method: str = "GET", body: dict[str, Any] | None = None) -> t
 def replica(name: str, model_dir: Path, data_dir: Path, catalog_url: str, blob_url: str) -> Iterator[Any]:
     """`mintd serve` in its own process; yields the Popen with `.url` set once it answers."""
     port = free_port()
-    log = (data_dir.parent / f"{name}.log").open("w")
-    cmd = [sys.executable, "-m", "mintd.cli", "serve", "--model", f"tiny={model_dir}", "--port", str(port)]
-    cmd += ["--data-dir", str(data_dir), "--catalog-url", catalog_url, "--blob-url", blob_url]
-    cmd += ["--replica-id", name, "--blob-cache-budget", "64MiB"]
-    env = {**os.environ, "MINTD_RUN_LEASE_S": "2", "MINTD_LONG_POLL_S": "2", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    shared = ["--catalog-url", catalog_url, "--blob-url", blob_url]
+    args = [*shared, "--replica-id", name, "--blob-cache-budget", "64MiB"]
+    env = {"MINTD_RUN_LEASE_S": "2", "MINTD_LONG_POLL_S": "2"}
+    proc = serve(model_dir, data_dir, port, *args, env=env, log=data_dir.parent / f"{name}.log")
     proc.url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if call(f"{proc.url}/api/v1/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"replica {name} did not start:\n{Path(log.name).read_text()}", pytrace=False)
-            time.sleep(0.2)
         yield proc
     finally:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=30)
-        log.close()
 
 
 def test_two_replicas_share_revisions_state_aliases_and_survive_a_kill(

@@ -18,9 +18,11 @@ class LiveServer:
     model_dir: Path
 
 
-def start_server(model_dir: Path, data_dir: Path, **settings) -> tuple[ServerThread, TinkerService]:
+def start_server(
+    model_dir: Path, data_dir: Path, api_keys: list[str] | None = None, **settings
+) -> tuple[ServerThread, TinkerService]:
     settings = ServeSettings(data_dir=data_dir, long_poll_s=2.0, **settings)
-    app, service = build_app({"tiny": model_dir}, settings)
+    app, service = build_app({"tiny": model_dir}, settings, api_keys)
     return ServerThread(app), service
 
 

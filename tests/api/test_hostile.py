@@ -17,12 +17,12 @@ import httpx
 import pytest
 
 from mintd.api import proto
-from mintd.config import ServeSettings
-from mintd.server import ServerThread, build_app
+from mintd.server import ServerThread
 from mintd.service.tinker import TinkerService
+from tests.api.conftest import LiveServer, start_server
 from tests.api.http import TinkerHTTP, batch, datum
 from tests.api.test_tinker_errors import rejected
-from tests.serve import free_port, rss_mb, serve
+from tests.servers import free_port, rss_mb, serve
 
 MB = 2**20
 JSON, PROTOBUF = "application/json", "application/x-protobuf"
@@ -32,37 +32,29 @@ def post_raw(c: TinkerHTTP, route: str, content: Any, content_type: str = JSON) 
     return c.http.post(f"/{route}", content=content, headers={"Content-Type": content_type})
 
 
-class Live:
-    def __init__(self, url: str, service: TinkerService) -> None:
-        self.url, self.service = url, service
-
-
 TWO_OWNERS = ["alice=tml-a", "bob=tml-b"]
 
 
 def _start(qwen3_dir: Path, data_dir: Path, keys: list[str] | None = TWO_OWNERS, **settings: Any) -> Any:
-    app, service = build_app(
-        {"tiny": qwen3_dir}, ServeSettings(data_dir=data_dir, long_poll_s=2.0, **settings), keys
-    )
-    return ServerThread(app), service
+    return start_server(qwen3_dir, data_dir, keys, **settings)
 
 
 @pytest.fixture(scope="module")
-def live(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+def live(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     thread, service = _start(qwen3_dir, tmp_path_factory.mktemp("hostile"))
     with thread:
-        yield Live(thread.url, service)
+        yield LiveServer(thread.url, service, qwen3_dir)
     service.close()
 
 
 @pytest.fixture
-def alice(live: Live) -> Iterator[TinkerHTTP]:
+def alice(live: LiveServer) -> Iterator[TinkerHTTP]:
     with TinkerHTTP(live.url, api_key="tml-a") as c:
         yield c
 
 
 @pytest.fixture
-def bob(live: Live) -> Iterator[TinkerHTTP]:
+def bob(live: LiveServer) -> Iterator[TinkerHTTP]:
     with TinkerHTTP(live.url, api_key="tml-b") as c:
         yield c
 
@@ -226,10 +218,10 @@ def test_bob_reads_nothing_of_alices_by_guessing_ids(alice: TinkerHTTP, bob: Tin
 
 
 @pytest.fixture
-def reaping(qwen3_dir: Path, tmp_path: Path) -> Iterator[Live]:
+def reaping(qwen3_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:
     thread, service = _start(qwen3_dir, tmp_path / "data", session_idle_timeout_s=3.0, reap_interval_s=0.2)
     with thread:
-        yield Live(thread.url, service)
+        yield LiveServer(thread.url, service, qwen3_dir)
     service.close()
 
 
@@ -266,7 +258,7 @@ def _wait(predicate: Any, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_idle_sessions_are_closed_and_free_their_memory(reaping: Live) -> None:
+def test_idle_sessions_are_closed_and_free_their_memory(reaping: LiveServer) -> None:
     empty = _slots(reaping.service)
     with TinkerHTTP(reaping.url, api_key="tml-a") as alice, TinkerHTTP(reaping.url, api_key="tml-b") as bob:
         kept = alice.new_model()  # kept alive by heartbeats while the other one idles
@@ -299,7 +291,7 @@ def test_idle_sessions_are_closed_and_free_their_memory(reaping: Live) -> None:
         assert alice.step(kept, 1, batch(1)) > 0
 
 
-def test_finished_sessions_are_closed_once_their_work_is_done(reaping: Live) -> None:
+def test_finished_sessions_are_closed_once_their_work_is_done(reaping: LiveServer) -> None:
     empty = _slots(reaping.service)
     with TinkerHTTP(reaping.url, api_key="tml-a") as alice:
         model_id, _, _ = _hold_memory(alice)
@@ -330,7 +322,7 @@ def test_sessions_per_owner_are_bounded(qwen3_dir: Path, tmp_path: Path) -> None
 
 
 def test_a_server_fault_is_a_500_with_a_request_id_and_no_internals(
-    live: Live, alice: TinkerHTTP, monkeypatch: pytest.MonkeyPatch
+    live: LiveServer, alice: TinkerHTTP, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*_: Any) -> Any:
         raise RuntimeError("/secret/server/path exploded")
@@ -400,7 +392,7 @@ def _one_abuse(bob: TinkerHTTP, victim: str, rnd: random.Random) -> None:
         bob.forward_backward(victim, 10**6 + rnd.randrange(10**6), [{"model_input": 5}])
 
 
-def test_abuse_does_not_move_a_well_behaved_clients_losses(live: Live, alice: TinkerHTTP) -> None:
+def test_abuse_does_not_move_a_well_behaved_clients_losses(live: LiveServer, alice: TinkerHTTP) -> None:
     quiet = _train(alice)
     stop = threading.Event()
     abusers = [threading.Thread(target=_abuse, args=(live.url, stop)) for _ in range(3)]

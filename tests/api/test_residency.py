@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from mintd.config import ServeSettings
-from mintd.server import ServerThread, build_app
+from tests.api.conftest import start_server
 from tests.api.http import TinkerHTTP, batch
 
 ADAPTERS, FIT = 8, 3
@@ -34,9 +33,9 @@ def _tokens(result: dict[str, Any]) -> list[int]:
 def saved(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list, int]:
     """Eight distinct trained adapters saved on one server, and what each samples served alone."""
     data_dir = tmp_path_factory.mktemp("residency")
-    app, service = build_app({"tiny": qwen3_dir}, ServeSettings(data_dir=data_dir, long_poll_s=2.0))
+    server, service = start_server(qwen3_dir, data_dir)
     paths, alone = [], []
-    with ServerThread(app) as server, TinkerHTTP(server.url) as c:
+    with server, TinkerHTTP(server.url) as c:
         session = c.session()
         for i in range(ADAPTERS):
             model_id = c.create_model(session, i, seed=i)
@@ -54,10 +53,9 @@ def saved(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
 
 def test_a_wave_larger_than_the_budget_completes_within_it(qwen3_dir: Path, saved: Any) -> None:
     data_dir, paths, alone, size = saved
-    settings = ServeSettings(data_dir=data_dir, long_poll_s=2.0, adapter_device_budget=FIT * size)
-    app, service = build_app({"tiny": qwen3_dir}, settings)
+    server, service = start_server(qwen3_dir, data_dir, adapter_device_budget=FIT * size)
     residency = service.models["tiny"].worker.residency
-    with ServerThread(app) as server, TinkerHTTP(server.url) as c:
+    with server, TinkerHTTP(server.url) as c:
         session = c.session()
         samplers = [_sampler(c, session, i, p) for i, p in enumerate(paths)]
         for round_no in (1, 2):  # the whole wave at once, twice: the second finds only FIT resident
@@ -74,9 +72,9 @@ def test_a_wave_larger_than_the_budget_completes_within_it(qwen3_dir: Path, save
 
 def test_samplers_of_one_revision_share_one_copy(qwen3_dir: Path, saved: Any) -> None:
     data_dir, paths, alone, _ = saved
-    app, service = build_app({"tiny": qwen3_dir}, ServeSettings(data_dir=data_dir, long_poll_s=2.0))
+    server, service = start_server(qwen3_dir, data_dir)
     residency = service.models["tiny"].worker.residency
-    with ServerThread(app) as server, TinkerHTTP(server.url) as c:
+    with server, TinkerHTTP(server.url) as c:
         adapter = service.catalog.resolve("local", paths[0])
         service.catalog.promote("local", adapter.adapter, "prod", adapter.number)
         refs = [paths[0], f"tinker://adapters/{adapter.adapter}:prod", f"tinker://adapters/{adapter.ref}"]
@@ -96,8 +94,8 @@ def test_the_cli_shows_a_running_servers_residency(qwen3_dir: Path, saved: Any) 
     from mintd.cli import app as cli
 
     data_dir, paths, _, _ = saved
-    app, service = build_app({"tiny": qwen3_dir}, ServeSettings(data_dir=data_dir, long_poll_s=2.0))
-    with ServerThread(app) as server, TinkerHTTP(server.url) as c:
+    server, service = start_server(qwen3_dir, data_dir)
+    with server, TinkerHTTP(server.url) as c:
         c.result(c.ok("asample", _sample_body(_sampler(c, c.session(), 0, paths[0]), 1)))
         shown = CliRunner().invoke(cli, ["residency", "--url", server.url], env={"COLUMNS": "250"})
     service.close()
@@ -109,7 +107,7 @@ def test_the_cli_shows_a_running_servers_residency(qwen3_dir: Path, saved: Any) 
 
 def test_a_corrupt_blob_fails_only_its_own_requests_and_is_not_kept(qwen3_dir: Path, saved: Any) -> None:
     data_dir, paths, alone, _ = saved
-    app, service = build_app({"tiny": qwen3_dir}, ServeSettings(data_dir=data_dir, long_poll_s=2.0))
+    server, service = start_server(qwen3_dir, data_dir)
     residency = service.models["tiny"].worker.residency
     blob = service.checkpoints.blobs.path(service.catalog.resolve("local", paths[1]).content_hash)
     good = blob.read_bytes()
@@ -118,7 +116,7 @@ def test_a_corrupt_blob_fails_only_its_own_requests_and_is_not_kept(qwen3_dir: P
     blob.chmod(0o644)
     try:
         blob.write_bytes(bytes(bad))
-        with ServerThread(app) as server, TinkerHTTP(server.url) as c:
+        with server, TinkerHTTP(server.url) as c:
             session = c.session()
             samplers = [_sampler(c, session, i, p) for i, p in enumerate(paths[:3])]
             submitted = [c.ok("asample", _sample_body(s, 1)) for s in samplers]  # one wave, one batch

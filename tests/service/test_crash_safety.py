@@ -21,7 +21,7 @@ from mintd.config import CatalogSettings
 from mintd.store.blobs import BlobStore
 from mintd.store.packed import read_packed
 from tests.api.http import TinkerHTTP
-from tests.serve import REPO, free_port, serve
+from tests.servers import REPO, free_port, serve
 
 ROUNDS = 10
 
