@@ -103,11 +103,8 @@ class Registry:
     def create_session(self, owner: str, tags: list[str], user_metadata: dict[str, Any]) -> Session:
         with self._lock:
             live = sum(1 for s in self._sessions.values() if s.owner == owner)
-            if live >= self.quotas.sessions:
-                raise QuotaExceeded(
-                    f"session: {owner} already holds {live} live sessions, the most allowed; finish some "
-                    "(ServiceClient.close) or wait for idle ones to be closed"
-                )
+            advice = "finish some (ServiceClient.close) or wait for idle ones to be closed"
+            _within_quota(live, self.quotas.sessions, "session", owner, "sessions", advice)
             session = Session(f"s-{secrets.token_hex(16)}", owner, tags, user_metadata)
             self._sessions[session.id] = session
             return session
@@ -151,11 +148,8 @@ class Registry:
     def check_run_quota(self, owner: str) -> None:
         with self._lock:
             held = sum(1 for r in self._runs.values() if r.owner == owner)
-        if held >= self.quotas.runs:
-            raise QuotaExceeded(
-                f"model: {owner} already holds {held} live training runs, the most allowed; unload some "
-                "(unload_model) or finish their sessions"
-            )
+        advice = "unload some (unload_model) or finish their sessions"
+        _within_quota(held, self.quotas.runs, "model", owner, "training runs", advice)
 
     def add_run(self, run: Run) -> None:
         """Register a run made in a live session (Gone if the session ended while it was being made)."""
@@ -179,12 +173,10 @@ class Registry:
             if existing is not None:
                 return existing
             if not sampler.ephemeral:
-                held = sum(1 for s in self._samplers.values() if s.owner == sampler.owner and not s.ephemeral)
-                if held >= self.quotas.samplers:
-                    raise QuotaExceeded(
-                        f"sampling_session: {sampler.owner} already holds {held} live samplers, the most "
-                        "allowed; finish sessions that no longer sample"
-                    )
+                who = sampler.owner
+                held = sum(1 for s in self._samplers.values() if s.owner == who and not s.ephemeral)
+                advice = "finish sessions that no longer sample"
+                _within_quota(held, self.quotas.samplers, "sampling_session", who, "samplers", advice)
             session = self._owned(
                 self._sessions, sampler.session_id, sampler.owner, f"session {sampler.session_id}"
             )
@@ -239,3 +231,8 @@ class Registry:
                 "was discarded, saved checkpoints remain. Create a new client to continue"
             )
         raise NotFound(f"{what} not found")
+
+
+def _within_quota(held: int, limit: int, field: str, owner: str, what: str, advice: str) -> None:
+    if held >= limit:
+        raise QuotaExceeded(f"{field}: {owner} already holds {held} live {what}, the most allowed; {advice}")
