@@ -3,7 +3,7 @@
 For one batch of rows (32 by default) on a `small` tiny model (`--arch`, qwen3 by default), side by side
 in one process:
 
-  single      the engine, every row on one rank-16 adapter
+  single      the engine, every row on one rank-16 adapter (decode: frozen snapshots, as sampling reads)
   mixed       the engine, every row on its own adapter (ranks cycling 4, 8, 16, 32)
   peft_mixed  the same 32 adapters in one PeftModel, mixed batch through `adapter_names=`
   swap        one single-adapter PeftModel (rank 32); each adapter's weights are copied into it
@@ -16,7 +16,7 @@ runs in eval mode under no_grad for decode. Each case is warmed up once, then me
 times in interleaved rounds (so machine noise hits all cases alike); medians are reported.
 
 Prints exactly one JSON line to stdout; progress goes to stderr.
-    python bench/multilora_batch.py [--quick] [--rows 32] [--decode-tokens 32] [--train-tokens 64]
+    python bench/multilora_batch.py [--quick] [--size small|base] [--dtype float32|bfloat16] [--rows 32]
 """
 
 from __future__ import annotations
@@ -235,7 +235,9 @@ def bench_decode(ctx: dict, args: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=n_new, temperature=0.0, stop=[])
 
     def engine_run(slots: list[int]) -> Callable[[], None]:
-        requests = [SampleRequest(slot, p.tolist(), params) for slot, p in zip(slots, prompts, strict=True)]
+        """Through the step engine, on frozen snapshots of the adapters (what a sampling client reads)."""
+        frozen = [ctx["frozen"][slot] for slot in slots]
+        requests = [SampleRequest(slot, p.tolist(), params) for slot, p in zip(frozen, prompts, strict=True)]
 
         def run() -> None:
             out = engine.sample(requests)
@@ -369,6 +371,12 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=64, help="tokens per training row")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="base-model dtype (all cases)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads for every case (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -384,7 +392,7 @@ def main() -> None:
         if model_dir is None:
             log(f"building the {args.size!r} {args.arch} tiny model")
             model_dir = make_tiny_model(Path(tmp) / "model", arch=args.arch, seed=0, size=args.size)
-        engine = Engine(model_dir, EngineSettings(device=args.device))
+        engine = Engine(model_dir, EngineSettings(device=args.device, dtype=args.dtype))
         n_params = sum(p.numel() for p in engine.model.parameters())
         log(
             f"{n_params / 1e6:.1f}M parameters on {engine.device} ({engine.dtype}), "
@@ -393,6 +401,7 @@ def main() -> None:
         ranks = [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(args.rows)]
         ctx: dict = {"engine": engine, "single_slot": make_adapter(engine, SINGLE_RANK, seed=1000)}
         ctx["mixed_slots"] = [make_adapter(engine, r, seed=i) for i, r in enumerate(ranks)]
+        ctx["frozen"] = {s: engine.snapshot(s) for s in [ctx["single_slot"], *ctx["mixed_slots"]]}
         mib = {
             "base": sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**20,
             "single": engine.slots[ctx["single_slot"]].nbytes / 2**20,

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from mintd.cli_adapters import adapters_app
+from mintd.cli_eval import HELP as EVAL_HELP
+from mintd.cli_eval import eval_cmd
 
 app = typer.Typer(
     name="mintd",
@@ -26,6 +28,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(adapters_app, name="adapters")
+app.command("eval", help=EVAL_HELP)(eval_cmd)
 console = Console()
 
 
@@ -190,8 +193,17 @@ def serve(
     adapter_device_budget: Annotated[
         str | None,
         typer.Option(
-            help="Bytes the saved adapters being sampled may occupy per base model, e.g. 512MiB or 4GiB (the "
-            "default); the least recently used ones not in use are evicted beyond it.",
+            help="Bytes adapters may occupy on each base model's device, e.g. 512MiB or 4GiB (the default): "
+            "saved adapters being sampled, snapshots and training runs; beyond it the least recently used "
+            "ones not in use are evicted, idle training runs parked in host memory.",
+            show_default=False,
+        ),
+    ] = None,
+    adapter_host_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Bytes of verified adapter blobs kept in host memory per base model, e.g. 1GiB (default "
+            "8GiB): a reload after a device eviction then neither reads the disk nor re-hashes.",
             show_default=False,
         ),
     ] = None,
@@ -223,6 +235,7 @@ def serve(
         "replica_id": replica_id,
         "public_url": public_url,
         "adapter_device_budget": adapter_device_budget,
+        "adapter_host_budget": adapter_host_budget,
     }
     blob_given = {"blob_url": blob_url, "blob_cache_budget": blob_cache_budget}
     try:
@@ -245,8 +258,9 @@ def serve(
 
 @app.command(
     help=(
-        "Show a running server's adapter residency: per base model, the device byte budget, bytes in use "
-        "and at peak, resident adapters, hits, misses, evictions and load times (GET /api/v1/residency)."
+        "Show a running server's adapter residency, per base model: budgets and bytes per tier (device, "
+        "host, parked runs), resident adapters, snapshots and runs, hits, misses, evictions, parks, loads "
+        "queued and in flight, and load times (GET /api/v1/residency)."
     )
 )
 def residency(
@@ -265,17 +279,13 @@ def residency(
     if reply.status_code != 200:
         detail = reply.json().get("detail") if reply.content else reply.reason_phrase
         raise typer.BadParameter(f"{url} answered {reply.status_code}: {detail}", param_hint="--url")
+    models = reply.json()["models"]
     table = Table(title=f"adapter residency at {url}")
-    columns = ("device_bytes", "device_peak_bytes", "device_budget_bytes", "resident_adapters")
-    columns += ("adapters_in_use", "hits", "misses", "evictions", "load_ms_p50", "load_ms_p99")
-    table.add_column("base model")
-    for column in columns:
-        table.add_column(column.replace("_", " "), justify="right")
-    for name, stats in reply.json()["models"].items():
-        cells = [
-            "-" if stats[c] is None else f"{stats[c]:,.1f}" if "ms" in c else f"{stats[c]:,}" for c in columns
-        ]
-        table.add_row(name, *cells)
+    table.add_column("")
+    for name in models:
+        table.add_column(name, justify="right")
+    for stat in next(iter(models.values()), {}):
+        table.add_row(stat.replace("_", " "), *(_cell(m[stat]) for m in models.values()))
     console.print(table)
 
 

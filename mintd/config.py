@@ -15,6 +15,8 @@ MAX_ID_CHARS = 256  # ids, names and paths a request may carry (ours are far sho
 MAX_INT = 2**63 - 1  # integers in bodies and query strings (seq ids, offsets) fit a signed 64-bit int
 MAX_TAGS = 64  # per session, each at most MAX_ID_CHARS
 MAX_METADATA_BYTES = 64 * 1024  # user_metadata as JSON (the catalog keeps revisions' metadata to this too)
+MAX_EVAL_REVISIONS = 10_000  # revisions one evaluation run scores
+MAX_EVAL_ITEMS = 10_000  # items (prompts) in one evaluation run's eval set
 
 
 class EngineSettings(BaseSettings):
@@ -33,6 +35,21 @@ class EngineSettings(BaseSettings):
     )
     micro_batch_tokens: int = Field(
         16384, ge=1, description="padded tokens per forward pass; larger batches are accumulated"
+    )
+    step_tokens: int = Field(
+        512,
+        ge=1,
+        description="tokens per sampling step: one per decoding sample, the rest for prompt chunks",
+    )
+    max_running_rows: int = Field(256, ge=1, description="samples decoding together in the step engine")
+    kv_cache_tokens: int = Field(
+        65536, ge=16, description="token positions the paged KV cache holds (all running samples together)"
+    )
+    kv_block_size: int = Field(16, ge=1, description="token positions per KV cache block")
+    cpu_packed_linears: bool = Field(
+        True,
+        description="on CPU in bfloat16/float16: keep a oneDNN-packed copy of the base linears for "
+        "sampling (about 3x faster matmuls; costs one more copy of those weights)",
     )
 
 
@@ -53,10 +70,38 @@ class ServeSettings(BaseSettings):
     )
     max_sample_rows: int = Field(64, ge=1, description="rows decoded together in one engine batch")
     max_train_tokens: int = Field(65536, ge=1, description="tokens merged into one forward_backward call")
+    max_pending_rows: int = Field(
+        256,
+        ge=1,
+        description="OpenAI endpoint: sequences (n per request) a base model may hold waiting or decoding; "
+        "a request beyond it gets 429 with Retry-After",
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, description="OpenAI endpoint: tokens generated when a request sets no max_tokens"
+    )
     adapter_device_budget: ByteSize = Field(
         ByteSize(4 * 2**30),
-        description="bytes the saved adapters being sampled may occupy in each base model's engine "
-        "(e.g. 512MiB, 4GiB); the least recently used unreferenced ones are evicted beyond it",
+        description="bytes the adapters on each base model's device may occupy (e.g. 512MiB, 4GiB): "
+        "saved adapters being sampled, sampling snapshots and live training runs (weights, gradients and "
+        "optimizer state); beyond it the least recently used unreferenced adapters are evicted and idle "
+        "training runs parked in host memory",
+    )
+    adapter_host_budget: ByteSize = Field(
+        ByteSize(8 * 2**30),
+        description="bytes of verified adapter blobs each base model keeps in host memory, so a reload "
+        "after a device eviction neither reads the disk nor re-hashes (e.g. 1GiB)",
+    )
+    run_park_after_s: float = Field(
+        600.0,
+        gt=0,
+        description="a training run with no request for this long moves, with its optimizer state, from "
+        "the device to host memory (it resumes bit-exactly on its next request)",
+    )
+    max_load_queue: int = Field(
+        4096,
+        ge=1,
+        description="sample requests per base model that may wait for a cold adapter load; beyond it new "
+        "ones get 429 with Retry-After",
     )
     ephemeral_samplers_per_run: int = Field(8, ge=1, description="sampler snapshots kept per training run")
     sequence_ttl_s: float = Field(
@@ -101,6 +146,7 @@ class ServeSettings(BaseSettings):
     max_sessions_per_owner: int = Field(256, ge=1, description="live sessions an owner may hold")
     max_runs_per_owner: int = Field(128, ge=1, description="live training runs an owner may hold")
     max_samplers_per_owner: int = Field(1024, ge=1, description="live sampling sessions an owner may hold")
+    max_eval_runs_per_owner: int = Field(4, ge=1, description="evaluation runs an owner may have running")
     session_idle_timeout_s: float = Field(
         900.0,
         gt=0,

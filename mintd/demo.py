@@ -247,6 +247,7 @@ def run_demo(data_dir: Path, sl_steps: int, rl_steps: int, console: Console) -> 
         for p in policies:
             if not p.outcome.error:
                 p.outcome.catalog = _gate_and_promote(service.catalog, p)
+        served = _serve(server.url, service.catalog, policies)
     service.close()
     table = Table(title=f"mintd demo: 3 policies trained concurrently in {elapsed:.0f}s")
     for column in ("policy", "reward before → after", "revisions saved (catalog)"):
@@ -256,6 +257,7 @@ def run_demo(data_dir: Path, sl_steps: int, rl_steps: int, console: Console) -> 
         change = f"[red]{o.error}" if o.error else f"{o.reward_before:.2f} → [bold green]{o.reward_after:.2f}"
         table.add_row(p.goal.name, change, o.catalog)
     console.print(table)
+    _print_served(console, served)
     _next_steps(console, model_dir, settings.data_dir)
     return [(p.goal.name, p.outcome) for p in policies]
 
@@ -272,10 +274,63 @@ def _next_steps(console: Console, model_dir: Path, server_dir: Path) -> None:
         (f"mintd adapters log counter --data-dir {server_dir}", "one adapter's revisions and provenance"),
         (
             f"mintd serve --model tiny={model_dir} --data-dir {server_dir}",
-            "serve them; then sample tinker://adapters/counter:prod with the tinker SDK",
+            "serve them: the snippet above at /v1, or tinker://adapters/counter:prod with the tinker SDK",
         ),
     ):
         console.print(f"  {escape(command)}\n      [dim]{why}[/dim]", soft_wrap=True)
+
+
+@dataclass
+class Served:
+    model: str  # the ref the request named
+    prompt: str
+    answer: str
+    revision: str  # what answered (the response's system_fingerprint)
+
+
+def _serve(url: str, catalog, policies: list[Policy]) -> list[Served]:
+    """Each policy answers its first prompt through the OpenAI endpoint, as a deployed policy would:
+    by its `prod` alias (or its newest revision while no evaluation has passed the gate)."""
+    from openai import OpenAI
+
+    from mintd.catalog import CatalogNotFound
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="tml-demo")
+    served = []
+    for p in policies:
+        if p.outcome.error:
+            continue
+        model = f"{p.goal.name}:prod"
+        try:
+            catalog.resolve("local", model)
+        except CatalogNotFound:
+            model = p.goal.name
+        prompt = p.goal.prompts[0]
+        answer = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+        served.append(Served(model, prompt, answer.choices[0].text, answer.system_fingerprint or ""))
+    return served
+
+
+def _print_served(console: Console, served: list[Served]) -> None:
+    """The answers, and the snippet a user copies to query a policy the same way."""
+    if not served:
+        return
+    table = Table(title="Served through the OpenAI endpoint (/v1), with the official openai client")
+    for column in ("model", "prompt", "answer (temperature 0)", "revision that answered"):
+        table.add_column(column, overflow="fold")
+    for s in served:
+        model = s.model if s.model.endswith(":prod") else f"{s.model} (no prod alias yet: the newest)"
+        table.add_row(model, repr(s.prompt), repr(s.answer), s.revision)
+    console.print(table)
+    first = served[0]
+    snippet = (
+        "from openai import OpenAI\n\n"
+        'client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="tml-local")\n'
+        f"answer = client.completions.create(model={first.model!r}, prompt={first.prompt!r}, max_tokens=12)\n"
+        "print(answer.choices[0].text)"
+    )
+    console.print("[bold]Query a policy yourself[/bold] (with `mintd serve` running, see below):")
+    console.print(escape(snippet), soft_wrap=True, highlight=False)
 
 
 def _gate_and_promote(catalog, policy: Policy) -> str:

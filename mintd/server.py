@@ -18,7 +18,9 @@ from mintd.config import BlobSettings, CatalogSettings, EngineSettings, ServeSet
 from mintd.engine.engine import Engine
 from mintd.service.checkpoints import Checkpoints
 from mintd.service.futures import FutureStore
+from mintd.service.metrics import Metrics
 from mintd.service.runs import ReplicaInfo, RunRecords
+from mintd.service.serving import Serving
 from mintd.service.tinker import TinkerService
 from mintd.store.blobs import open_blobs
 
@@ -86,7 +88,8 @@ def build_app(
         settings,
     )
     auth = Authenticator(keys, _secret(data_dir))
-    app = create_app(service, auth, settings, catalog=catalog, blobs=blobs)
+    serving = Serving(service, settings, Metrics(service))
+    app = create_app(service, auth, settings, catalog=catalog, blobs=blobs, serving=serving)
     return app, service
 
 

@@ -1,4 +1,5 @@
-"""`mintd demo`, short: it trains, warns about nothing, and ends saying where its data is and what next."""
+"""`mintd demo`, short: it trains, serves each policy through /v1 with the openai client, warns about
+nothing, and ends saying where its data is and what next."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def test_demo_runs_cleanly_and_points_onward(tmp_path: Path) -> None:
     assert done.returncode == 0, out
     assert "Warning" not in out, f"the demo warns:\n{out}"
     assert "3 policies trained concurrently" in out
+    assert "Served through the OpenAI endpoint (/v1)" in out
+    for policy in ("counter", "adder", "colorist"):  # by its prod alias, or its newest revision
+        assert f"local/{policy}@" in out, out
+    assert "from openai import OpenAI" in out and 'base_url="http://127.0.0.1:8000/v1"' in out
     assert f"the base model is in {data / 'tiny-qwen3'}" in out.replace("\n", "")
     for command in ("mintd adapters list", "mintd adapters log counter", "mintd serve --model tiny="):
         assert command in out, f"{command!r} is not among the next steps:\n{out}"

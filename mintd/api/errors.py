@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from mintd.api.auth import Unauthorized
 from mintd.catalog.errors import CatalogNotFound
-from mintd.service.errors import Gone, NotFound, QuotaExceeded
+from mintd.service.errors import Gone, NotFound, TooMany
 from mintd.service.runs import RunElsewhere
 
 
@@ -83,9 +83,9 @@ def install(app: FastAPI) -> None:
     async def _gone(_: Request, exc: Gone) -> JSONResponse:
         return _error(410, str(exc))
 
-    @app.exception_handler(QuotaExceeded)
-    async def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
-        return _error(429, str(exc), **{"Retry-After": "30"})
+    @app.exception_handler(TooMany)
+    async def _too_many(_: Request, exc: TooMany) -> JSONResponse:
+        return _error(429, str(exc), **{"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(Unauthorized)
     async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:

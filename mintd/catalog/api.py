@@ -130,6 +130,15 @@ class Catalog:
             rows = conn.execute(q.ALIASES_OF, {"owner": owner, "adapter": name})
             return AdapterView(adapter, tuple(revisions), tuple(q.alias_from_row(row) for row in rows))
 
+    def aliases(self, owner: str, names: list[str]) -> list[Alias]:
+        """Every alias of the named adapters (one query: a page of a listing), by adapter and alias name."""
+        owner = validate.owner(owner)
+        if not names:
+            return []
+        with self.db.read() as conn:
+            rows = conn.execute(q.ALIASES_OF_MANY, {"owner": owner, "adapters": list(names)})
+            return [q.alias_from_row(row) for row in rows]
+
     def log(self, owner: str, name: str, *, limit: int = 100, before: int | None = None) -> list[Revision]:
         """Live revisions newest first; page with `before` = the last number seen."""
         owner = validate.owner(owner)

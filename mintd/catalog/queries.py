@@ -90,6 +90,9 @@ _ALIAS = select(*ALIAS_COLUMNS).select_from(
     .join(owners, o.id == a.owner_id)
 )
 ALIASES_OF = _ALIAS.where(_ADAPTER_IS).order_by(aliases.c.name)
+ALIASES_OF_MANY = _ALIAS.where(
+    o.name == bindparam("owner"), a.name.in_(bindparam("adapters", expanding=True))
+).order_by(a.name, aliases.c.name)
 # No join here: PostgreSQL re-checks a locked row that changed meanwhile against the old versions of
 # joined rows, and would drop an alias just moved by another writer.
 ALIAS_FOR_UPDATE = (

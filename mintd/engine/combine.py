@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from mintd.engine.adapters import LoraSpec
-from mintd.engine.families import LINEAR_KINDS
+from mintd.families import LINEAR_KINDS
 
 Tensors = dict[str, torch.Tensor]
 DEFAULT_ALPHA = 32.0  # Tinker's convention: scale = 32 / rank

@@ -2,21 +2,48 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mintd.config import EngineSettings
-from mintd.engine import distill, sampling, train
-from mintd.engine.adapters import BASE_SLOT, AdapterSlots, LoraSpec
+from mintd.engine import distill, packed, sampling, train
+from mintd.engine.adapters import BASE_SLOT, Adapter, AdapterSlots, LoraSpec
 from mintd.engine.distill import KLGroup, KLOutput
-from mintd.engine.families import adapted_names, classify, display_name
-from mintd.engine.lora import LoraContext, install_lora
+from mintd.engine.lora import LoraContext, MultiLoraLinear, install_lora
 from mintd.engine.model import fingerprint, load_base_model, pick_device, pick_dtype
 from mintd.engine.optim import AdamParams, AdapterOptimizer
 from mintd.engine.sampling import SampleRequest, SampleResult
+from mintd.engine.step.loop import StepEngine
+from mintd.engine.step.sequence import RequestState
 from mintd.engine.train import TrainGroup, TrainOutput
+from mintd.families import adapted_names, classify, display_name
+
+
+@dataclass
+class Parked:
+    """A training slot in host memory, with its optimizer: moved in place, so nothing is re-made."""
+
+    adapter: Adapter
+    optimizer: AdapterOptimizer | None
+
+    def move(self, device: torch.device, pin: bool = False) -> None:
+        for p in self.adapter.params:
+            p.data = _moved(p.data, device, pin)
+            if p.grad is not None:
+                p.grad = _moved(p.grad, device, pin)
+        if self.optimizer is not None:
+            for state in self.optimizer.opt.state.values():
+                for key, value in state.items():
+                    if key != "step":  # AdamW keeps its step counter on the CPU
+                        state[key] = _moved(value, device, pin)
+
+
+def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    t = t.to(device)
+    return t.pin_memory() if pin else t
 
 
 class Engine:
@@ -32,6 +59,10 @@ class Engine:
         self.ctx = LoraContext()
         self.weights = classify(self.model, self.family)  # before wrapping: the model's own layers
         self.slots = AdapterSlots(install_lora(self.model, self.ctx, self.weights), self.device)
+        if self.settings.cpu_packed_linears and packed.available(self.device, self.dtype):
+            for module in self.model.modules():
+                if isinstance(module, MultiLoraLinear):
+                    module.packed = packed.PackedLinear(module.base)
         self._optimizers: dict[int, AdapterOptimizer] = {}
         config = self.model.config
         self.vocab_size = self.model.get_output_embeddings().base.out_features
@@ -42,6 +73,8 @@ class Engine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+        self.steps = StepEngine(self.model, self.ctx, self.slots, self.tokenizer, self.settings)
+        self._dropped: set[int] = set()  # freed once no running sample uses them
 
     # what LoRA adapts ---------------------------------------------------------------------------
 
@@ -87,8 +120,31 @@ class Engine:
         return self.slots.snapshot(slot)
 
     def drop(self, slot: int) -> None:
-        self.slots.free(slot)
+        """Free a slot; one that running samples still read is freed when the last of them finishes."""
         self._optimizers.pop(slot, None)
+        if self.steps.uses(slot):
+            self._dropped.add(slot)
+        else:
+            self.slots.free(slot)
+
+    def training_bytes(self, slot: int) -> int:
+        """What a trainable slot occupies once training: weights, gradients and Adam's two moments."""
+        return self.slots[slot].nbytes * (4 if slot in self._optimizers else 1)
+
+    def park(self, slot: int) -> Parked:
+        """Take a slot out, moved whole to host memory: its weights, gradients and optimizer state
+        (the same tensors, so `unpark` resumes bit-exactly)."""
+        parked = Parked(self.slots[slot], self._optimizers.pop(slot, None))
+        self.slots.free(slot)
+        parked.move(torch.device("cpu"), pin=self.device.type == "cuda")
+        return parked
+
+    def unpark(self, parked: Parked) -> int:
+        parked.move(self.device)
+        slot = self.slots.add(parked.adapter)
+        if parked.optimizer is not None:
+            self._optimizers[slot] = parked.optimizer
+        return slot
 
     def export_adapter(
         self, slot: int, with_optimizer: bool = False
@@ -128,9 +184,10 @@ class Engine:
 
     def check_sample(self, request: SampleRequest) -> None:
         """Raise ValueError naming the bad field; nothing runs."""
-        if request.slot != BASE_SLOT and request.slot not in self.slots:
+        if request.slot != BASE_SLOT and (request.slot not in self.slots or request.slot in self._dropped):
             raise ValueError(f"sampler: no adapter in slot {request.slot}")
         sampling.validate(request, self.vocab_size, self.max_len)
+        self.steps.check(request)
 
     def forward_backward(self, groups: list[TrainGroup], forward_only: bool = False) -> list[TrainOutput]:
         """All groups are checked before any compute, so a bad group leaves no partial gradient."""
@@ -162,8 +219,26 @@ class Engine:
         return self._optimizers[slot].step(params)
 
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult]:
+        """Run `requests` to the end (with whatever else the step engine is running)."""
         for r in requests:
             self.check_sample(r)
-        return sampling.generate(
-            self.model, self.ctx, self.slots, self.tokenizer, requests, self.eos_ids, self.pad_id
-        )
+        states = [self.submit(r) for r in requests]
+        try:
+            while not all(s.done for s in states):
+                self.step()
+        except BaseException:
+            self.steps.abort()
+            raise
+        return [s.result for s in states]
+
+    def submit(self, request: SampleRequest, priority: int = 0) -> RequestState:
+        """Queue a checked request in the step engine; it joins at the next step with room for it."""
+        return self.steps.add(request, self.eos_ids, priority)
+
+    def step(self) -> list[RequestState]:
+        """One step of the step engine (`StepEngine.step`); the requests it finished."""
+        done = self.steps.step()
+        for slot in [s for s in self._dropped if not self.steps.uses(s)]:
+            self._dropped.discard(slot)
+            self.slots.free(slot)
+        return done

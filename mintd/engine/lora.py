@@ -7,7 +7,7 @@ hands each wrapper the stacked weights it needs. Base weights are never modified
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mintd.engine.families import Found, TargetKind, UnclassifiedLayerError
+from mintd.families import Found, TargetKind, UnclassifiedLayerError
 
 if TYPE_CHECKING:
     from mintd.engine.lora_batch import LoraBatch
@@ -58,9 +58,11 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.target = target
         self.ctx = ctx
+        self.packed: Callable[[torch.Tensor], torch.Tensor] | None = None  # the base, for no-grad passes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        use_packed = self.packed is not None and not torch.is_grad_enabled()
+        y = self.packed(x) if use_packed else self.base(x)
         batch = self.ctx.batch
         return y if batch is None else batch.add_linear_delta(self.target.name, x, y)
 

@@ -21,9 +21,63 @@ class _Group:
     start: int
     end: int
     slots: tuple[int, ...]  # distinct slots in the group, in row order
-    # per row: index into `slots`; None when the group has one slot, or one row per slot in order
-    row_index: torch.Tensor | None
+    counts: tuple[int, ...]  # rows of each slot (a slot's rows are adjacent)
     targets: frozenset[str]
+
+
+def group_key(slot: int, table: AdapterSlots) -> tuple:
+    """Adapters with equal keys batch together: same rank and target set (the base: its own group)."""
+    if slot == BASE_SLOT:
+        return ()
+    spec = table[slot].spec
+    return (spec.rank, spec.target_set)
+
+
+def expert_delta(
+    table: AdapterSlots, name: str, expert: int, x: torch.Tensor, slots: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    """Per-token LoRA for one expert: the tokens routed here (`slots` each) span many adapters."""
+    for slot in slots.unique().tolist():
+        if slot == BASE_SLOT or name not in table[slot].weights:
+            continue
+        adapter = table[slot]
+        sel = (slots == slot).nonzero().squeeze(1)
+        a, b = adapter.weights[name]
+        delta = (x[sel] @ a[expert].t().to(x.dtype)) @ b[expert].t().to(x.dtype) * adapter.spec.scale
+        h = h.index_add(0, sel, delta)
+    return h
+
+
+def padding_index(lengths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For segments of unequal `lengths` (tokens in a row, in order): where each token sits in the
+    [segments, longest] padded layout (padding repeats a segment's first token), and where each token
+    comes back from; None when all lengths are equal (the flat tokens already are that layout)."""
+    if len(set(lengths)) == 1:
+        return None
+    longest = max(lengths)
+    gather, scatter, offset = [], [], 0
+    for i, length in enumerate(lengths):
+        gather.extend(range(offset, offset + length))
+        gather.extend([offset] * (longest - length))  # padding rows: computed, never read back
+        scatter.extend(range(i * longest, i * longest + length))
+        offset += length
+    return torch.tensor(gather, device=device), torch.tensor(scatter, device=device)
+
+
+def segment_bmm(
+    x: torch.Tensor,
+    a_t: torch.Tensor,
+    b_t: torch.Tensor,
+    padding: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """(x_i Aᵢᵀ) Bᵢᵀ for consecutive segments x_i of the flat tokens `x` [tokens, in], with stacked
+    `a_t` [segments, in, r] and `b_t` [segments, r, out]: two `bmm` calls in all."""
+    k = len(a_t)
+    if padding is None:
+        return torch.bmm(torch.bmm(x.view(k, -1, x.shape[-1]), a_t), b_t).view(len(x), -1)
+    gather, scatter = padding
+    out = torch.bmm(torch.bmm(x[gather].view(k, -1, x.shape[-1]), a_t), b_t)
+    return out.view(-1, out.shape[-1])[scatter]
 
 
 def row_order(slots: list[int], table: AdapterSlots) -> list[int]:
@@ -48,6 +102,7 @@ class LoraBatch:
         self.device = device
         self.groups = self._group(row_slots)
         self._weights: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._padding: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._token_slots: torch.Tensor | None = None
 
     def _group(self, row_slots: list[int]) -> list[_Group]:
@@ -62,27 +117,17 @@ class LoraBatch:
             if slot != BASE_SLOT:
                 members = row_slots[start:end]
                 distinct = tuple(dict.fromkeys(members))
-                index = None
-                if 1 < len(distinct) < len(members):
-                    pos = {s: i for i, s in enumerate(distinct)}
-                    index = torch.tensor([pos[s] for s in members], device=self.device)
+                counts = tuple(members.count(s) for s in distinct)
                 targets = frozenset(self.table[slot].weights)
-                groups.append(_Group(start, end, distinct, index, targets))
+                groups.append(_Group(start, end, distinct, counts, targets))
             start = end
         return groups
 
     def _group_key(self, slot: int) -> tuple:
-        if slot == BASE_SLOT:
-            return ()
-        spec = self.table[slot].spec
-        return (spec.rank, spec.target_set)
-
-    def select(self, rows: list[int]) -> LoraBatch:
-        """The plan for a subset of rows (finished sequences leave a generation)."""
-        return LoraBatch([self.row_slots[i] for i in rows], self.table, self.device)
+        return group_key(slot, self.table)
 
     def _group_weights(self, name: str, gi: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A^T, B^T·scale) for the group: 2-D for one adapter, per-row 3-D for several."""
+        """(A^T, B^T·scale) for the group: 2-D for one adapter, stacked 3-D (one per slot) for several."""
         cached = self._weights.get((name, gi))
         if cached is not None:
             return cached
@@ -95,22 +140,24 @@ class LoraBatch:
             # A^T as a transposed view, B^T stored contiguous: the layouts CPU bmm runs fastest
             a = torch.stack([a for (a, _), _ in pairs]).transpose(1, 2)
             b = torch.stack([(b * scale).t() for (_, b), scale in pairs])
-            if group.row_index is not None:  # rows sharing a slot: repeat its weights per row
-                a, b = a[group.row_index], b[group.row_index]
             weights = (a.to(dtype), b.to(dtype))
         self._weights[(name, gi)] = weights
         return weights
 
     def _delta(self, name: str, gi: int, xs: torch.Tensor) -> torch.Tensor:
-        """scale · (xs Aᵀ) Bᵀ for the rows `xs` of group `gi`."""
+        """scale · (xs Aᵀ) Bᵀ for the rows `xs` of group `gi`: one segment of tokens per slot (its rows),
+        so rows sharing an adapter share its weights, never a copy per row."""
         a_t, b_t = self._group_weights(name, gi, xs.dtype)
         if a_t.dim() == 2:
             return (xs @ a_t) @ b_t
-        if xs.dim() == 3:  # [rows, tokens, in]: bmm directly, sparing matmul's expand/reshape per call
-            return torch.bmm(torch.bmm(xs, a_t), b_t)
-        # [rows, in] (one token per row) or [rows, ..., in] (MLA's kv_b_proj sees [rows, 1, tokens, in])
-        flat = xs.reshape(len(xs), -1, xs.shape[-1])
-        return torch.bmm(torch.bmm(flat, a_t), b_t).reshape(*xs.shape[:-1], -1)
+        # [rows, tokens, in], [rows, in] (one token per row) or [rows, ..., in] (MLA's kv_b_proj)
+        flat = xs.reshape(-1, xs.shape[-1])
+        per_row = len(flat) // len(xs)
+        lengths = tuple(c * per_row for c in self.groups[gi].counts)
+        if (gi, per_row) not in self._padding:
+            self._padding[gi, per_row] = padding_index(lengths, xs.device)
+        out = segment_bmm(flat, a_t, b_t, self._padding[gi, per_row])
+        return out.view(*xs.shape[:-1], -1)
 
     def add_linear_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y[rows] += scale · (x[rows] Aᵀ) Bᵀ for each group that adapts `name`.
@@ -154,13 +201,4 @@ class LoraBatch:
     def add_expert_delta(
         self, name: str, expert: int, x: torch.Tensor, slots: torch.Tensor, h: torch.Tensor
     ) -> torch.Tensor:
-        """Per-token LoRA for one expert: the tokens routed here (`slots` each) span many adapters."""
-        for slot in slots.unique().tolist():
-            if slot == BASE_SLOT or name not in self.table[slot].weights:
-                continue
-            adapter = self.table[slot]
-            sel = (slots == slot).nonzero().squeeze(1)
-            a, b = adapter.weights[name]
-            delta = (x[sel] @ a[expert].t().to(x.dtype)) @ b[expert].t().to(x.dtype) * adapter.spec.scale
-            h = h.index_add(0, sel, delta)
-        return h
+        return expert_delta(self.table, name, expert, x, slots, h)

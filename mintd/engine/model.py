@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mintd.engine.families import Family, family_for
+from mintd.families import Family, family_for
 
 _CHUNK = 1 << 20
 

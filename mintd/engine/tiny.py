@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -26,6 +27,11 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3NextConfig,
 )
+
+from mintd.lora_config import LoraSpec
+
+if TYPE_CHECKING:
+    from mintd.engine.engine import Engine
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>"]
@@ -247,3 +253,16 @@ def make_tiny_model(out_dir: Path, arch: str = "qwen3", seed: int = 0, size: str
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def random_adapter(engine: Engine, rank: int, seed: int) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
+    """A LoRA adapter with random A and B (B not zero, so it changes the model's answers) for every
+    target of `engine`'s base: test and benchmark fleets of distinct saved adapters."""
+    spec = LoraSpec(rank=rank)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for target in engine.slots.targets_for(spec):
+        a_shape, b_shape = target.shapes(rank)
+        tensors[f"{target.name}.lora_A"] = torch.randn(a_shape, generator=gen) * 0.05
+        tensors[f"{target.name}.lora_B"] = torch.randn(b_shape, generator=gen) * 0.05
+    return spec, tensors

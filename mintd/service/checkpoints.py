@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mintd.catalog import Catalog, Provenance, Revision
+from mintd.residency.device import load_packed_into
 from mintd.store.blobs import BlobNotFound, Blobs, BlobUnavailable
-from mintd.store.packed import PackedAdapter, load_packed_into, read_packed
+from mintd.store.packed import PackedAdapter, read_packed
 
 if TYPE_CHECKING:
     from mintd.engine.engine import Engine
@@ -94,13 +95,17 @@ class Checkpoints:
         self, engine: Engine, rev: Revision, *, trainable: bool, optimizer: bool, field: str = "path"
     ) -> int:
         """A new engine slot holding the revision, after checking it was trained on this engine's base."""
+        packed = self.read_for(engine, rev, field)
+        return load_packed_into(engine, packed, trainable=trainable, with_optimizer=optimizer)
+
+    def read_for(self, engine: Engine, rev: Revision, field: str = "path") -> PackedAdapter:
+        """`read`, after checking the revision was trained on `engine`'s base model (any thread)."""
         if rev.provenance.base_fingerprint != engine.fingerprint:
             raise ValueError(
                 f"{field}: {rev.ref} was trained on base model {rev.provenance.base_model!r} "
-                f"({rev.provenance.base_fingerprint[:12]}…), which is not this run's base model"
+                f"({rev.provenance.base_fingerprint[:12]}…), which is not this engine's base model"
             )
-        packed = self.read(rev, field)
-        return load_packed_into(engine, packed, trainable=trainable, with_optimizer=optimizer)
+        return self.read(rev, field)
 
     def peft_files(self, rev: Revision) -> dict[str, bytes]:
         """The revision as a Hugging Face PEFT folder (adapter_config.json + adapter_model.safetensors)."""

@@ -17,5 +17,17 @@ class Gone(LookupError):
         return str(self.args[0]) if self.args else "gone"
 
 
-class QuotaExceeded(Exception):
+class TooMany(Exception):
+    """HTTP 429: retry after `retry_after_s` (the SDKs do)."""
+
+    retry_after_s = 30
+
+
+class QuotaExceeded(TooMany):
     """The owner already holds as many of these as allowed (HTTP 429)."""
+
+
+class Busy(TooMany):
+    """The server has more waiting work of this kind than it queues; soon it will have room."""
+
+    retry_after_s = 1

@@ -17,6 +17,7 @@ import contextlib
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ class Future:
     result: Any = None
     error: RequestError | None = None
     _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+    _callbacks: list[Callable[[Future], None]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -75,6 +77,11 @@ class FutureStore:
                 self._pending[session_id] = self._pending.get(session_id, 0) + 1
             return fut, True
 
+    def known(self, key: tuple) -> bool:
+        """Whether a future was made for `key` (a retried request, which is answered, not refused)."""
+        with self._lock:
+            return key in self._by_key
+
     def get(self, request_id: str, owner: str) -> Future | None:
         """The caller's future, or None: unknown, expired and another owner's look the same."""
         with self._lock:
@@ -98,8 +105,20 @@ class FutureStore:
                     self._pending.pop(fut.session_id, None)
             fut.result, fut.error, fut.done_at = result, error, time.monotonic()
             waiters, fut._waiters = fut._waiters, []
+            callbacks, fut._callbacks = fut._callbacks, []
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
+        for callback in callbacks:
+            callback(fut)
+
+    def on_done(self, fut: Future, callback: Callable[[Future], None]) -> None:
+        """Call `callback(fut)` once `fut` is resolved (at once if it already is), on the resolving
+        thread: for in-process consumers such as evaluation runs, which wait on many futures at once."""
+        with self._lock:
+            if not fut.done:
+                fut._callbacks.append(callback)
+                return
+        callback(fut)
 
     async def wait(self, fut: Future, timeout: float) -> bool:
         """Wait up to `timeout` seconds for `fut`; True if it is done."""

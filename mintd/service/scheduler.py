@@ -1,12 +1,24 @@
 """The engine worker: the only thread that touches an engine.
 
 Policy lives here, mechanics in the engine. Each training run's requests execute strictly in seq_id
-order (early arrivals wait in a buffer). Ready forward_backward work of *all* runs is merged into one
-engine call; ready samples of all sampling sessions decode together. Both are taken round-robin with a
-per-round cap, so one busy client cannot starve the others. A run whose next seq_id never arrives is
-failed after `seq_gap_timeout_s` with an error naming the missing id. A sample of a saved adapter asks
-residency for its slot when its round starts and releases it when the batch is done; one that finds no
-room waits for the next round at the head of its queue.
+order (early arrivals wait in a buffer). Sampling is iteration-level: the engine's step loop decodes one
+token of every running sample per step, and new samples join at the next step.
+
+Each turn of the loop runs, in this order: calls outside any run; each run's ready calls (optim_step,
+save, load); one merged forward_backward of ready work of *all* runs (round-robin, at most
+`max_train_ops_per_run` ops per run and `max_train_tokens` tokens); then admits waiting samples that fit
+(`max_sample_rows` rows and the KV cache; higher priority first, sampling sessions round-robin) and runs
+one sampling step. So training and decoding alternate turn by turn: no policy's rollout blocks another's
+training, and a training batch delays decoding by one bounded forward_backward at most.
+
+A run whose next seq_id never arrives is failed after `seq_gap_timeout_s` with an error naming the
+missing id.
+
+Ops name adapter keys, never slots: residency gives a sample its adapter's slot when it is admitted
+and takes the reference back when it finishes (or fails); a training op holds its run's slot for its
+turn. A sample whose saved adapter is not loaded yet is not taken at all: its cold load runs on the
+loader thread while resident work goes on, and the loader wakes the worker when it is done; one that
+finds no room waits at the head of its queue.
 """
 
 from __future__ import annotations
@@ -17,14 +29,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any
 
-from mintd.catalog import Revision
-from mintd.engine.adapters import BASE_SLOT
 from mintd.engine.engine import Engine
 from mintd.engine.sampling import SampleRequest
+from mintd.engine.step.sequence import RequestState
 from mintd.engine.train import TrainGroup, TrainOutput
-from mintd.residency import NoRoom, Residency
+from mintd.residency import AdapterKey, Residency, RunKey, Wait
 from mintd.service.futures import Future, FutureStore, RequestError
 
 log = logging.getLogger(__name__)
@@ -34,10 +46,10 @@ log = logging.getLogger(__name__)
 class TrainOp:
     """forward or forward_backward: batchable with other runs' ops."""
 
+    run: RunKey  # whose adapter: residency gives `group` its slot when the op runs
     group: TrainGroup
     forward_only: bool
     finish: Callable[[TrainOutput], Any]
-    slot: Callable[[], int] | None = None  # read when the op runs: earlier ops may change the slot
 
 
 @dataclass
@@ -76,15 +88,23 @@ class _RunQueue:
         self.waiting_since = time.monotonic()
 
 
+class Priority(IntEnum):
+    """Who goes first when adapters wait for loads or room: training, then people, then bulk work."""
+
+    TRAINING = 0
+    INTERACTIVE = 1
+    BULK = 2  # evaluation runs and other background sampling
+
+
 @dataclass
 class SampleOp:
-    """A sample: its request, and the saved adapter whose slot the request needs (None: `request.slot`
-    is already right, the base or a training run's snapshot)."""
+    """A sample: its request, and the adapter whose slot the request needs (None: the base)."""
 
     request: SampleRequest
     finish: Callable[[Any], Any]
     sampler_id: str  # its queue: samples of one sampling session run in order, sessions round-robin
-    adapter: Revision | None = None
+    adapter: AdapterKey | None = None
+    priority: Priority = Priority.INTERACTIVE
 
 
 @dataclass
@@ -92,14 +112,14 @@ class _Round:
     direct: list[tuple[Future | None, CallOp]]
     calls: list[tuple[Future, CallOp]]
     train: list[tuple[Future, TrainOp]]
-    samples: list[tuple[Future, SampleOp]]
+    samples: list[tuple[Future, SampleOp]]  # to admit into the step engine this turn
 
 
 @dataclass
 class SchedulerLimits:
     max_train_ops_per_run: int = 4  # per round: fair share between runs
     max_train_tokens: int = 65536  # per merged forward_backward call
-    max_sample_rows: int = 64  # per decode batch
+    max_sample_rows: int = 64  # samples decoding together in the step engine
     seq_gap_timeout_s: float = 300.0
 
 
@@ -110,7 +130,7 @@ class EngineWorker:
         futures: FutureStore,
         limits: SchedulerLimits,
         name: str,
-        residency: Residency | None = None,
+        residency: Residency,
     ) -> None:
         self.engine = engine
         self.futures = futures
@@ -121,7 +141,9 @@ class EngineWorker:
         self._rr = 0
         self._samples: dict[str, deque[tuple[Future, SampleOp]]] = {}
         self._direct: deque[tuple[Future, CallOp]] = deque()
+        self._live: dict[RequestState, tuple[Future, SampleOp]] = {}  # admitted, not finished
         self._stop = False
+        residency.set_wake(self._wake)
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -169,6 +191,8 @@ class EngineWorker:
             self._cv.notify()
 
     def submit_sample(self, future: Future, op: SampleOp) -> None:
+        if op.adapter is not None:
+            self.residency.prefetch(op.adapter, op.priority)  # its cold load starts now, if it needs one
         with self._cv:
             self._samples.setdefault(op.sampler_id, deque()).append((future, op))
             self._cv.notify()
@@ -205,11 +229,16 @@ class EngineWorker:
             raise box["error"]
         return box["result"]
 
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
     def stop(self) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        self.residency.close()
 
     # the loop (worker thread) ----------------------------------------------------------------------
 
@@ -224,6 +253,7 @@ class EngineWorker:
                 for fut, *_ in (*work.direct, *work.calls, *work.train, *work.samples):
                     if fut is not None and not fut.done:
                         self.futures.resolve(fut, error=error)
+        self._abort_samples(RequestError("the engine worker stopped", "server"))
 
     def _take(self) -> _Round | None:
         """Wait for ready work and take one round of it; None once stopped."""
@@ -240,17 +270,20 @@ class EngineWorker:
             return _Round(direct, calls, train, self._take_samples())
 
     def _execute(self, work: _Round) -> None:
+        self.residency.park_idle()
         for fut, op in (*work.direct, *work.calls):
             self._run_call(fut, op)
         if work.train:
             self._run_train(work.train)
-        if work.samples:
-            self._run_samples(work.samples)
+        self._admit(work.samples)
+        if self._live:
+            self._step()
 
     def _has_work(self) -> bool:
         return (
             bool(self._direct)
-            or any(self._samples.values())
+            or bool(self._live)
+            or any(q and self._ready(q[0][1]) for q in self._samples.values())
             or any(q.head() is not None for q in self._runs.values())
         )
 
@@ -301,23 +334,35 @@ class EngineWorker:
                 queue.pop_head()
         return calls, train
 
+    def _ready(self, op: SampleOp) -> bool:
+        return op.adapter is None or self.residency.ready(op.adapter, op.priority)
+
     def _take_samples(self) -> list[tuple[Future, SampleOp]]:
-        """Round-robin over sampling sessions, up to `max_sample_rows` rows (a request with n samples is
-        n rows; one larger than the cap runs alone)."""
+        """Samples whose adapter is at hand and that fit the step engine now: `max_sample_rows` rows (a
+        request with n samples is n rows; one larger than the cap runs alone) and free KV cache. Higher
+        priority first; within a priority, sampling sessions round-robin. The first that does not fit
+        stops the taking (no overtaking)."""
+        steps = self.engine.steps
+        rows = steps.running_rows
+        blocks = steps.pool.free_blocks - steps.pool.reserved
         taken: list[tuple[Future, SampleOp]] = []
-        rows = 0
-        queues = [q for q in self._samples.values() if q]
+        queues = [q for q in self._samples.values() if q and self._ready(q[0][1])]
         while queues:
-            for q in list(queues):
-                fut, op = q[0]
-                if taken and rows + op.request.num_samples > self.limits.max_sample_rows:
-                    queues = []
-                    break
-                q.popleft()
-                taken.append((fut, op))
+            q = min(queues, key=lambda q: q[0][1].priority)  # min keeps the first of equals: round-robin
+            fut, op = q[0]
+            need = steps.blocks_for(op.request)
+            never_fits = need > steps.pool.num_blocks  # taken at once: admitting it answers its 400
+            busy = bool(taken or self._live) and not never_fits
+            if busy and (rows + op.request.num_samples > self.limits.max_sample_rows or need > blocks):
+                break
+            q.popleft()
+            taken.append((fut, op))
+            if not never_fits:
                 rows += op.request.num_samples
-                if not q:
-                    queues.remove(q)
+                blocks -= need
+            queues.remove(q)
+            if q and self._ready(q[0][1]):
+                queues.append(q)
         self._samples = {k: v for k, v in self._samples.items() if v}
         return taken
 
@@ -332,9 +377,20 @@ class EngineWorker:
             self.futures.resolve(fut, result)
 
     def _run_train(self, items: list[tuple[Future, TrainOp]]) -> None:
-        for _, op in items:
-            if op.slot is not None:
-                op.group.slot = op.slot()
+        held = []
+        for fut, op in items:
+            try:
+                op.group.slot = self.residency.acquire(op.run)
+                held.append((fut, op))
+            except Exception as exc:  # noqa: BLE001 - a run unloaded meanwhile, or no room at all
+                self.futures.resolve(fut, error=_as_request_error(exc))
+        try:
+            self._train_batches(held)
+        finally:
+            for _, op in held:
+                self.residency.release(op.run)
+
+    def _train_batches(self, items: list[tuple[Future, TrainOp]]) -> None:
         for forward_only in (False, True):
             batch = [
                 (f, op)
@@ -355,45 +411,51 @@ class EngineWorker:
             for (fut, op), out in zip(batch, outputs, strict=True):
                 self.futures.resolve(fut, op.finish(out))
 
-    def _run_samples(self, items: list[tuple[Future, SampleOp]]) -> None:
-        ready: list[tuple[Future, SampleOp]] = []
+    def _admit(self, items: list[tuple[Future, SampleOp]]) -> None:
+        """Into the step engine (they join at the next step), each holding its adapter from now until it
+        finishes; one whose adapter must wait goes back to the head of its queue."""
         deferred: list[tuple[Future, SampleOp]] = []
         for fut, op in items:
             try:
                 self._place(op)
-            except NoRoom:
+            except Wait:  # no room yet, or its cold load is still running
                 deferred.append((fut, op))
                 continue
             except Exception as exc:  # noqa: BLE001
                 self.futures.resolve(fut, error=_as_request_error(exc))
                 continue
-            ready.append((fut, op))
+            self._live[self.engine.submit(op.request, int(op.priority))] = (fut, op)
         self._defer(deferred)
-        if not ready:
-            return
+
+    def _step(self) -> None:
+        """One sampling step; finished samples release their adapters and resolve their futures."""
         try:
-            results = self.engine.sample([op.request for _, op in ready])
+            self.engine.step()
         except Exception as exc:  # noqa: BLE001 - checked already, so this is the server's fault
-            for fut, _ in ready:
-                self.futures.resolve(fut, error=_as_request_error(exc, "server"))
+            self.engine.steps.abort()
+            self._abort_samples(_as_request_error(exc, "server"))
             return
-        finally:
-            for _, op in ready:
-                if op.adapter is not None:
-                    self.residency.release(op.adapter)
-        for (fut, op), res in zip(ready, results, strict=True):
-            self.futures.resolve(fut, op.finish(res))
+        for state in [s for s in self._live if s.done]:
+            fut, op = self._live.pop(state)
+            self._release(op)
+            self.futures.resolve(fut, op.finish(state.result))
+
+    def _abort_samples(self, error: RequestError) -> None:
+        for fut, op in list(self._live.values()):
+            self._release(op)
+            if not fut.done:
+                self.futures.resolve(fut, error=error)
+        self._live.clear()
+
+    def _release(self, op: SampleOp) -> None:
+        if op.adapter is not None:
+            self.residency.release(op.adapter)
 
     def _place(self, op: SampleOp) -> None:
-        """Give the request its slot (a saved adapter's through residency) and check it; on failure the
-        adapter is not left referenced."""
+        """Give the request its adapter's slot and check it; on failure the adapter is not left
+        referenced."""
         if op.adapter is not None:
             op.request.slot = self.residency.acquire(op.adapter)
-        elif op.request.slot != BASE_SLOT and op.request.slot not in self.engine.slots:
-            raise RequestError(
-                "this sampler's weights snapshot was dropped (a training run keeps its newest few); "
-                "save the weights for sampling again"
-            )
         try:
             self.engine.check_sample(op.request)
         except Exception:
@@ -402,7 +464,7 @@ class EngineWorker:
             raise
 
     def _defer(self, items: list[tuple[Future, SampleOp]]) -> None:
-        """Back to the head of their queues, for the next round (whose batch will have room)."""
+        """Back to the head of their queues, to ask again at the next turn."""
         with self._cv:
             for fut, op in reversed(items):
                 self._samples.setdefault(op.sampler_id, deque()).appendleft((fut, op))

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 from mintd.catalog import Revision
-from mintd.engine.adapters import BASE_SLOT, LoraSpec
+from mintd.lora_config import LoraSpec
+from mintd.residency import SnapshotKey
 from mintd.service.errors import Gone, NotFound, QuotaExceeded
 
 Owned = TypeVar("Owned", "Session", "Run", "Sampler")
@@ -49,8 +50,7 @@ class Run:
     spec: LoraSpec
     user_metadata: dict[str, Any]
     adapter: str  # the catalog adapter its saves become revisions of
-    slot: int = BASE_SLOT
-    ephemeral: OrderedDict[str, int] = field(default_factory=OrderedDict)  # sampler id -> snapshot slot
+    snapshots: list[str] = field(default_factory=list)  # its sampling snapshots' sampler ids, oldest first
     last_request_time: float = field(default_factory=time.time)
     # provenance, kept current by the ops as the worker runs them (so a save sees exactly its past)
     step: int = 0
@@ -70,9 +70,13 @@ class Sampler:
     session_id: str
     base_model: str
     model_path: str | None
-    slot: int | None  # the base or a run's snapshot; None for a saved adapter (residency places it)
-    revision: Revision | None = None  # what model_path resolved to when the sampler was made
-    ephemeral: bool = False  # a training run's snapshot: the run owns (and frees) its slot
+    # what it samples: the base (None), the revision model_path resolved to when the sampler was made,
+    # or a training run's snapshot (which the run owns and frees)
+    adapter: Revision | SnapshotKey | None = None
+
+    @property
+    def ephemeral(self) -> bool:
+        return isinstance(self.adapter, SnapshotKey)
 
 
 @dataclass(frozen=True)
@@ -162,9 +166,9 @@ class Registry:
         """Forget a run and its snapshot samplers; their ids."""
         with self._lock:
             self._runs.pop(run.model_id, None)
-            for sampler_id in run.ephemeral:
+            for sampler_id in run.snapshots:
                 self._samplers.pop(sampler_id, None)
-            return list(run.ephemeral)
+            return list(run.snapshots)
 
     def add_sampler(self, sampler: Sampler) -> Sampler:
         """Register `sampler`, or return the one already made under its id (a retried request)."""
@@ -208,7 +212,7 @@ class Registry:
             runs = [r for rid in session.run_ids if (r := self._runs.pop(rid, None)) is not None]
             samplers = [s for sid in session.sampler_ids if (s := self._samplers.pop(sid, None)) is not None]
             for run in runs:  # snapshots of these runs taken from other sessions' clients go too
-                for sampler_id in run.ephemeral:
+                for sampler_id in run.snapshots:
                     self._samplers.pop(sampler_id, None)
             self._ended[session.id] = (session.owner, why)
             while len(self._ended) > TOMBSTONES:

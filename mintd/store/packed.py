@@ -29,17 +29,17 @@ import hashlib
 import json
 import math
 import mmap
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
-from mintd.engine.adapters import LoraSpec
+from mintd.lora_config import LoraSpec
 
 MAGIC = b"MINTLORA"
 FORMAT_VERSION = 1
@@ -56,8 +56,6 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _SECTIONS = ("weights", "optimizer")
 _WEIGHT_SUFFIXES = (".lora_A", ".lora_B")
 
-if TYPE_CHECKING:
-    from mintd.engine.engine import Engine
 
 Source = Path | str | bytes | bytearray
 
@@ -103,14 +101,19 @@ class PackedAdapter:
     groups: dict[str, torch.Tensor]
 
     @cached_property
+    def nbytes(self) -> int:
+        """Bytes its groups hold (what a copy of it occupies)."""
+        return sum(g.numel() * g.element_size() for g in self.groups.values())
+
+    @cached_property
     def tensors(self) -> dict[str, torch.Tensor]:
         """Adapter weights `<target>.lora_A` / `.lora_B`, as the engine's `export_adapter` names them."""
-        return _views(self.groups, self.header.weights)
+        return views(self.groups, self.header.weights)
 
     @cached_property
     def optimizer(self) -> dict[str, torch.Tensor]:
         """Optimizer state (`<param>.exp_avg`, ...), empty when the file holds none."""
-        return _views(self.groups, self.header.optimizer)
+        return views(self.groups, self.header.optimizer)
 
 
 def storage_count(tensors: Iterable[torch.Tensor]) -> int:
@@ -350,25 +353,39 @@ def _parse_header(raw: Any, where: str) -> PackedHeader:
     )
 
 
-def _map(source: Source) -> tuple[memoryview, str]:
+# Files whose buffer checksum matched, by identity (device, inode, size, mtime): reading the same
+# unchanged file again skips re-hashing it. Any write to a file changes its mtime, so it is hashed again.
+_VERIFIED: dict[tuple[int, int, int, int], str] = {}
+_MAX_VERIFIED = 1 << 16
+# The newest parsed headers by their sha256 (checked on every read): a blob read again soon (a reload
+# after an eviction) is not parsed again. Few: a header of a many-target adapter is tens of kilobytes.
+_HEADERS: dict[bytes, PackedHeader] = {}
+_MAX_HEADERS = 256
+
+
+def _map(source: Source) -> tuple[memoryview, str, tuple[int, int, int, int] | None]:
     """The file's bytes without reading them: a private copy-on-write memory map of a path (writes to
-    the returned tensors never reach the file), or a private copy of in-memory bytes."""
+    the returned tensors never reach the file), or a private copy of in-memory bytes; and the file's
+    identity."""
     if isinstance(source, bytes | bytearray):
-        return memoryview(bytearray(source)), "packed adapter"
+        return memoryview(bytearray(source)), "packed adapter", None
     path = Path(source)
     try:
         with path.open("rb") as f:
-            if path.stat().st_size < _PREAMBLE.size:  # too short to map (or empty): the caller reports it
-                return memoryview(f.read()), str(path)
-            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)), str(path)
+            st = os.fstat(f.fileno())
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if st.st_size < _PREAMBLE.size:  # too short to map (or empty): the caller reports it
+                return memoryview(f.read()), str(path), identity
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)), str(path), identity
     except OSError as e:
         raise ValueError(f"{path}: cannot read packed adapter ({e})") from None
 
 
 def read_packed(source: Source, verify: bool = True) -> PackedAdapter:
     """Parse and memory-map a packed adapter. The header is always checked against its sha256; the
-    buffer too unless `verify=False` (for a content-addressed blob whose name was verified already)."""
-    data, where = _map(source)
+    buffer too unless `verify=False` (for a content-addressed blob whose name was verified already),
+    once per unchanged file: a file read again with the same identity is not re-hashed."""
+    data, where, identity = _map(source)
     if len(data) < _PREAMBLE.size:
         raise ValueError(f"{where}: truncated file ({len(data)} bytes, shorter than the preamble)")
     magic, version, header_len, header_sha = _PREAMBLE.unpack_from(data)
@@ -382,11 +399,16 @@ def read_packed(source: Source, verify: bool = True) -> PackedAdapter:
     text = data[_PREAMBLE.size : end]
     if hashlib.sha256(text).digest() != header_sha:
         raise ValueError(f"{where}: header checksum mismatch (corrupt file)")
-    try:
-        raw = json.loads(bytes(text))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: header is not valid JSON ({e})") from None
-    header = _parse_header(raw, where)
+    header = _HEADERS.get(header_sha)
+    if header is None:  # equal header bytes parse to an equal header
+        try:
+            raw = json.loads(bytes(text))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{where}: header is not valid JSON ({e})") from None
+        header = _parse_header(raw, where)
+        if len(_HEADERS) >= _MAX_HEADERS:
+            del _HEADERS[next(iter(_HEADERS))]  # the oldest
+        _HEADERS[header_sha] = header
     start = _align(end)
     if start + header.buffer_nbytes > len(data):
         raise ValueError(
@@ -397,8 +419,13 @@ def read_packed(source: Source, verify: bool = True) -> PackedAdapter:
     if any(data[end:start]):
         raise ValueError(f"{where}: non-zero padding after the header (corrupt file)")
     buffer = data[start:]
-    if verify and hashlib.sha256(buffer).hexdigest() != header.sha256:
-        raise ValueError(f"{where}: buffer checksum mismatch (corrupt file)")
+    if verify and (identity is None or _VERIFIED.get(identity) != header.sha256):
+        if hashlib.sha256(buffer).hexdigest() != header.sha256:
+            raise ValueError(f"{where}: buffer checksum mismatch (corrupt file)")
+        if identity is not None:
+            if len(_VERIFIED) >= _MAX_VERIFIED:
+                _VERIFIED.clear()
+            _VERIFIED[identity] = header.sha256
     raw_tensor = torch.frombuffer(buffer, dtype=torch.uint8)
     groups = {
         name: raw_tensor.narrow(0, g.offset, g.nbytes).view(_DTYPES[g.dtype])
@@ -407,7 +434,7 @@ def read_packed(source: Source, verify: bool = True) -> PackedAdapter:
     return PackedAdapter(header, groups)
 
 
-def _views(groups: dict[str, torch.Tensor], index: dict[str, Entry]) -> dict[str, torch.Tensor]:
+def views(groups: dict[str, torch.Tensor], index: dict[str, Entry]) -> dict[str, torch.Tensor]:
     """Per-tensor views of the group tensors. One `split` per group cuts every piece in one call
     (gaps between tensors, empty in files `pack` writes, become pieces that are dropped)."""
     by_group: dict[str, list[tuple[str, Entry]]] = {}
@@ -425,46 +452,6 @@ def _views(groups: dict[str, torch.Tensor], index: dict[str, Entry]) -> dict[str
         for i, (key, e) in enumerate(items):
             out[key] = pieces[2 * i + 1].view(e.shape)
     return out
-
-
-def _private_copy(group: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One float32 copy of a group on `device`. On the CPU a float32 group is copied by numpy's plain
-    memcpy: torch would run a large copy on its intra-op thread pool, which forward passes keep busy
-    while loads run in the background (measured ~12 ms instead of ~0.5 ms per copy on a busy 2-core host).
-    """
-    if device.type == "cpu" and group.dtype == torch.float32:
-        out = torch.empty_like(group)
-        np.copyto(out.numpy(), group.numpy())
-        return out
-    return group.to(device, torch.float32, copy=True)
-
-
-# engine -------------------------------------------------------------------------------------------
-
-
-def load_packed_into(
-    engine: Engine,
-    source: Source | PackedAdapter,
-    trainable: bool = False,
-    verify: bool = True,
-    with_optimizer: bool = True,
-) -> int:
-    """Packed adapter -> a new engine slot. The weights' group is copied once into one private float32
-    tensor on the engine's device and the slot adopts views of it (no per-tensor copies). Optimizer
-    state, used only by a trainable slot (and skipped when `with_optimizer` is False: a fresh optimizer),
-    goes to the engine's optimizer, which copies it itself."""
-    packed = source if isinstance(source, PackedAdapter) else read_packed(source, verify=verify)
-    if packed.header.base_fingerprint != engine.fingerprint:
-        raise ValueError(
-            f"packed adapter: trained on base model {packed.header.base_fingerprint[:12]}..., "
-            f"but this engine serves {engine.fingerprint[:12]}..."
-        )
-    needed = {e.group for e in packed.header.weights.values()}
-    private = {name: _private_copy(packed.groups[name], engine.device) for name in needed}
-    tensors = _views(private, packed.header.weights)
-    if trainable and with_optimizer:
-        tensors.update(packed.optimizer)
-    return engine.load_adapter(packed.header.spec, tensors, trainable=trainable, copy=False)
 
 
 # PEFT ---------------------------------------------------------------------------------------------

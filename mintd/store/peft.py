@@ -25,8 +25,8 @@ from peft import LoraConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from mintd.engine.adapters import LoraSpec
-from mintd.engine.families import LINEAR_KINDS, adapted_names
+from mintd.families import LINEAR_KINDS, adapted_names
+from mintd.lora_config import LoraSpec
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mintd.engine.train import TrainGroup
+from mintd.residency import RunKey
 from tests.api.conftest import LiveServer
 from tests.api.http import TinkerHTTP, batch
 from tests.sdk import run_sdk_json
@@ -115,7 +116,8 @@ def test_concurrent_clients_get_the_results_they_would_get_alone(
         assert together[-1, 0] < together[0, 0], "each client learns"
     assert not np.allclose(out["concurrent"]["1"], out["concurrent"]["2"], rtol=1e-2), "different data"
 
-    slots = {server.service.run(m, "local").slot for m in out["model_ids"].values()}
+    residency = server.service.models["tiny"].worker.residency
+    slots = {residency.slot_of(RunKey(m)) for m in out["model_ids"].values()}
     merged = [c for c in calls if slots <= c]
     assert merged, f"no engine call held both concurrent clients' work: {calls}"
 

@@ -3,6 +3,8 @@ a wave of more adapters than fit completes with the answers each adapter gives s
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +130,97 @@ def test_a_corrupt_blob_fails_only_its_own_requests_and_is_not_kept(qwen3_dir: P
     finally:
         blob.write_bytes(good)
         service.close()
+
+
+def _cold_wave_gate(service: Any, cold: set[str]) -> threading.Event:
+    """Hold the loader's reads of the `cold` revisions until the returned event is set (a slow disk)."""
+    opened = threading.Event()
+    read = service.checkpoints.read_for
+
+    def slow_read(engine: Any, rev: Any, field: str = "path") -> Any:
+        if rev.content_hash in cold:
+            opened.wait(30)
+        return read(engine, rev, field)
+
+    service.checkpoints.read_for = slow_read
+    return opened
+
+
+def test_resident_traffic_keeps_flowing_while_a_cold_wave_loads(qwen3_dir: Path, saved: Any) -> None:
+    data_dir, paths, alone, size = saved
+    server, service = start_server(qwen3_dir, data_dir, adapter_device_budget=FIT * size)
+    hot, cold = paths[:2], paths[2:]
+    with server, TinkerHTTP(server.url) as c:
+        session = c.session()
+        hot_samplers = [_sampler(c, session, i, p) for i, p in enumerate(hot)]
+        for s in hot_samplers:  # resident now
+            c.result(c.ok("asample", _sample_body(s, 1)))
+        gate = _cold_wave_gate(service, {service.catalog.resolve("local", p).content_hash for p in cold})
+        cold_samplers = [_sampler(c, session, 10 + i, p) for i, p in enumerate(cold)]
+        waiting = [c.ok("asample", _sample_body(s, 1)) for s in cold_samplers]
+        for seq in range(2, 6):  # the hot adapters answer while every cold load is still held
+            got = [_tokens(c.result(c.ok("asample", _sample_body(s, seq)))) for s in hot_samplers]
+            assert got == alone[:2]
+        stats = service.models["tiny"].worker.residency.stats()
+        assert stats["loads_queued"] + stats["loads_in_flight"] == len(cold), stats
+        assert all(
+            c.post("retrieve_future", {"request_id": w["request_id"]}).json().get("type") == "try_again"
+            for w in waiting
+        )
+        gate.set()
+        assert [_tokens(c.result(w)) for w in waiting] == alone[2:]
+        assert service.models["tiny"].worker.residency.stats()["device_peak_bytes"] <= FIT * size
+    service.close()
+
+
+def test_a_full_load_queue_answers_429_with_retry_after(qwen3_dir: Path, saved: Any) -> None:
+    data_dir, paths, alone, _ = saved
+    server, service = start_server(qwen3_dir, data_dir, max_load_queue=2)
+    with server, TinkerHTTP(server.url) as c:
+        gate = _cold_wave_gate(service, {service.catalog.resolve("local", p).content_hash for p in paths})
+        session = c.session()
+        samplers = [_sampler(c, session, i, p) for i, p in enumerate(paths[:3])]
+        accepted = [c.ok("asample", _sample_body(s, 1)) for s in samplers[:2]]
+        refused = c.post("asample", _sample_body(samplers[2], 1))
+        assert refused.status_code == 429, refused.text
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert "load" in refused.json()["detail"]
+        again = c.post("asample", _sample_body(samplers[0], 2))  # its load is queued already: accepted
+        assert again.status_code == 200, again.text
+        gate.set()
+        assert [_tokens(c.result(a)) for a in accepted] == alone[:2]
+        assert _tokens(c.result(again.json())) == alone[0]
+        retried = c.ok("asample", _sample_body(samplers[2], 1))  # the backlog drained: the retry goes in
+        assert _tokens(c.result(retried)) == alone[2]
+    service.close()
+
+
+def _train_with_pauses(c: TinkerHTTP, pause_s: float) -> tuple[list[float], str]:
+    """Three steps, pausing after each forward_backward (gradients held) and each optim_step; the
+    losses and the content hash of the saved state (weights and optimizer state, bit for bit)."""
+    model_id = c.create_model(c.session(), 0, seed=7)
+    losses = []
+    for k in range(3):
+        losses.append(c.loss(model_id, 2 * k + 1, batch(k, rows=3)))
+        time.sleep(pause_s)
+        c.result(c.optim_step(model_id, 2 * k + 2).json())
+        time.sleep(pause_s)
+    losses.append(c.loss(model_id, 7, batch(9, rows=3)))
+    body = {"model_id": model_id, "seq_id": 8, "path": "state", "type": "save_weights"}
+    return losses, c.result(c.ok("save_weights", body))["revision"]
+
+
+def test_a_parked_training_run_resumes_bit_exactly(qwen3_dir: Path, tmp_path: Path) -> None:
+    outcomes = {}
+    for name, park_after_s, pause_s in (("control", 3600.0, 0.0), ("parked", 0.2, 0.8)):
+        server, service = start_server(qwen3_dir, tmp_path / name, run_park_after_s=park_after_s)
+        with server, TinkerHTTP(server.url) as c:
+            losses, ref = _train_with_pauses(c, pause_s)
+            stats = service.models["tiny"].worker.residency.stats()
+            outcomes[name] = (losses, service.catalog.resolve("local", ref).content_hash, stats)
+        service.close()
+    control, parked = outcomes["control"], outcomes["parked"]
+    assert parked[2]["parks"] >= 6 and parked[2]["unparks"] >= 6, parked[2]
+    assert control[2]["parks"] == 0
+    assert parked[0] == control[0]  # exactly: the same tensors, moved and back
+    assert parked[1] == control[1]  # weights and Adam state bit-identical

@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM
 from mintd.config import EngineSettings
 from mintd.engine.engine import Engine
 from mintd.engine.train import Datum, TrainGroup
+from mintd.residency.device import load_packed_into
 from mintd.service.checkpoints import run_adapter_name
-from mintd.store.packed import load_packed_into, read_packed
+from mintd.store.packed import read_packed
 from mintd.store.peft import CONFIG_FILE, README_FILE, WEIGHTS_FILE, load_peft_folder
 from tests.sdk import run_sdk_json
 

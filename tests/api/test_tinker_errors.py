@@ -439,6 +439,12 @@ def _sample(sampler: str, tokens: list[int], **extra: Any) -> dict[str, Any]:
         ({"sampling_params": {"stop": [VOCAB + 3]}}, [1, 2], 400, ("stop",)),
         ({"num_samples": 0}, [1, 2], 422, ("num_samples",)),
         ({"topk_sample_logprobs": 3}, [1, 2], 400, ("topk_sample_logprobs",)),
+        (
+            {"num_samples": 64, "sampling_params": {"max_tokens": CONTEXT // 2}},
+            [1, 2],
+            400,
+            ("max_tokens", "KV cache", "MINTD_KV_CACHE_TOKENS"),
+        ),
     ],
     ids=[
         "max_tokens beyond context",
@@ -450,6 +456,7 @@ def _sample(sampler: str, tokens: list[int], **extra: Any) -> dict[str, Any]:
         "stop token >= vocab",
         "num_samples 0",
         "unsupported topk_sample_logprobs",
+        "samples beyond the KV cache",
     ],
 )
 def test_bad_sample_requests(

@@ -11,7 +11,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from mintd.config import EngineSettings
 from mintd.engine.adapters import LoraSpec
 from mintd.engine.engine import Engine
-from mintd.engine.families import (
+from mintd.engine.lora import LoraContext, install_lora
+from mintd.engine.optim import AdamParams
+from mintd.engine.sampling import SampleRequest, SamplingParams
+from mintd.engine.tiny import ARCHS
+from mintd.engine.train import TrainGroup
+from mintd.families import (
     DEFAULT,
     FAMILIES,
     LINEAR_KINDS,
@@ -20,13 +25,8 @@ from mintd.engine.families import (
     family_for,
     markdown_table,
 )
-from mintd.engine.lora import LoraContext, install_lora
-from mintd.engine.optim import AdamParams
-from mintd.engine.sampling import SampleRequest, SamplingParams
-from mintd.engine.tiny import ARCHS
-from mintd.engine.train import TrainGroup
+from mintd.residency.device import load_packed_into
 from mintd.store.packed import (
-    load_packed_into,
     pack,
     packed_to_peft_folder,
     peft_folder_to_packed,

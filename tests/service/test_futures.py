@@ -118,3 +118,17 @@ def test_busy_sessions_track_unfinished_work() -> None:
     assert store.busy_sessions() == {"s-a"}
     store.resolve(a2, "y")
     assert store.busy_sessions() == set()
+
+
+def test_on_done_runs_once_resolved_or_at_once_when_already_done() -> None:
+    store = FutureStore(retention_s=60)
+    seen: list[tuple[str, object]] = []
+    pending, _ = store.create("Sample", "alice")
+    store.on_done(pending, lambda f: seen.append(("pending", f.result)))
+    assert seen == []
+    store.resolve(pending, 7)
+    store.resolve(pending, 8)  # a second resolve does not call it again
+    done, _ = store.create("Sample", "alice")
+    store.resolve(done, error=RequestError("boom"))
+    store.on_done(done, lambda f: seen.append(("done", str(f.error))))
+    assert seen == [("pending", 7), ("done", "boom")]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,28 +14,11 @@ from mintd.engine.adapters import BASE_SLOT, LoraSpec
 from mintd.engine.engine import Engine
 from mintd.engine.sampling import SampleRequest, SamplingParams
 from mintd.engine.train import Datum, TrainGroup
+from mintd.residency import RunKey
 from mintd.service.futures import Future, FutureStore
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
+from tests.service.conftest import GAP_S, make_worker
 from tests.service.worker_gate import Gate
-
-GAP_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def engine(qwen3_dir: Path) -> Engine:
-    return Engine(qwen3_dir)
-
-
-@pytest.fixture
-def futures() -> FutureStore:
-    return FutureStore(retention_s=600)
-
-
-@pytest.fixture
-def worker(engine: Engine, futures: FutureStore) -> Iterator[EngineWorker]:
-    w = EngineWorker(engine, futures, SchedulerLimits(seq_gap_timeout_s=GAP_S), "test")
-    yield w
-    w.stop()
 
 
 def wait_done(fut: Future, timeout: float = 10.0) -> Future:
@@ -65,20 +47,29 @@ def record(log: list[Any], tag: Any, delay: float = 0.0) -> CallOp:
     return CallOp(fn)
 
 
-def train_op(slot: int, log: list[Any], tag: Any, seed: int = 0) -> TrainOp:
+def train_op(model_id: str, log: list[Any], tag: Any, seed: int = 0) -> TrainOp:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 1000, (9,), generator=g)
-    group = TrainGroup(slot, [Datum(ids[:-1], {"target_tokens": ids[1:]})])
+    group = TrainGroup(BASE_SLOT, [Datum(ids[:-1], {"target_tokens": ids[1:]})])
 
     def finish(out: Any) -> Any:
         log.append(tag)
         return out.loss
 
-    return TrainOp(group, forward_only=False, finish=finish)
+    return TrainOp(RunKey(model_id), group, forward_only=False, finish=finish)
 
 
-def new_slot(worker: EngineWorker, seed: int = 0) -> int:
-    return worker.call(lambda e: e.create_adapter(LoraSpec(rank=4, seed=seed)))
+def new_run(worker: EngineWorker, model_id: str, seed: int = 0) -> int:
+    """A training run's adapter, registered with residency and the worker; its slot."""
+
+    def create(engine: Engine) -> int:
+        slot = engine.create_adapter(LoraSpec(rank=4, seed=seed))
+        worker.residency.add_run(RunKey(model_id), slot)
+        return slot
+
+    slot = worker.call(create)
+    worker.add_run(model_id)
+    return slot
 
 
 def test_out_of_order_submissions_run_in_seq_order(worker: EngineWorker, futures: FutureStore) -> None:
@@ -108,11 +99,10 @@ def test_mixed_ops_in_random_arrival_order_run_in_seq_order(
     worker: EngineWorker, futures: FutureStore
 ) -> None:
     """forward_backward (batchable) and calls (optim_step, save, ...) interleaved, arriving shuffled."""
-    slot = new_slot(worker)
-    worker.add_run("m")
+    new_run(worker, "m")
     log: list[int] = []
     ops: dict[int, Callable[[], TrainOp | CallOp]] = {
-        s: (lambda s=s: train_op(slot, log, s, seed=s)) if s % 3 else (lambda s=s: record(log, s))
+        s: (lambda s=s: train_op("m", log, s, seed=s)) if s % 3 else (lambda s=s: record(log, s))
         for s in range(1, 13)
     }
     order = list(ops)
@@ -192,7 +182,7 @@ def test_unknown_run_is_an_error(worker: EngineWorker, futures: FutureStore) -> 
 def test_ready_train_ops_of_different_runs_share_one_engine_call(
     worker: EngineWorker, futures: FutureStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    slots = [new_slot(worker, seed=i) for i in range(3)]
+    slots = [new_run(worker, f"r{i}", seed=i) for i in range(3)]
     calls: list[list[int]] = []
     real = worker.engine.forward_backward
 
@@ -201,11 +191,9 @@ def test_ready_train_ops_of_different_runs_share_one_engine_call(
         return real(groups, forward_only)
 
     monkeypatch.setattr(worker.engine, "forward_backward", spy)
-    for i in range(3):
-        worker.add_run(f"r{i}")
     log: list[Any] = []
     gate = Gate(worker)
-    futs = [submit(worker, futures, f"r{i}", 1, train_op(slots[i], log, i, seed=i)) for i in range(3)]
+    futs = [submit(worker, futures, f"r{i}", 1, train_op(f"r{i}", log, i, seed=i)) for i in range(3)]
     gate.open()
     merged = [wait_done(f).result for f in futs]
     assert [sorted(c) for c in calls] == [slots], f"expected one merged call over {slots}, got {calls}"
@@ -213,25 +201,27 @@ def test_ready_train_ops_of_different_runs_share_one_engine_call(
     monkeypatch.setattr(worker.engine, "forward_backward", real)
     alone = []
     for i in range(3):  # the same work one run at a time gives the same losses (rows are independent)
-        slot = new_slot(worker, seed=i)
-        worker.add_run(f"solo{i}")
-        alone.append(wait_done(submit(worker, futures, f"solo{i}", 1, train_op(slot, log, i, seed=i))).result)
+        new_run(worker, f"solo{i}", seed=i)
+        alone.append(
+            wait_done(submit(worker, futures, f"solo{i}", 1, train_op(f"solo{i}", log, i, seed=i))).result
+        )
     assert merged == pytest.approx(alone, rel=1e-5)
 
 
-def test_a_decode_batch_counts_rows_not_requests(
+def test_the_step_engine_counts_rows_not_requests(
     engine: Engine, futures: FutureStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three requests of 4 samples each under a 8-row cap: two engine calls (8 rows, then 4)."""
-    worker = EngineWorker(engine, futures, SchedulerLimits(max_sample_rows=8), "rows")
-    batches: list[int] = []
-    real = engine.sample
+    """Three requests of 4 samples each under an 8-row cap: two decode together, the third joins when
+    they have finished (never more than 8 rows in a step)."""
+    worker = make_worker(engine, futures, SchedulerLimits(max_sample_rows=8), "rows")
+    rows: list[int] = []
+    real = engine.step
 
-    def spy(requests: list[SampleRequest]) -> Any:
-        batches.append(sum(r.num_samples for r in requests))
-        return real(requests)
+    def spy() -> Any:
+        rows.append(engine.steps.running_rows)
+        return real()
 
-    monkeypatch.setattr(engine, "sample", spy)
+    monkeypatch.setattr(engine, "step", spy)
     params = SamplingParams(max_tokens=2, temperature=0.0)
     try:
         with Gate(worker):
@@ -242,6 +232,6 @@ def test_a_decode_batch_counts_rows_not_requests(
                 worker.submit_sample(fut, SampleOp(request, lambda result: result, f"s{i}"))
                 futs.append(fut)
         assert all(wait_done(f).error is None for f in futs)
-        assert batches == [8, 4], batches
+        assert max(rows) == 8 and rows[-1] == 4, rows
     finally:
         worker.stop()

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from mintd.engine.adapters import LoraSpec
+from mintd.residency import SnapshotKey
 from mintd.service.errors import Gone, NotFound, QuotaExceeded
 from mintd.service.sessions import Quotas, Registry, Run, Sampler
 
@@ -17,7 +18,7 @@ def registry(sessions: int = 4, runs: int = 4, samplers: int = 4) -> Registry:
 
 
 def run_in(session_id: str, owner: str, n: int = 0) -> Run:
-    return Run(f"{session_id}:train:{n}", session_id, owner, "tiny", LoraSpec(rank=4), {}, "a", slot=1)
+    return Run(f"{session_id}:train:{n}", session_id, owner, "tiny", LoraSpec(rank=4), {}, "a")
 
 
 def test_objects_are_their_owners_alone() -> None:
@@ -38,10 +39,12 @@ def test_quotas_are_per_owner() -> None:
     with pytest.raises(QuotaExceeded, match="live sessions"):
         reg.create_session("alice", [], {})
     assert reg.create_session("bob", [], {})
-    reg.add_sampler(Sampler(f"{a[0].id}:sample:0", "alice", a[0].id, "tiny", None, 0))
+    reg.add_sampler(Sampler(f"{a[0].id}:sample:0", "alice", a[0].id, "tiny", None))
     with pytest.raises(QuotaExceeded, match="samplers"):
-        reg.add_sampler(Sampler(f"{a[0].id}:sample:1", "alice", a[0].id, "tiny", None, 0))
-    snapshot = Sampler(f"{a[0].id}:sample:2", "alice", a[0].id, "tiny", None, 3, ephemeral=True)
+        reg.add_sampler(Sampler(f"{a[0].id}:sample:1", "alice", a[0].id, "tiny", None))
+    snapshot = Sampler(
+        f"{a[0].id}:sample:2", "alice", a[0].id, "tiny", None, SnapshotKey(f"{a[0].id}:sample:2")
+    )
     assert reg.add_sampler(snapshot) is snapshot  # a run's snapshots count against the run, not here
 
 

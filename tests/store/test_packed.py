@@ -3,6 +3,7 @@ kind of damage with an error naming it."""
 
 import hashlib
 import json
+import os
 import struct
 import warnings
 
@@ -16,10 +17,10 @@ from mintd.engine.adapters import LoraSpec
 from mintd.engine.engine import Engine
 from mintd.engine.optim import AdamParams
 from mintd.engine.train import Datum, TrainGroup
+from mintd.residency.device import load_packed_into
 from mintd.store.packed import (
     ALIGN,
     MAGIC,
-    load_packed_into,
     pack,
     packed_to_peft_folder,
     peft_folder_to_packed,
@@ -220,6 +221,19 @@ def test_corrupt_buffer_byte_fails_the_checksum(qwen3):
         with pytest.raises(ValueError, match="buffer checksum mismatch"):
             read_packed(_flip(data, at))
         read_packed(_flip(data, at), verify=False)  # the trusted-blob fast path skips only this check
+
+
+def test_a_file_is_verified_once_until_it_changes(qwen3, tmp_path):
+    path = tmp_path / "adapter.mint"
+    data = _packed(qwen3)
+    path.write_bytes(data)
+    read_packed(path)  # hashed: the checksum matched
+    read_packed(path)  # the same unchanged file: not hashed again
+    path.write_bytes(_flip(data, len(data) - 1))  # same size, new content: its identity changes
+    later = path.stat().st_mtime_ns + 10**9  # (a coarse file-system clock could repeat the mtime)
+    os.utime(path, ns=(later, later))
+    with pytest.raises(ValueError, match="buffer checksum mismatch"):
+        read_packed(path)
 
 
 def test_corrupt_header_byte_fails_its_checksum(qwen3):

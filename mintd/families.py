@@ -182,7 +182,7 @@ def classify(model: nn.Module, family: Family) -> list[Found]:
         raise UnclassifiedLayerError(
             f"{type(model).__name__} ({family.label} contract): weight {unknown[0]} is neither adapted nor "
             f"excluded by a named rule ({len(unknown)} such weights); mintd does not skip layers silently. "
-            "Add it to the family's contract in mintd/engine/families.py"
+            "Add it to the family's contract in mintd/families.py"
         )
     return found
 

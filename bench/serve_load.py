@@ -1,0 +1,341 @@
+"""Claim: mintd serves many adapters behind one OpenAI endpoint under open-loop load, with low time to
+first token and zero errors; with --vllm-python, it beats `vllm serve` (LoRA on, the same adapters
+registered) on goodput (requests/s with TTFT <= the SLO) by >= 1.5x on the same workload.
+
+The workload (fixed by --seed, identical for both servers):
+  arrivals    Poisson at --rate requests/s for --requests requests (open loop: a slow server does not
+              slow the arrivals down)
+  adapters    --adapters saved revisions of distinct adapters (random LoRA weights, --rank), each
+              request naming one as `model`, with Zipf(--zipf) popularity (rank i has weight 1/i^s)
+  prompts     token ids, length uniform in [--prompt-min, --prompt-max]
+  outputs     length uniform in [--output-min, --output-max], exact (`ignore_eos`), streamed
+Each request is a streamed `POST /v1/completions` through the official `openai` client. TTFT is the
+time from sending to the first streamed chunk, inter-token latency the time between later chunks.
+mintd runs as `mintd serve` in its own process, with a device budget of --resident adapters' bytes
+(so the Zipf tail is loaded and evicted as it would be in production); the residency hit rate comes
+from its /metrics. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Request:
+    at: float  # seconds after the start
+    adapter: int
+    prompt: list[int]
+    output: int
+
+
+@dataclass
+class Outcome:
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def workload(args: argparse.Namespace, vocab: int) -> list[Request]:
+    rng = random.Random(args.seed)
+    weights = [1 / (i + 1) ** args.zipf for i in range(args.adapters)]
+    at, out = 0.0, []
+    for _ in range(args.requests):
+        at += rng.expovariate(args.rate)
+        prompt = [rng.randrange(16, vocab) for _ in range(rng.randint(args.prompt_min, args.prompt_max))]
+        adapter = rng.choices(range(args.adapters), weights)[0]
+        out.append(Request(at, adapter, prompt, rng.randint(args.output_min, args.output_max)))
+    return out
+
+
+def make_adapters(model_dir: Path, data_dir: Path, args: argparse.Namespace) -> int:
+    """`--adapters` distinct saved revisions in the server's catalog; the bytes of one."""
+    from mintd.catalog import Catalog, CatalogDB, Provenance
+    from mintd.config import CatalogSettings, EngineSettings
+    from mintd.engine.adapters import LoraSpec
+    from mintd.engine.engine import Engine
+    from mintd.service.checkpoints import Checkpoints
+    from mintd.store.blobs import open_blobs
+    from mintd.store.packed import pack
+
+    engine = Engine(model_dir, EngineSettings(device="cpu"))
+    spec = LoraSpec(rank=args.rank, seed=0)
+    spec, template = engine.export_adapter(engine.create_adapter(spec))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(
+        Catalog(CatalogDB.from_settings(CatalogSettings(), data_dir)), open_blobs(None, data_dir, 0)
+    )
+    provenance = Provenance(engine.fingerprint, "base", engine.lora_provenance(spec))
+    gen = torch.Generator().manual_seed(args.seed)
+    size = 0
+    for i in range(args.adapters):
+        tensors = {k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in template.items()}
+        rev = checkpoints.add(
+            "local", f"a{i}", pack(spec, tensors, engine.fingerprint), "sampler", provenance
+        )
+        size = rev.size_bytes
+    return size
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(m[1]) for m in re.finditer(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+
+async def one(client: openai.AsyncOpenAI, model: str, req: Request, start: float, out: Outcome) -> None:
+    await asyncio.sleep(max(0.0, start + req.at - time.perf_counter()))
+    sent = last = time.perf_counter()
+    try:
+        stream = await client.completions.create(
+            model=model,
+            prompt=req.prompt,
+            max_tokens=req.output,
+            temperature=1.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            now = time.perf_counter()
+            if not chunk.choices:
+                continue
+            if out.ttft is None:
+                out.ttft = now - sent
+            else:
+                out.gaps.append(now - last)
+            last = now
+            out.tokens += 1
+    except Exception as exc:  # noqa: BLE001 - counted and reported
+        out.error = f"{type(exc).__name__}: {exc}"[:200]
+
+
+async def drive(url: str, models: list[str], requests: list[Request]) -> tuple[list[Outcome], float]:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
+    outcomes = [Outcome() for _ in requests]
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(one(client, models[r.adapter], r, start, o) for r, o in zip(requests, outcomes, strict=True))
+    )
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return outcomes, elapsed
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(p / 100 * len(values)))], 4)
+
+
+def summarize(outcomes: list[Outcome], elapsed: float, slo: float) -> dict:
+    ok = [o for o in outcomes if o.error is None]
+    ttfts = [o.ttft for o in ok if o.ttft is not None]
+    gaps = [g for o in ok for g in o.gaps]
+    errors = [o.error for o in outcomes if o.error is not None]
+    return {
+        "requests": len(outcomes),
+        "elapsed_s": round(elapsed, 2),
+        "request_rate": round(len(outcomes) / elapsed, 3),
+        "output_tokens_per_s": round(sum(o.tokens for o in ok) / elapsed, 2),
+        "ttft_p50_s": pct(ttfts, 50),
+        "ttft_p99_s": pct(ttfts, 99),
+        "itl_p50_s": pct(gaps, 50),
+        "itl_p99_s": pct(gaps, 99),
+        "goodput_rps": round(sum(1 for t in ttfts if t <= slo) / elapsed, 3),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
+
+
+def wait_up(proc: subprocess.Popen, url: str, path: str, what: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{what} did not come up in {timeout}s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_mintd(
+    model_dir: Path, data_dir: Path, budget: int, args: argparse.Namespace, requests: list[Request]
+) -> dict:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MINTD_MAX_PENDING_ROWS": str(args.requests)}
+    command = [
+        sys.executable,
+        "-m",
+        "mintd.cli",
+        "serve",
+        "--model",
+        f"base={model_dir}",
+        "--data-dir",
+        str(data_dir),
+    ]
+    command += ["--port", str(port), "--adapter-device-budget", str(budget)]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_up(proc, url, "/api/v1/healthz", "mintd serve")
+        hits, misses = metric(url, "mintd_residency_hits_total"), metric(url, "mintd_residency_misses_total")
+        outcomes, elapsed = asyncio.run(drive(url, [f"a{i}" for i in range(args.adapters)], requests))
+        hits, misses = (
+            metric(url, "mintd_residency_hits_total") - hits,
+            metric(url, "mintd_residency_misses_total") - misses,
+        )
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    out = summarize(outcomes, elapsed, args.slo)
+    out["residency_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else None
+    return out
+
+
+def run_vllm(model_dir: Path, data_dir: Path, args: argparse.Namespace, requests: list[Request]) -> dict:
+    """The same workload against `vllm serve` with every adapter registered as a LoRA module."""
+    from mintd.catalog import Catalog, CatalogDB
+    from mintd.config import CatalogSettings
+    from mintd.service.checkpoints import Checkpoints
+    from mintd.store.blobs import open_blobs
+
+    checkpoints = Checkpoints(
+        Catalog(CatalogDB.from_settings(CatalogSettings(), data_dir)), open_blobs(None, data_dir, 0)
+    )
+    peft_dir = data_dir / "peft"
+    modules = []
+    for i in range(args.adapters):
+        folder = peft_dir / f"a{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in checkpoints.peft_files(checkpoints.catalog.resolve("local", f"a{i}")).items():
+            (folder / name).write_bytes(data)
+        modules.append(f"a{i}={folder}")
+    port = free_port()
+    command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    command += ["--port", str(port), "--enable-lora", "--max-lora-rank", str(args.rank)]
+    command += [
+        "--max-loras",
+        str(args.resident),
+        "--max-cpu-loras",
+        str(args.adapters),
+        "--lora-modules",
+        *modules,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "all"}
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_up(proc, url, "/health", "vllm serve")
+            outcomes, elapsed = asyncio.run(drive(url, [f"a{i}" for i in range(args.adapters)], requests))
+        except SystemExit:
+            output.seek(0)
+            log(output.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+    return summarize(outcomes, elapsed, args.slo)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, help="a local HF model folder (default: a tiny model, --size)"
+    )
+    parser.add_argument(
+        "--size", default="test", help="tiny-model preset when no --model-dir: test, small, base"
+    )
+    parser.add_argument("--adapters", type=int, default=1000)
+    parser.add_argument("--resident", type=int, default=64, help="adapters the device budget holds")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--zipf", type=float, default=1.1, help="popularity exponent s")
+    parser.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--prompt-min", type=int, default=16)
+    parser.add_argument("--prompt-max", type=int, default=128)
+    parser.add_argument("--output-min", type=int, default=16)
+    parser.add_argument("--output-max", type=int, default=64)
+    parser.add_argument("--slo", type=float, default=2.0, help="TTFT SLO in seconds, for goodput")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for the server under test")
+    parser.add_argument("--vllm-python", help="VENV/bin/python of a vLLM (CPU) install: also run vllm serve")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mintd-serve-load-"))
+    try:
+        model_dir = args.model_dir
+        if model_dir is None:
+            from mintd.engine.tiny import make_tiny_model
+
+            model_dir = make_tiny_model(work / "model", arch="qwen3", seed=0, size=args.size)
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+        log(f"saving {args.adapters} adapters (rank {args.rank}) ...")
+        size = make_adapters(model_dir, work / "data", args)
+        requests = workload(args, vocab)
+        log(f"mintd serve: {args.requests} requests at {args.rate}/s over {args.adapters} adapters ...")
+        mintd = run_mintd(model_dir, work / "data", size * args.resident, args, requests)
+        result = {
+            "bench": "serve_load",
+            "config": {k: v for k, v in vars(args).items() if k != "vllm_python"}
+            | {"model_dir": str(model_dir)},
+            "workload": "Poisson arrivals; Zipf adapters; uniform prompt, output lengths; streamed",
+            "mintd": mintd,
+        }
+        if args.vllm_python:
+            log("vllm serve: the same workload ...")
+            vllm = run_vllm(model_dir, work / "data", args, requests)
+            result["vllm"] = vllm
+            result["goodput_vs_vllm"] = (
+                round(mintd["goodput_rps"] / vllm["goodput_rps"], 3) if vllm["goodput_rps"] else None
+            )
+        else:
+            log("vLLM comparison skipped: pass --vllm-python VENV/bin/python (a vLLM CPU install) to run it")
+            result["vllm"] = None
+            result["goodput_vs_vllm"] = None
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

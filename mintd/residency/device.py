@@ -1,0 +1,55 @@
+"""Packed adapter -> engine slot: the one copy from host memory to the device."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mintd.engine.engine import Engine
+from mintd.store.packed import PackedAdapter, Source, read_packed, views
+
+
+def load_packed_into(
+    engine: Engine,
+    source: Source | PackedAdapter,
+    trainable: bool = False,
+    verify: bool = True,
+    with_optimizer: bool = True,
+) -> int:
+    """Packed adapter -> a new engine slot. A frozen slot on the CPU adopts views of the (memory-mapped,
+    copy-on-write) float32 buffer as it is: nothing is copied, and nothing ever writes to it. Otherwise
+    the weights' group is copied once into one private float32 tensor on the engine's device and the
+    slot adopts views of it (no per-tensor copies). Optimizer state, used only by a trainable slot (and
+    skipped when `with_optimizer` is False: a fresh optimizer), goes to the engine's optimizer, which
+    copies it itself."""
+    packed = source if isinstance(source, PackedAdapter) else read_packed(source, verify=verify)
+    if packed.header.base_fingerprint != engine.fingerprint:
+        raise ValueError(
+            f"packed adapter: trained on base model {packed.header.base_fingerprint[:12]}..., "
+            f"but this engine serves {engine.fingerprint[:12]}..."
+        )
+    needed = {e.group for e in packed.header.weights.values()}
+    if (
+        trainable
+        or engine.device.type != "cpu"
+        or any(packed.groups[g].dtype != torch.float32 for g in needed)
+    ):
+        groups = {name: _private_copy(packed.groups[name], engine.device) for name in needed}
+    else:
+        groups = {name: packed.groups[name] for name in needed}
+    tensors = views(groups, packed.header.weights)
+    if trainable and with_optimizer:
+        tensors.update(packed.optimizer)
+    return engine.load_adapter(packed.header.spec, tensors, trainable=trainable, copy=False)
+
+
+def _private_copy(group: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One float32 copy of a group on `device`. On the CPU a float32 group is copied by numpy's plain
+    memcpy: torch would run a large copy on its intra-op thread pool, which forward passes keep busy
+    while loads run in the background (measured ~12 ms instead of ~0.5 ms per copy on a busy 2-core host).
+    """
+    if device.type == "cpu" and group.dtype == torch.float32:
+        out = torch.empty_like(group)
+        np.copyto(out.numpy(), group.numpy())
+        return out
+    return group.to(device, torch.float32, copy=True)
