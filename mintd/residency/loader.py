@@ -28,7 +28,7 @@ class Loader:
     def __init__(self, read: Read, host: HostCache, name: str) -> None:
         self.read = read
         self.host = host
-        self.on_done: Callable[[], None] = lambda: None  # the engine worker's wake-up
+        self.on_done: Callable[[str], None] = lambda key: None  # the engine worker's wake-up, by hash
         self._cv = threading.Condition()
         self._queue: list[tuple[int, int, Revision]] = []  # (priority, arrival, revision)
         self._pending: dict[str, int] = {}  # content hash -> priority, queued or in flight
@@ -104,4 +104,4 @@ class Loader:
                 else:
                     self._load_ms.append((time.perf_counter() - started) * 1000)
                     del self._load_ms[:-1000]
-            self.on_done()
+            self.on_done(rev.content_hash)

@@ -97,8 +97,9 @@ class Residency:
         self._copy_ms: list[float] = []
         self._next_park_check = 0.0
 
-    def set_wake(self, wake: Callable[[], None]) -> None:
-        """Called (on the loader thread) when a load finishes, so waiting ops are looked at again."""
+    def set_wake(self, wake: Callable[[str], None]) -> None:
+        """Called (on the loader thread) with a content hash when its load finishes or fails, so the
+        ops waiting on it are looked at again (and no others)."""
         self.loader.on_done = wake
 
     def close(self) -> None:

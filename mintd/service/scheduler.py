@@ -139,7 +139,11 @@ class EngineWorker:
         self._cv = threading.Condition()
         self._runs: dict[str, _RunQueue] = {}
         self._rr = 0
-        self._samples: dict[str, deque[tuple[Future, SampleOp]]] = {}
+        self._samples: dict[str, deque[tuple[Future, SampleOp]]] = {}  # by sampler id
+        # queues whose head waits on a cold load: out of every turn's scan until the loader says so
+        self._on_load: dict[str, deque[tuple[Future, SampleOp]]] = {}  # by sampler id
+        self._waiters: dict[str, list[str]] = {}  # content hash -> sampler ids in _on_load
+        self._loaded: list[str] = []  # content hashes the loader finished, not yet looked at
         self._direct: deque[tuple[Future, CallOp]] = deque()
         self._live: dict[RequestState, tuple[Future, SampleOp]] = {}  # admitted, not finished
         self._stop = False
@@ -194,7 +198,10 @@ class EngineWorker:
         if op.adapter is not None:
             self.residency.prefetch(op.adapter, op.priority)  # its cold load starts now, if it needs one
         with self._cv:
-            self._samples.setdefault(op.sampler_id, deque()).append((future, op))
+            queue = self._on_load.get(op.sampler_id)
+            if queue is None:
+                queue = self._samples.setdefault(op.sampler_id, deque())
+            queue.append((future, op))
             self._cv.notify()
 
     def submit_call(self, future: Future, op: CallOp) -> None:
@@ -229,8 +236,9 @@ class EngineWorker:
             raise box["error"]
         return box["result"]
 
-    def _wake(self) -> None:
+    def _wake(self, loaded: str) -> None:
         with self._cv:
+            self._loaded.append(loaded)
             self._cv.notify()
 
     def stop(self) -> None:
@@ -283,7 +291,7 @@ class EngineWorker:
         return (
             bool(self._direct)
             or bool(self._live)
-            or any(q and self._ready(q[0][1]) for q in self._samples.values())
+            or bool(self._ready_queues())
             or any(q.head() is not None for q in self._runs.values())
         )
 
@@ -337,6 +345,26 @@ class EngineWorker:
     def _ready(self, op: SampleOp) -> bool:
         return op.adapter is None or self.residency.ready(op.adapter, op.priority)
 
+    def _ready_queues(self) -> list[deque[tuple[Future, SampleOp]]]:
+        """Sample queues whose head can be placed now. A queue whose head waits on a cold load leaves
+        the scan until the loader reports that load, so a turn costs the same however many requests
+        wait on loads (a wave of a thousand cold adapters must not slow the resident traffic's steps).
+        Holds `_cv`, which the loader's report also takes: none is lost between a look and a wait."""
+        for content_hash in self._loaded:
+            for sampler_id in self._waiters.pop(content_hash, ()):
+                self._samples[sampler_id] = self._on_load.pop(sampler_id)
+        self._loaded.clear()
+        ready = []
+        for sampler_id, queue in list(self._samples.items()):
+            if not queue:
+                del self._samples[sampler_id]
+            elif self._ready(queue[0][1]):
+                ready.append(queue)
+            else:  # only a saved revision is ever not ready
+                self._on_load[sampler_id] = self._samples.pop(sampler_id)
+                self._waiters.setdefault(queue[0][1].adapter.content_hash, []).append(sampler_id)
+        return ready
+
     def _take_samples(self) -> list[tuple[Future, SampleOp]]:
         """Samples whose adapter is at hand and that fit the step engine now: `max_sample_rows` rows (a
         request with n samples is n rows; one larger than the cap runs alone) and free KV cache. Higher
@@ -346,7 +374,7 @@ class EngineWorker:
         rows = steps.running_rows
         blocks = steps.pool.free_blocks - steps.pool.reserved
         taken: list[tuple[Future, SampleOp]] = []
-        queues = [q for q in self._samples.values() if q and self._ready(q[0][1])]
+        queues = self._ready_queues()
         while queues:
             q = min(queues, key=lambda q: q[0][1].priority)  # min keeps the first of equals: round-robin
             fut, op = q[0]
@@ -363,7 +391,6 @@ class EngineWorker:
             queues.remove(q)
             if q and self._ready(q[0][1]):
                 queues.append(q)
-        self._samples = {k: v for k, v in self._samples.items() if v}
         return taken
 
     def _run_call(self, fut: Future | None, op: CallOp) -> None:
@@ -467,7 +494,10 @@ class EngineWorker:
         """Back to the head of their queues, to ask again at the next turn."""
         with self._cv:
             for fut, op in reversed(items):
-                self._samples.setdefault(op.sampler_id, deque()).appendleft((fut, op))
+                queue = self._on_load.get(op.sampler_id)
+                if queue is None:
+                    queue = self._samples.setdefault(op.sampler_id, deque())
+                queue.appendleft((fut, op))
 
     def _valid(self, fut: Future, check: Callable[[], None]) -> bool:
         try:
