@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from mintd.catalog import NewRevision, Provenance  # noqa: E402
 from mintd.config import ServeSettings  # noqa: E402
+from mintd.engine.sampling import SamplingParams  # noqa: E402
 from mintd.engine.tiny import make_tiny_model, random_adapter  # noqa: E402
 from mintd.server import build_app  # noqa: E402
 from mintd.service.futures import Future  # noqa: E402
@@ -25,7 +26,7 @@ from mintd.service.tinker import TinkerService  # noqa: E402
 from mintd.store.packed import pack  # noqa: E402
 
 OWNER = "local"
-PROMPT = {"chunks": [{"type": "encoded_text", "tokens": [5, 17, 33, 2]}]}
+PROMPT = [5, 17, 33, 2]
 
 
 def log(msg: str) -> None:
@@ -79,7 +80,7 @@ class Client:
     def __init__(self, service: TinkerService, max_tokens: int = 1) -> None:
         self.service = service
         self.session = service.create_session(OWNER, [], {})
-        self.params = {"max_tokens": max_tokens, "temperature": 0.0}
+        self.params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         self._samplers: dict[str, str] = {}
         self._seq = 0
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import Field
 
+from mintd.api import wire
 from mintd.api.errors import ERROR_RESPONSES
 from mintd.api.tinker import Body, Id, SeqId, _future, owner, service
 from mintd.service.tinker import TinkerService
@@ -44,7 +45,13 @@ class ReverseKL(Body):
 def forward_backward_reverse_kl(
     body: ReverseKL, who: str = Depends(owner), svc: TinkerService = Depends(service)
 ) -> dict[str, Any]:
+    try:
+        data = wire.kl_data(body.data, svc.settings.max_tensor_elements)
+    except ValueError as exc:
+        if body.seq_id is not None:
+            svc.refuse(who, body.model_id, body.seq_id, exc)  # the seq_id is taken all the same
+        raise
     fut = svc.forward_backward_reverse_kl(
-        who, body.model_id, body.seq_id, body.reference_model_path, body.data, body.temperature
+        who, body.model_id, body.seq_id, body.reference_model_path, data, body.temperature
     )
     return _future(fut, model_id=body.model_id)

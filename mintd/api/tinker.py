@@ -17,12 +17,14 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from mintd.api import proto
+from mintd.api import proto, wire
 from mintd.api.auth import Authenticator
 from mintd.api.errors import ERROR_RESPONSES
 from mintd.catalog import validate as catalog_validate
 from mintd.config import MAX_ID_CHARS, MAX_INT, MAX_TAGS, ServeSettings
-from mintd.engine.sampling import SampleResult
+from mintd.engine.distill import KLOutput
+from mintd.engine.sampling import SampleResult, SamplingParams
+from mintd.engine.train import TrainOutput
 from mintd.service.futures import Future
 from mintd.service.tinker import TinkerService
 
@@ -221,16 +223,26 @@ _FWD_BWD_BODY = {
 
 
 def _fwd_bwd(fields: dict[str, Any], forward_only: bool, who: str, svc: TinkerService) -> dict[str, Any]:
+    model_id, seq_id = fields["model_id"], fields["seq_id"]
+    data = fields["data"]
+    try:
+        if not isinstance(data, list):
+            raise ValueError("data: expected a list of Datum objects")
+        datums, spans = wire.training_data(data, svc.settings.max_tensor_elements)
+    except ValueError as exc:
+        svc.refuse(who, model_id, seq_id, exc)  # the seq_id is taken all the same: the run goes on
+        raise
     fut = svc.forward_backward(
         who,
-        fields["model_id"],
-        fields["seq_id"],
-        fields["data"],
+        model_id,
+        seq_id,
+        datums,
+        spans,
         fields.get("loss_fn") or "cross_entropy",
         fields.get("loss_fn_config"),
         forward_only,
     )
-    return _future(fut, model_id=fields["model_id"])
+    return _future(fut, model_id=model_id)
 
 
 async def _fwd_bwd_fields(
@@ -431,9 +443,9 @@ def asample(body: SampleBody, who: str = Depends(owner), svc: TinkerService = De
         who,
         body.sampling_session_id,
         body.seq_id,
-        body.prompt,
+        wire.tokens(body.prompt, "prompt").tolist(),
         body.num_samples,
-        body.sampling_params,
+        SamplingParams(**{k: v for k, v in body.sampling_params.items() if v is not None or k == "stop"}),
         body.prompt_logprobs or body.prompt_logprobs_last_n is not None,
         body.topk_prompt_logprobs,
         body.prompt_logprobs_last_n,
@@ -474,17 +486,37 @@ def _result_response(result: Any, wants_proto: bool) -> Any:
         if wants_proto:
             return Response(proto.encode_sample_response(result), media_type="application/x-protobuf")
         return {"type": "sample", **_sample_json(result)}
-    if isinstance(result, dict) and "loss_fn_outputs" in result:
-        outputs = [{k: v.numpy() for k, v in o.items()} for o in result["loss_fn_outputs"]]
+    if isinstance(result, TrainOutput):
+        outputs = [{"logprobs": lp.numpy()} for lp in result.logprobs]
+        metrics = {"loss:sum": result.loss}
         if wants_proto:
-            body = proto.encode_forward_backward_output(outputs, result["metrics"])
+            body = proto.encode_forward_backward_output(outputs, metrics)
             return Response(body, media_type="application/x-protobuf")
         return {
             "loss_fn_output_type": "ArrayRecord",
             "loss_fn_outputs": [{k: _tensor_json(v) for k, v in o.items()} for o in outputs],
-            "metrics": result["metrics"],
+            "metrics": metrics,
         }
+    if isinstance(result, KLOutput):
+        return _reverse_kl_json(result)
     return result
+
+
+def _reverse_kl_json(out: KLOutput) -> dict[str, Any]:
+    weight = out.weight or 1.0
+    return {
+        "type": "mint_forward_backward_reverse_kl",
+        "outputs": [
+            {"loss": {"data": lp.tolist(), "shape": [len(lp)], "dtype": "float32"}} for lp in out.losses
+        ],
+        "metrics": {
+            "loss:sum": out.loss,
+            "reverse_kl:mean": out.loss / weight,  # exact, per unit of weight
+            "sampled_kl:sum": out.sampled_kl,  # log π_student(y) − log π_reference(y) at the targets
+            "sampled_kl:mean": out.sampled_kl / weight,
+            "weight:sum": out.weight,
+        },
+    }
 
 
 def _tensor_json(a: np.ndarray) -> dict[str, Any]:

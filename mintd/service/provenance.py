@@ -24,14 +24,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from mintd.engine.sampling import SampledSequence
 from mintd.engine.train import Datum
-
-SPAN_KINDS = ("prompt_tokens", "sampled_tokens")
 
 
 @dataclass(frozen=True)
@@ -43,7 +40,9 @@ class Span:
 
 
 @dataclass(frozen=True)
-class Provenance:
+class DatumSpans:
+    """A training datum's provenance: spans tiling its model_input and its loss rows."""
+
     model_input: list[Span]
     loss: list[Span]
 
@@ -115,55 +114,7 @@ class SequenceRecords:
             del self._records[oldest_id]
 
 
-def parse_spans(value: Any, field: str) -> list[Span]:
-    if not isinstance(value, list):
-        raise ValueError(f"{field}: expected a list of provenance spans")
-    spans = []
-    for k, item in enumerate(value):
-        where = f"{field}[{k}]"
-        kinds = [kind for kind in SPAN_KINDS if isinstance(item, dict) and kind in item]
-        if len(kinds) != 1:
-            raise ValueError(f"{where}: expected one of {', '.join(SPAN_KINDS)}")
-        run = item[kinds[0]]
-        if not isinstance(run, dict):
-            raise ValueError(f"{where}.{kinds[0]}: expected an object")
-        sequence_id, offset, length = run.get("sequence_id"), run.get("offset", 0), run.get("length")
-        if not isinstance(sequence_id, str) or not sequence_id:
-            raise ValueError(f"{where}.sequence_id: must be a non-empty string")
-        for name, n in (("offset", offset), ("length", length)):
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise ValueError(f"{where}.{name}: must be an integer >= 0")
-        spans.append(Span(kinds[0] == "sampled_tokens", sequence_id, offset, length))
-    return spans
-
-
-def datum_provenance(raw: dict[str, Any], datum: Datum, index: int) -> Provenance | None:
-    """A datum's spans, checked to come as a pair and to tile model_input and the loss rows."""
-    where = f"data[{index}]"
-    present = [name for name in ("model_input_spans", "loss_fn_input_spans") if raw.get(name) is not None]
-    if not present:
-        return None
-    if len(present) == 1:
-        raise ValueError(
-            f"{where}: model_input_spans and loss_fn_input_spans come as a pair; only {present[0]}"
-        )
-    prov = Provenance(
-        parse_spans(raw["model_input_spans"], f"{where}.model_input_spans"),
-        parse_spans(raw["loss_fn_input_spans"], f"{where}.loss_fn_input_spans"),
-    )
-    target = datum.inputs.get("target_tokens")
-    rows = len(datum.tokens) if target is None else int(target.shape[0])
-    for name, spans, n, what in (
-        ("model_input_spans", prov.model_input, len(datum.tokens), "model_input tokens"),
-        ("loss_fn_input_spans", prov.loss, rows, "target_tokens rows"),
-    ):
-        covered = sum(s.length for s in spans)
-        if covered != n:
-            raise ValueError(f"{where}.{name}: spans cover {covered} positions but the datum has {n} {what}")
-    return prov
-
-
-def sampled_rows(prov: Provenance, n: int) -> torch.Tensor:
+def sampled_rows(prov: DatumSpans, n: int) -> torch.Tensor:
     """1.0 on the loss rows under sampled spans."""
     mask = torch.zeros(n)
     pos = 0
@@ -197,7 +148,7 @@ def _check_run(
 
 
 def stable_reinforce_inputs(
-    datum: Datum, prov: Provenance | None, records: SequenceRecords, session_id: str, index: int
+    datum: Datum, prov: DatumSpans | None, records: SequenceRecords, session_id: str, index: int
 ) -> None:
     """Check a datum against its recorded sequences, then set its `logprobs` (the recorded sampler
     logprobs on sampled rows) and `sampled_mask`. The targets under prompt spans are not compared
@@ -248,21 +199,20 @@ def stable_reinforce_inputs(
 
 def apply(
     loss_fn: str,
-    raw_data: list[Any],
     data: list[Datum],
+    spans: list[DatumSpans | None],
     records: SequenceRecords,
     session_id: str,
 ) -> None:
-    """Check every datum's spans and derive what `loss_fn` needs from them (in place)."""
-    for i, (raw, datum) in enumerate(zip(raw_data, data, strict=True)):
-        prov = datum_provenance(raw, datum, i)
+    """Derive what `loss_fn` needs from every datum's spans (in place; the edge checked their shape)."""
+    for i, (datum, prov) in enumerate(zip(data, spans, strict=True)):
         if loss_fn == "stable_reinforce":
             stable_reinforce_inputs(datum, prov, records, session_id, i)
         elif loss_fn == "gspo" and "sequence_ratio_mask" not in datum.inputs:
             datum.inputs["sequence_ratio_mask"] = _default_ratio_mask(datum, prov)
 
 
-def _default_ratio_mask(datum: Datum, prov: Provenance | None) -> torch.Tensor:
+def _default_ratio_mask(datum: Datum, prov: DatumSpans | None) -> torch.Tensor:
     """gspo without a mask: the rows under sampled spans, else the rows with a nonzero advantage."""
     n = len(datum.tokens)
     if prov is not None:

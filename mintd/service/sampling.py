@@ -10,7 +10,6 @@ from mintd.catalog import Revision
 from mintd.engine import sampling
 from mintd.engine.adapters import BASE_SLOT
 from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
-from mintd.service import wire
 from mintd.service.errors import Busy
 from mintd.service.futures import Future
 from mintd.service.scheduler import Priority, SampleOp
@@ -49,9 +48,9 @@ class Sampling:
         owner: str,
         sampler_id: str,
         seq_id: int,
-        prompt: Any,
+        tokens: list[int],
         num_samples: int,
-        sampling_params: dict[str, Any],
+        params: SamplingParams,
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         prompt_logprobs_last_n: int | None,
@@ -62,8 +61,6 @@ class Sampling:
         for stable_reinforce."""
         sampler = self.sampler(sampler_id, owner)
         handle = self.models[sampler.base_model]
-        tokens = wire.tokens(prompt, "prompt").tolist()
-        params = SamplingParams(**{k: v for k, v in sampling_params.items() if v is not None or k == "stop"})
         request = SampleRequest(BASE_SLOT, tokens, params, num_samples, prompt_logprobs, topk_prompt_logprobs)
         sampling.validate(request, handle.engine.vocab_size, handle.engine.max_len)
         handle.engine.steps.check(request)  # fits the KV cache at all (reads only its fixed size)

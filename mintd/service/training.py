@@ -9,8 +9,6 @@ import time
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from mintd.catalog import Provenance
 from mintd.catalog import validate as catalog_validate
 from mintd.catalog.errors import CatalogNotFound
@@ -19,10 +17,10 @@ from mintd.engine.adapters import BASE_SLOT
 from mintd.engine.distill import KLDatum, KLGroup, KLOutput
 from mintd.engine.engine import Engine
 from mintd.engine.optim import AdamParams
-from mintd.engine.train import TrainGroup, TrainOutput
+from mintd.engine.train import Datum, TrainGroup, TrainOutput
 from mintd.lora_config import LoraSpec
 from mintd.residency import Residency, RunKey, SnapshotKey
-from mintd.service import provenance, wire
+from mintd.service import provenance
 from mintd.service.checkpoints import (
     TinkerPath,
     check_name,
@@ -30,6 +28,7 @@ from mintd.service.checkpoints import (
 )
 from mintd.service.errors import Gone, NotFound
 from mintd.service.futures import Future, RequestError
+from mintd.service.provenance import DatumSpans
 from mintd.service.scheduler import CallOp, Priority, TrainOp
 from mintd.service.sessions import Run, Sampler
 from mintd.store.packed import pack, split_state
@@ -154,24 +153,25 @@ class Training:
         owner: str,
         model_id: str,
         seq_id: int,
-        data: list[Any],
+        data: list[Datum],
+        spans: list[DatumSpans | None],
         loss_fn: str,
         loss_fn_config: dict[str, Any] | None,
         forward_only: bool,
     ) -> Future:
+        """Queue a forward(_backward) of decoded data; its future answers the engine's TrainOutput."""
+
         def make(run: Run) -> TrainOp:
             handle = self.models[run.base_model]
             config = {k: float(v) for k, v in (loss_fn_config or {}).items() if isinstance(v, (int, float))}
-            cap = self.settings.max_tensor_elements
-            datums = [wire.datum(d, i, cap) for i, d in enumerate(data)]
-            provenance.apply(loss_fn, data, datums, self.sequences, run.session_id)
-            group = TrainGroup(BASE_SLOT, datums, loss_fn, config)  # the run's slot when it runs
+            provenance.apply(loss_fn, data, spans, self.sequences, run.session_id)
+            group = TrainGroup(BASE_SLOT, data, loss_fn, config)  # the run's slot when it runs
             train.validate(group, handle.engine.vocab_size, handle.engine.max_len)
 
-            def result(out: TrainOutput) -> dict[str, Any]:
+            def result(out: TrainOutput) -> TrainOutput:
                 if not forward_only:
                     run.loss_fn = loss_fn
-                return _forward_result(out)
+                return out
 
             return TrainOp(RunKey(run.model_id), group, forward_only, result)
 
@@ -392,7 +392,7 @@ class Training:
         model_id: str,
         seq_id: int | None,
         reference_model_path: str,
-        data: list[Any],
+        data: list[KLDatum],
         temperature: float,
     ) -> Future:
         """MinT's reverse-KL distillation step (engine/distill): the run's adapter is the student; the
@@ -409,19 +409,14 @@ class Training:
                     f"reference_model_path: {reference.ref} was trained on base model "
                     f"{reference.provenance.base_model!r}, not this run's {run.base_model!r}"
                 )
-        group = KLGroup(
-            BASE_SLOT,
-            BASE_SLOT,
-            [distill_datum(d, i, self.settings.max_tensor_elements) for i, d in enumerate(data)],
-            temperature,
-        )
+        group = KLGroup(BASE_SLOT, BASE_SLOT, data, temperature)
         distill.validate(group, handle.engine.vocab_size, handle.engine.max_len)
 
         residency = handle.worker.residency
         if reference is not None:
             residency.prefetch(reference, Priority.TRAINING)
 
-        def step(engine: Engine) -> dict[str, Any]:
+        def step(engine: Engine) -> KLOutput:
             with self._hold(run) as group.slot:
                 if reference is None:
                     out = engine.reverse_kl(group)
@@ -429,7 +424,7 @@ class Training:
                     with residency.hold(reference) as group.reference_slot:
                         out = engine.reverse_kl(group)
             run.loss_fn = "reverse_kl"
-            return _reverse_kl_result(out)
+            return out
 
         if seq_id is not None:
             return self._run_op(
@@ -466,40 +461,3 @@ def _adapter_name(user_metadata: dict[str, Any] | None, run_id: str, default: st
     if name is None:
         return default or run_adapter_name(run_id)
     return catalog_validate.name(name, "user_metadata.adapter_name")
-
-
-def distill_datum(value: Any, index: int, max_elements: int) -> KLDatum:
-    """A `ReverseKLDatum` {student_input, reference_input, target_tokens, weights} to the engine's."""
-    where = f"data[{index}]"
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected a ReverseKLDatum object")
-    for name in ("target_tokens", "weights"):
-        if value.get(name) is None:
-            raise ValueError(f"{where}.{name}: missing")
-    return KLDatum(
-        torch.from_numpy(wire.tokens(value.get("student_input"), f"{where}.student_input")),
-        torch.from_numpy(wire.tokens(value.get("reference_input"), f"{where}.reference_input")),
-        wire.tensor(value["target_tokens"], f"{where}.target_tokens", max_elements).long().reshape(-1),
-        wire.tensor(value["weights"], f"{where}.weights", max_elements).float().reshape(-1),
-    )
-
-
-def _reverse_kl_result(out: KLOutput) -> dict[str, Any]:
-    weight = out.weight or 1.0
-    return {
-        "type": "mint_forward_backward_reverse_kl",
-        "outputs": [
-            {"loss": {"data": lp.tolist(), "shape": [len(lp)], "dtype": "float32"}} for lp in out.losses
-        ],
-        "metrics": {
-            "loss:sum": out.loss,
-            "reverse_kl:mean": out.loss / weight,  # exact, per unit of weight
-            "sampled_kl:sum": out.sampled_kl,  # log π_student(y) − log π_reference(y) at the targets
-            "sampled_kl:mean": out.sampled_kl / weight,
-            "weight:sum": out.weight,
-        },
-    }
-
-
-def _forward_result(out: TrainOutput) -> dict[str, Any]:
-    return {"loss_fn_outputs": [{"logprobs": lp} for lp in out.logprobs], "metrics": {"loss:sum": out.loss}}
