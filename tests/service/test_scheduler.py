@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,13 +11,17 @@ from typing import Any
 import pytest
 import torch
 
+from mintd.catalog import Provenance as CatalogProvenance
+from mintd.catalog import Revision
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
 from mintd.engine.engine import Engine
 from mintd.engine.sampling import SampleRequest, SamplingParams
+from mintd.engine.tiny import random_adapter
 from mintd.engine.train import Datum, TrainGroup
-from mintd.residency import RunKey
+from mintd.residency import Residency, RunKey
 from mintd.service.futures import Future, FutureStore
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp
+from mintd.store.packed import PackedAdapter, pack, read_packed
 from tests.service.conftest import GAP_S, make_worker
 from tests.service.worker_gate import Gate
 
@@ -233,5 +238,68 @@ def test_the_step_engine_counts_rows_not_requests(
                 futs.append(fut)
         assert all(wait_done(f).error is None for f in futs)
         assert max(rows) == 8 and rows[-1] == 4, rows
+    finally:
+        worker.stop()
+
+
+def _revision(n: int, engine: Engine) -> Revision:
+    return Revision(
+        n, "local", f"cold{n}", f"a{n}", 1, "sampler", f"{n:064x}", None,
+        CatalogProvenance(engine.fingerprint), None, 0.0, None, None, {},
+    )  # fmt: skip
+
+
+def test_requests_waiting_on_cold_loads_are_not_looked_at_every_step(
+    engine: Engine, futures: FutureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wave of requests whose loads cannot finish yet: each waiting queue is asked about once, not
+    once per step, while resident (base) traffic decodes; each is answered once its load lands."""
+    blobs = {}
+    for n in range(40):
+        spec, tensors = random_adapter(engine, 4, seed=n)
+        blobs[f"{n:064x}"] = pack(spec, tensors, engine.fingerprint)
+    loads_may_finish = threading.Event()
+
+    def read(rev: Revision) -> PackedAdapter:
+        loads_may_finish.wait(30)
+        return read_packed(blobs[rev.content_hash])
+
+    residency = Residency(engine, read, 2**30, 2**30, "cold")
+    worker = EngineWorker(engine, futures, SchedulerLimits(), "cold", residency)
+    asked: list[str] = []
+    real = residency.ready
+
+    def counted(key: Any, priority: int = 1) -> bool:
+        asked.append(key.content_hash)
+        return real(key, priority)
+
+    monkeypatch.setattr(residency, "ready", counted)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    try:
+        cold = []
+        for n in range(40):
+            fut, _ = futures.create("Sample", "local")
+            request = SampleRequest(BASE_SLOT, [1, 2, 3], params)
+            worker.submit_sample(fut, SampleOp(request, lambda r: r, f"cold{n}", _revision(n, engine)))
+            cold.append(fut)
+        base = []
+        for i in range(4):  # resident traffic: many steps while the wave waits
+            fut, _ = futures.create("Sample", "local")
+            worker.submit_sample(
+                fut, SampleOp(SampleRequest(BASE_SLOT, [4, 5], params), lambda r: r, f"b{i}")
+            )
+            base.append(fut)
+        assert all(wait_done(f).error is None for f in base)
+        assert not any(f.done for f in cold)
+        assert len(asked) <= 2 * 40, f"{len(asked)} readiness checks for 40 waiting queues"
+        loads_may_finish.set()
+        results = [wait_done(f).result for f in cold]
+        alone = [
+            engine.sample(
+                [SampleRequest(engine.load_adapter(*random_adapter(engine, 4, n)), [1, 2, 3], params)]
+            )
+            for n in range(2)
+        ]
+        assert [r.sequences[0].tokens for r in results[:2]] == [a[0].sequences[0].tokens for a in alone]
     finally:
         worker.stop()
