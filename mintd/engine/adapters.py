@@ -43,11 +43,17 @@ class Adapter:
 
 
 class AdapterSlots:
-    """Slot table: allocation, initialisation, snapshots and flat-tensor import."""
+    """Slot table: allocation, initialisation, snapshots and flat-tensor import.
 
-    def __init__(self, targets: dict[str, LoraTarget], device: torch.device) -> None:
+    A trainable slot holds float32 masters; a frozen one (a saved revision being served, a snapshot)
+    holds `frozen_dtype`, the dtype the LoRA products run in on this device."""
+
+    def __init__(
+        self, targets: dict[str, LoraTarget], device: torch.device, frozen_dtype: torch.dtype = torch.float32
+    ) -> None:
         self.targets = targets
         self.device = device
+        self.frozen_dtype = frozen_dtype
         self._slots: dict[int, Adapter] = {}
         self._next = BASE_SLOT + 1
 
@@ -92,7 +98,11 @@ class AdapterSlots:
     def snapshot(self, slot: int) -> int:
         """Frozen copy of an adapter's tensors: later training of the source does not reach it."""
         src = self[slot]
-        weights = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in src.weights.items()}
+        dtype = self.frozen_dtype
+        weights = {
+            n: (a.detach().to(dtype, copy=True), b.detach().to(dtype, copy=True))
+            for n, (a, b) in src.weights.items()
+        }
         return self.add(Adapter(src.spec, weights, trainable=False))
 
     def check(self, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -120,14 +130,15 @@ class AdapterSlots:
     ) -> int:
         """Import flat tensors (as produced by `Adapter.state_dict`) into a new slot, checking shapes.
 
-        By default each tensor is cloned, so the slot owns its memory whatever the caller does next.
-        `copy=False` adopts the tensors as they are (a packed load hands over views of one buffer): the
-        caller guarantees they are float32, on the device, and private to this slot or, for a frozen
-        slot, never written by anyone.
+        By default each tensor is copied (float32 for a trainable slot, `frozen_dtype` for a frozen
+        one), so the slot owns its memory whatever the caller does next. `copy=False` adopts the tensors
+        as they are (a packed load hands over views of one buffer): the caller guarantees that dtype,
+        the device, and that they are private to this slot or, for a frozen slot, never written by anyone.
         """
+        dtype = torch.float32 if trainable else self.frozen_dtype
 
         def own(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(self.device, torch.float32).clone() if copy else t.detach()
+            return t.detach().to(self.device, dtype, copy=True) if copy else t.detach()
 
         weights = {
             name: (own(tensors[f"{name}.lora_A"]), own(tensors[f"{name}.lora_B"]))

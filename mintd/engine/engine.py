@@ -58,7 +58,11 @@ class Engine:
         self.fingerprint = fingerprint(self.model_dir)
         self.ctx = LoraContext()
         self.weights = classify(self.model, self.family)  # before wrapping: the model's own layers
-        self.slots = AdapterSlots(install_lora(self.model, self.ctx, self.weights), self.device)
+        # Frozen adapters in the dtype their products run in: the base's on a GPU (bfloat16 halves
+        # their bytes and skips a cast per use); float32 on the CPU, where LoRA products run in float32
+        # and a frozen slot adopts the memory-mapped float32 blob without a copy.
+        frozen_dtype = self.dtype if self.device.type != "cpu" else torch.float32
+        self.slots = AdapterSlots(install_lora(self.model, self.ctx, self.weights), self.device, frozen_dtype)
         if self.settings.cpu_packed_linears and packed.available(self.device, self.dtype):
             for module in self.model.modules():
                 if isinstance(module, MultiLoraLinear):
