@@ -1,8 +1,8 @@
 """One completions or chat request: its prompts admitted (n choices each), their tokens turned into
 text as they come, and the OpenAI answer shaped from them: a whole JSON answer, or server-sent events,
-one chunk per token that adds text. With `logprobs`, the answer is scored after it is generated (one
-prefill of prompt + answer at temperature 1: what Tinker's `compute_logprobs` reports for that revision),
-so a stream that asks for logprobs sends its chunks once the answer is complete.
+one chunk per token that adds text. With `logprobs`, every token comes scored from the step that made
+it (its logprob at temperature 1 and the top alternatives: what Tinker's `compute_logprobs` reports for
+that revision), so logprobs stream with their tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from transformers import PreTrainedTokenizerBase
 
 from mintd.api.openai_errors import error_response
 from mintd.api.openai_wire import ChatRequest, CompletionRequest, usage
-from mintd.engine.sampling import SampleResult, SamplingParams
+from mintd.engine.sampling import SamplingParams
+from mintd.engine.stream import TokenEvent
 from mintd.service.serving import Generation, Serving, Target
 from mintd.service.text import TextAssembler
 
@@ -34,14 +35,15 @@ class _Choice:
     tokens: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)  # the text each token released
     finish: str | None = None
-    scores: SampleResult | None = None  # with logprobs: the prompt + answer scored
+    scores: list[tuple[float | None, tuple[tuple[int, float], ...]]] = field(default_factory=list)
 
-    def add(self, token: int, stop_reason: str | None) -> str:
-        self.tokens.append(token)
-        piece = self.text.add(token)
-        if stop_reason is not None or self.text.stopped:
+    def add(self, event: TokenEvent) -> str:
+        self.tokens.append(event.token)
+        self.scores.append((event.score, event.alternatives))
+        piece = self.text.add(event.token)
+        if event.stop_reason is not None or self.text.stopped:
             piece += self.text.finish()
-            self.finish = "stop" if self.text.stopped or stop_reason == "stop" else "length"
+            self.finish = "stop" if self.text.stopped or event.stop_reason == "stop" else "length"
         self.pieces.append(piece)
         return piece
 
@@ -96,7 +98,9 @@ class Job:
         try:
             for prompt in self.prompts:
                 params = self._params(prompt)
-                self.gens.append(self.svc.submit(who, self.target, prompt, params, self.body.n, loop))
+                self.gens.append(
+                    self.svc.submit(who, self.target, prompt, params, self.body.n, loop, self.top)
+                )
         except Exception:
             self._cancel()
             raise
@@ -126,14 +130,7 @@ class Job:
 
     async def _collect(self) -> None:
         async for g, event in _merge(self.gens):
-            self._choice(g, event.sample_index).add(event.token, event.stop_reason)
-        await self._score()
-
-    async def _score(self) -> None:
-        if self.top is not None:
-            scores = [self.svc.score(self.target, c.prompt + c.tokens, self.top) for c in self.choices]
-            for c, s in zip(self.choices, await asyncio.gather(*scores), strict=True):
-                c.scores = s
+            self._choice(g, event.sample_index).add(event)
 
     # shaping -------------------------------------------------------------------------------------
 
@@ -168,20 +165,17 @@ class Job:
         return {**self._head(self.object), "choices": choices, "usage": self._usage()}
 
     def _logprobs(self, c: _Choice, start: int, end: int) -> dict[str, Any] | None:
-        """OpenAI's logprobs of the choice's tokens [start, end), from its scoring pass."""
-        if c.scores is None:
+        """OpenAI's logprobs of the choice's tokens [start, end), as the steps that made them scored them."""
+        if self.top is None:
             return None
-        base = len(c.prompt)
-        lps = c.scores.prompt_logprobs or []
-        tops = c.scores.topk_prompt_logprobs or [None] * len(lps)
         if self.body.return_tokens_as_token_ids:
             decode: Callable[[list[int]], str] = lambda ids: f"token_id:{ids[0]}"  # noqa: E731
         else:
             decode = self.tokenizer.decode
         rows = []
         for j in range(start, end):
-            alternatives = [(decode([t]), lp) for t, lp in (tops[base + j] or [])][: self.top]
-            rows.append((decode([c.tokens[j]]), lps[base + j], alternatives))
+            score, alternatives = c.scores[j]
+            rows.append((decode([c.tokens[j]]), score, [(decode([t]), lp) for t, lp in alternatives]))
         if self.chat:
             return {
                 "content": [
@@ -218,27 +212,18 @@ class Job:
         started = False
         try:
             try:
-                if self.top is not None:  # logprobs: answer, score, then replay token by token
-                    await self._collect()
-                    started = True
-                    for c in self.choices if self.chat else ():
-                        yield self._chunk(obj, c.index, role, None, None, include_usage)
-                    for j in range(max(len(c.tokens) for c in self.choices)):
-                        for c in (c for c in self.choices if j < len(c.tokens)):
-                            finish = c.finish if j == len(c.tokens) - 1 else None
-                            yield self._delta(
-                                obj, c, c.pieces[j], self._logprobs(c, j, j + 1), finish, include_usage
-                            )
-                else:
-                    async for g, event in _merge(self.gens):
-                        if not started:
-                            started = True
-                            for c in self.choices if self.chat else ():
-                                yield self._chunk(obj, c.index, role, None, None, include_usage)
-                        c = self._choice(g, event.sample_index)
-                        piece = c.add(event.token, event.stop_reason)
-                        if piece or c.finish:
-                            yield self._delta(obj, c, piece, None, c.finish, include_usage)
+                async for g, event in _merge(self.gens):
+                    if not started:
+                        started = True
+                        for c in self.choices if self.chat else ():
+                            yield self._chunk(obj, c.index, role, None, None, include_usage)
+                    c = self._choice(g, event.sample_index)
+                    piece = c.add(event)
+                    if self.top is not None:  # every token carries its logprobs, text or not
+                        j = len(c.tokens) - 1
+                        yield self._delta(obj, c, piece, self._logprobs(c, j, j + 1), c.finish, include_usage)
+                    elif piece or c.finish:
+                        yield self._delta(obj, c, piece, None, c.finish, include_usage)
             except Exception as exc:
                 if not started:
                     raise

@@ -17,12 +17,18 @@ from dataclasses import dataclass
 class TokenEvent:
     sample_index: int
     token: int
-    logprob: float
+    logprob: float  # under the distribution it was sampled from (temperature, top-k, top-p)
     stop_reason: str | None  # set on a sample's last token: "stop" or "length"
+    # with a stream's `score_top`: the token's logprob under the model's own distribution (temperature 1,
+    # what a forward pass over prompt + answer reports), and the most likely tokens there
+    score: float | None = None
+    alternatives: tuple[tuple[int, float], ...] = ()
 
 
 class TokenStream:
-    def __init__(self) -> None:
+    def __init__(self, score_top: int | None = None) -> None:
+        """`score_top`: also score each token (see TokenEvent), with this many alternatives."""
+        self.score_top = score_top
         self._events: queue.SimpleQueue[TokenEvent | None] = queue.SimpleQueue()
         self._cancelled = threading.Event()
 

@@ -60,8 +60,15 @@ class _Stream(TokenStream):
     """A TokenStream that wakes an asyncio reader on every event and keeps the serving figures: time to
     first token, inter-token latency, tokens out, and each row's waiting -> running -> done state."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, rows: int, model: str, serving: Serving) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        rows: int,
+        model: str,
+        serving: Serving,
+        score_top: int | None,
+    ) -> None:
+        super().__init__(score_top)
         self.wake = asyncio.Event()
         self._loop = loop
         self._serving = serving
@@ -222,39 +229,22 @@ class Serving:
         params: SamplingParams,
         n: int,
         loop: asyncio.AbstractEventLoop,
+        score_top: int | None = None,
     ) -> Generation:
         """Admit one prompt (n rows) on the target's base model, or raise ValueError naming the bad
-        field, or Busy when the base model holds `max_pending_rows` already."""
+        field, or Busy when the base model holds `max_pending_rows` already. With `score_top`, every
+        token comes scored (its logprob at temperature 1 and that many alternatives)."""
         handle = target.handle
         request = SampleRequest(BASE_SLOT, prompt, params, n)
         sampling.validate(request, handle.engine.vocab_size, handle.engine.max_len)
         if target.revision is not None:
             admit_cold(handle, target.revision, self.settings.max_load_queue, "model")
         self._admit(handle.name, n)
-        request.stream = stream = _Stream(loop, n, handle.name, self)
+        request.stream = stream = _Stream(loop, n, handle.name, self, score_top)
         self.metrics.prompt_tokens.labels(handle.name).inc(len(prompt))
         future = Future(f"oai-{secrets.token_urlsafe(12)}", "OpenAI", owner)
         handle.worker.submit_sample(future, SampleOp(request, _same, f"openai:{owner}", target.revision))
         return Generation(future, stream, self.service.futures)
-
-    async def score(self, target: Target, tokens: list[int], top: int) -> SampleResult:
-        """Each token's logprob given those before it, with the `top` most likely alternatives: the view
-        Tinker's `compute_logprobs` gives of the same revision (one prefill, temperature 1)."""
-        handle = target.handle
-        if len(tokens) + 1 > handle.engine.max_len:
-            raise ValueError(
-                f"max_tokens: logprobs need one position beyond the answer; the prompt and answer fill "
-                f"the model's context of {handle.engine.max_len}"
-            )
-        params = SamplingParams(max_tokens=1, temperature=0.0)
-        request = SampleRequest(BASE_SLOT, tokens, params, 1, prompt_logprobs=True, topk_prompt_logprobs=top)
-        future = Future(f"oai-{secrets.token_urlsafe(12)}", "OpenAI", "scoring")
-        handle.worker.submit_sample(future, SampleOp(request, _same, "openai:scoring", target.revision))
-        while not await self.service.futures.wait(future, 3600):
-            pass
-        if future.error is not None:
-            raise future.error
-        return future.result
 
     def _admit(self, model: str, rows: int) -> None:
         cap = self.settings.max_pending_rows

@@ -172,7 +172,8 @@ class StepEngine:
         logits = torch.stack([lg for _, lg in due])
         tokens = choose(logits, seqs)
         chosen = tempered_logprobs(logits, seqs).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        for seq, tok, lp in zip(seqs, tokens.tolist(), chosen.tolist(), strict=True):
+        scores = _scores(logits, tokens, seqs)
+        for i, (seq, tok, lp) in enumerate(zip(seqs, tokens.tolist(), chosen.tolist(), strict=True)):
             req = seq.request
             seq.tokens.append(tok)
             seq.logprobs.append(lp)
@@ -180,7 +181,7 @@ class StepEngine:
                 seq.generated, seq.params, req.stop_ids, req.stop_strings, self.tokenizer
             )
             if req.stream is not None:
-                req.stream.push(TokenEvent(seq.sample_index, tok, lp, seq.stop_reason))
+                req.stream.push(TokenEvent(seq.sample_index, tok, lp, seq.stop_reason, *scores.get(i, ())))
                 if req.stream.cancelled and seq.stop_reason is None:
                     seq.stop_reason = "cancelled"  # its reader is gone: stop spending steps on it
             if seq.stop_reason is not None:
@@ -233,3 +234,24 @@ class StepEngine:
             if req.stream is not None:
                 req.stream.close()
         return dropped
+
+
+def _scores(
+    logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
+) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:
+    """Row -> (the chosen token's logprob at temperature 1, the top alternatives) for the rows whose
+    stream asks for scores: from the logits that chose the token, so a streamed answer with logprobs
+    needs no second pass over prompt + answer."""
+    streams = [s.request.stream for s in seqs]
+    tops = {i: st.score_top for i, st in enumerate(streams) if st is not None and st.score_top is not None}
+    if not tops:
+        return {}
+    rows = list(tops)
+    logp = torch.log_softmax(logits[rows], dim=-1)
+    chosen = logp.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1).tolist()
+    best = logp.topk(min(max(tops.values()), logp.shape[-1]), dim=-1)
+    ids, values = best.indices.tolist(), best.values.tolist()
+    return {
+        i: (chosen[j], tuple(zip(ids[j][: tops[i]], values[j][: tops[i]], strict=True)))
+        for j, i in enumerate(rows)
+    }
