@@ -200,15 +200,16 @@ def test_stop_strings_cut_the_text_streamed_or_not(served: Served):
 
 def test_logprobs_equal_tinker_compute_logprobs_of_the_same_revision(served: Served):
     client, tok = served.client(), served.tokenizer
-    answer = client.completions.create(
-        model="poet@1",
-        prompt=PROMPT,
-        max_tokens=6,
-        temperature=0.7,
-        seed=3,
-        logprobs=3,
-        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-    )
+    request = {
+        "model": "poet@1",
+        "prompt": PROMPT,
+        "max_tokens": 6,
+        "temperature": 0.7,
+        "seed": 3,
+        "logprobs": 3,
+        "extra_body": {"ignore_eos": True, "return_tokens_as_token_ids": True},
+    }
+    answer = client.completions.create(**request)
     lp = answer.choices[0].logprobs
     prompt = tok.encode(PROMPT)
     tokens = [int(t.removeprefix("token_id:")) for t in lp.tokens]
@@ -235,20 +236,7 @@ def test_logprobs_equal_tinker_compute_logprobs_of_the_same_revision(served: Ser
         for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
     )
     # streamed: every chunk carries its own token's logprobs, scored by the step that made it
-    chunks = [
-        c.choices[0]
-        for c in client.completions.create(
-            model="poet@1",
-            prompt=PROMPT,
-            max_tokens=6,
-            temperature=0.7,
-            seed=3,
-            logprobs=3,
-            stream=True,
-            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-        )
-        if c.choices
-    ]
+    chunks = [c.choices[0] for c in client.completions.create(**request, stream=True) if c.choices]
     assert [len(c.logprobs.tokens) for c in chunks] == [1] * 6
     assert [c.logprobs.tokens[0] for c in chunks] == lp.tokens
     assert [c.logprobs.token_logprobs[0] for c in chunks] == pytest.approx(lp.token_logprobs, abs=1e-6)
