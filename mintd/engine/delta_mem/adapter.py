@@ -50,7 +50,9 @@ class DeltaMemLayer(nn.Module):
         self.read_q = nn.Parameter(torch.zeros(q_width, r))
         self.read_o = nn.Parameter(torch.zeros(hidden, r))
 
-    def reset(self, generator: torch.Generator, q_weight: torch.Tensor, o_weight: torch.Tensor, init: str) -> None:
+    def reset(
+        self, generator: torch.Generator, q_weight: torch.Tensor, o_weight: torch.Tensor, init: str
+    ) -> None:
         """Kaiming-uniform memory projections (as nn.Linear), zero gate weights; readouts per `init`
         from the base's q_proj [d_q, d] and o_proj [d, d_q] weights."""
         bound = 1 / math.sqrt(self.memory_q.shape[1])
@@ -62,14 +64,17 @@ class DeltaMemLayer(nn.Module):
                 for read, base in ((self.read_q, q_weight), (self.read_o, o_weight)):
                     read.copy_(F.normalize(base[:, :r].float(), dim=0) * BASE_SLICE_GAIN)
 
+    def memory_query(self, x: torch.Tensor) -> torch.Tensor:
+        """q̃ [B, T, r] fp32: what each token reads the state with."""
+        return F.normalize(torch.tanh(x.float() @ self.memory_q.t()), dim=-1)
+
     def memory_inputs(
         self, x: torch.Tensor, write: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q̃, k̃, v, β) [B, T, r] in fp32 for the attention input x [B, T, d]; β = 0 where `write`
         [B, T] is false (padding, read-only tokens), so those tokens leave the state unchanged."""
         x = x.float()
-        q = F.normalize(torch.tanh(x @ self.memory_q.t()), dim=-1)
-        k = F.normalize(torch.tanh(x @ self.memory_k.t()), dim=-1)
+        q, k = self.memory_query(x), F.normalize(torch.tanh(x @ self.memory_k.t()), dim=-1)
         v = x @ self.memory_v.t()
         beta = torch.sigmoid(x @ self.gate_weight.t() + self.gate_bias)
         if write is not None:

@@ -29,7 +29,8 @@ def attention_projections(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]
     low-rank q, linear-attention layers, fused qkv) instead of adapting some layers silently."""
     model_type = model.config.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"delta_mem supports {', '.join(SUPPORTED_MODEL_TYPES)} attention, not {model_type!r}")
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise ValueError(f"delta_mem supports {supported} attention, not {model_type!r}")
     return [(layer.self_attn.q_proj, layer.self_attn.o_proj) for layer in model.model.layers]
 
 
@@ -77,10 +78,14 @@ class DeltaMemRun:
         """Reads m [B, T, r] of the tokens x [B, T, d] from the layer's state, which advances past them."""
         weights = self.adapter.layer(layer)
         state = self.states[layer]
-        write = self.write_mask if self.writes else torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
-        q, k, v, beta = weights.memory_inputs(x, write)
         if not self.writes:
-            return torch.einsum("bik,btk->bti", state, q)
+            return torch.einsum("bik,btk->bti", state, weights.memory_query(x))
+        if self.write_mask is not None and self.write_mask.shape != x.shape[:2]:
+            raise ValueError(
+                f"delta_mem write_mask {tuple(self.write_mask.shape)} does not match this call's tokens "
+                f"{tuple(x.shape[:2])}: set it (or None) before every forward"
+            )
+        q, k, v, beta = weights.memory_inputs(x, self.write_mask)
         if x.shape[1] == 1:  # decode: the one-token step of the same update
             read, self.states[layer] = step(state, q[:, 0], k[:, 0], v[:, 0], beta[:, 0])
             return read.unsqueeze(1)

@@ -1,0 +1,148 @@
+"""δ-mem hooked into real tiny Llama / Qwen3 / Qwen3-MoE models: the §5.8 invariants this slice reaches."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mintd.engine.delta_mem import (
+    DeltaMemContext,
+    DeltaMemRun,
+    DeltaMemSpec,
+    create_adapter,
+    install_delta_mem,
+    segment_attention,
+)
+from mintd.engine.engine import Engine
+from mintd.engine.forward import padded_forward
+from mintd.engine.tiny import make_config, random_adapter
+
+ARCHS = ("qwen3", "llama", "qwen3-moe")
+
+
+def hooked(model_dir: Path, readout_init: str = "base_slice"):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    ctx = DeltaMemContext()
+    install_delta_mem(model, ctx)
+    return model, ctx, create_adapter(model, DeltaMemSpec(readout_init=readout_init, seed=0))
+
+
+def tokens(rows: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 1000, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def random_state(adapter, rows: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(adapter.empty_state(rows).shape, generator=g)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_empty_state_gives_the_base_logits_bit_for_bit(tiny_model_dir, arch):
+    model, ctx, adapter = hooked(tiny_model_dir(arch))
+    ids = tokens(2, 12, seed=0)
+    base = model(input_ids=ids).logits
+    with ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(2), writes=False)) as run:
+        read_only = model(input_ids=ids).logits
+    assert torch.equal(read_only, base) and torch.equal(run.state(), adapter.empty_state(2))
+    with ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(2))) as run:
+        writing = model(input_ids=ids).logits
+    assert torch.equal(writing[:, 0], base[:, 0])  # the first token reads the empty state
+    assert not torch.equal(writing, base) and run.state().abs().sum() > 0  # later ones read its writes
+    with ctx.use(DeltaMemRun.start(adapter, random_state(adapter, 2, seed=1), writes=False)):
+        assert not torch.equal(model(input_ids=ids).logits, base)
+
+
+def test_zero_readouts_give_the_base_logits_whatever_the_state(qwen3_dir):
+    model, ctx, adapter = hooked(qwen3_dir, readout_init="zero")
+    ids = tokens(2, 12, seed=0)
+    base = model(input_ids=ids).logits
+    with ctx.use(DeltaMemRun.start(adapter, random_state(adapter, 2, seed=1))) as run:
+        assert torch.equal(model(input_ids=ids).logits, base)
+    assert run.state().abs().sum() > 0
+
+
+def test_composes_with_lora_on_the_same_projections(qwen3_dir):
+    engine = Engine(qwen3_dir)
+    ctx = DeltaMemContext()
+    install_delta_mem(engine.model, ctx)
+    adapter = create_adapter(engine.model, DeltaMemSpec(readout_init="base_slice", seed=0))
+    spec, tensors = random_adapter(engine, rank=4, seed=3)
+    slot = engine.load_adapter(spec, tensors, trainable=False)
+    rows = list(tokens(2, 10, seed=2))
+
+    def logits(slot_id: int) -> torch.Tensor:
+        return padded_forward(engine.model, engine.ctx, engine.slots, [slot_id] * 2, rows, engine.pad_id)
+
+    lora = logits(slot)
+    with ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(2), writes=False)):
+        assert torch.equal(logits(slot), lora)
+    state = random_state(adapter, 2, seed=4)
+    with ctx.use(DeltaMemRun.start(adapter, state, writes=False)):
+        both = logits(slot)
+    with ctx.use(DeltaMemRun.start(adapter, state, writes=False)):
+        memory_only = logits(0)
+    base = logits(0)
+    assert not torch.equal(both, lora) and not torch.equal(both, memory_only)
+    # q_proj and o_proj deltas add: LoRA alone and δ-mem alone each move the logits, together both do
+    assert not torch.equal(memory_only, base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_steps_equal_one_prefill(tiny_model_dir, arch):
+    model, ctx, adapter = hooked(tiny_model_dir(arch))
+    ids = tokens(2, 20, seed=5)
+    start = random_state(adapter, 2, seed=6) * 0.1
+    with ctx.use(DeltaMemRun.start(adapter, start)) as run:
+        prefill = model(input_ids=ids).logits
+        prefill_state = run.state()
+    with ctx.use(DeltaMemRun.start(adapter, start)) as run:
+        out = model(input_ids=ids[:, :7], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(7, 20):
+            out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+        decode_state = run.state()
+    assert (torch.cat(steps, 1) - prefill).abs().max() < 1e-4
+    assert (decode_state - prefill_state).abs().max() < 1e-5
+
+
+def test_a_rows_state_and_logits_do_not_depend_on_its_neighbours(qwen3_dir):
+    model, ctx, adapter = hooked(qwen3_dir)
+    lengths = (9, 16, 4)
+    ids = tokens(3, 16, seed=7)
+    starts = random_state(adapter, 3, seed=8) * 0.1
+    mask = torch.zeros(3, 16, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    with ctx.use(DeltaMemRun.start(adapter, starts, write_mask=mask.bool())) as run:
+        batched = model(input_ids=ids, attention_mask=mask).logits
+        batched_state = run.state()
+    for i, n in enumerate(lengths):
+        with ctx.use(DeltaMemRun.start(adapter, starts[i : i + 1])) as run:
+            alone = model(input_ids=ids[i : i + 1, :n]).logits
+        assert (batched[i, :n] - alone[0]).abs().max() < 1e-5
+        assert (batched_state[i] - run.state()[0]).abs().max() < 1e-6
+
+
+def test_segments_cut_attention_while_the_state_flows(qwen3_dir):
+    model, ctx, adapter = hooked(qwen3_dir)
+    first, second = tokens(2, 8, seed=9), tokens(1, 6, seed=10).expand(2, 6)  # rows differ in segment 0 only
+    ids = torch.cat([first, second], 1)
+    segments = torch.tensor([[0] * 8 + [1] * 6] * 2)
+    mask, positions = segment_attention(segments, torch.ones_like(ids, dtype=torch.bool), torch.float32)
+    assert positions[0].tolist() == list(range(8)) + list(range(6))
+    base = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    alone = model(input_ids=second[:1]).logits
+    assert (base[:, 8:] - alone).abs().max() < 1e-5  # attention does not see segment 0
+    with ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(2))):
+        memory = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert (memory[0, 8:] - memory[1, 8:]).abs().max() > 1e-3  # segment 1 sees segment 0 through the state
+
+
+def test_refuses_attention_it_has_no_hook_for():
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(make_config("deepseek-v3", "test", 1024, 0))
+    with pytest.raises(ValueError, match="deepseek_v3"):
+        create_adapter(model, DeltaMemSpec())
