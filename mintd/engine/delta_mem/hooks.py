@@ -64,6 +64,8 @@ class DeltaMemRun:
     write_mask: torch.Tensor | None = None  # [B, T] for the next call; None: every token writes
     chunk: int = DEFAULT_CHUNK
     _reads: dict[int, torch.Tensor] = field(default_factory=dict)
+    _gate_sum: torch.Tensor | float = 0.0  # Σβ over every written token, layer and state row so far
+    _gate_count: int = 0
 
     @classmethod
     def start(cls, adapter: DeltaMemAdapter, state: torch.Tensor, **kwargs) -> DeltaMemRun:
@@ -73,6 +75,13 @@ class DeltaMemRun:
     def state(self) -> torch.Tensor:
         """The current state, stacked: [B, layers, r, r]."""
         return torch.stack(self.states, dim=1)
+
+    def write_sparsity(self, target: float) -> torch.Tensor:
+        """The release's optional regulariser, (mean β − target)², the mean over every gate this run's
+        writes used (all layers, written tokens, state rows): weighted and added to the loss, it pushes
+        toward rare, small writes."""
+        mean = self._gate_sum / max(self._gate_count, 1)
+        return (torch.as_tensor(mean) - target) ** 2
 
     def read_and_write(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Reads m [B, T, r] of the tokens x [B, T, d] from the layer's state, which advances past them."""
@@ -86,6 +95,9 @@ class DeltaMemRun:
                 f"{tuple(x.shape[:2])}: set it (or None) before every forward"
             )
         q, k, v, beta = weights.memory_inputs(x, self.write_mask)
+        self._gate_sum = self._gate_sum + beta.sum()
+        written = beta.shape[0] * beta.shape[1] if self.write_mask is None else int(self.write_mask.sum())
+        self._gate_count += written * beta.shape[2]
         if x.shape[1] == 1:  # decode: the one-token step of the same update
             read, self.states[layer] = step(state, q[:, 0], k[:, 0], v[:, 0], beta[:, 0])
             return read.unsqueeze(1)

@@ -90,7 +90,9 @@ def test_composes_with_lora_on_the_same_projections(qwen3_dir):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_decode_steps_equal_one_prefill(tiny_model_dir, arch):
+def test_incremental_ingest_and_decode_steps_equal_one_prefill(tiny_model_dir, arch):
+    """A prompt, then a later turn's tokens as one chunk over the cache, then decode steps: each token
+    is written once, and state and logits are those of one prefill over all of them."""
     model, ctx, adapter = hooked(tiny_model_dir(arch))
     ids = tokens(2, 20, seed=5)
     start = random_state(adapter, 2, seed=6) * 0.1
@@ -100,7 +102,8 @@ def test_decode_steps_equal_one_prefill(tiny_model_dir, arch):
     with ctx.use(DeltaMemRun.start(adapter, start)) as run:
         out = model(input_ids=ids[:, :7], use_cache=True)
         cache, steps = out.past_key_values, [out.logits]
-        for t in range(7, 20):
+        steps.append(model(input_ids=ids[:, 7:13], cache=cache, use_cache=True).logits)
+        for t in range(13, 20):
             out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
             steps.append(out.logits)
         decode_state = run.state()
@@ -146,3 +149,17 @@ def test_refuses_attention_it_has_no_hook_for():
         model = AutoModelForCausalLM.from_config(make_config("deepseek-v3", "test", 1024, 0))
     with pytest.raises(ValueError, match="deepseek_v3"):
         create_adapter(model, DeltaMemSpec())
+
+
+def test_write_sparsity_is_the_mean_gate_of_the_written_tokens(qwen3_dir):
+    model, ctx, adapter = hooked(qwen3_dir)
+    ids = tokens(2, 10, seed=11)
+    write = torch.ones(2, 10, dtype=torch.bool)
+    write[1, 6:] = False
+    with ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(2), write_mask=write)) as run:
+        model(input_ids=ids)
+        penalty = run.write_sparsity(target=0.05)
+    (gate_grad,) = torch.autograd.grad(penalty, adapter.layer(0).gate_bias)
+    fresh_gate = torch.sigmoid(torch.tensor(-1.5))  # gate weights start at zero: β is the bias alone
+    assert torch.allclose(penalty, (fresh_gate - 0.05) ** 2)
+    assert (gate_grad > 0).all()  # descending it lowers the write gates
