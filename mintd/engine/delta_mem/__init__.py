@@ -4,14 +4,10 @@ attention output of a frozen base. The weights are shared; the state is per sequ
 """
 
 from mintd.engine.delta_mem.adapter import DeltaMemAdapter, DeltaMemLayer, DeltaMemSpec
-from mintd.engine.delta_mem.hooks import (
-    DeltaMemContext,
-    DeltaMemRun,
-    create_adapter,
-    install_delta_mem,
-    segment_attention,
-)
+from mintd.engine.delta_mem.hooks import DeltaMemContext, create_adapter, install_delta_mem
+from mintd.engine.delta_mem.run import DeltaMemRun
 from mintd.engine.delta_mem.scan import chunked_scan, reference_scan, step
+from mintd.engine.delta_mem.segments import segment_attention
 
 __all__ = [
     "DeltaMemAdapter",

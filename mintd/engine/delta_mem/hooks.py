@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mintd.engine.delta_mem.adapter import DeltaMemAdapter, DeltaMemSpec
-from mintd.engine.delta_mem.scan import DEFAULT_CHUNK, chunked_scan, step
+from mintd.engine.delta_mem.run import DeltaMemRun
 
 # Families whose attention is q_proj -> (q_norm, RoPE, GQA) -> o_proj in every decoder layer.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "qwen3_moe")
@@ -50,75 +49,30 @@ def create_adapter(model: nn.Module, spec: DeltaMemSpec) -> DeltaMemAdapter:
     return adapter.to(next(model.parameters()).device)
 
 
-@dataclass
-class DeltaMemRun:
-    """One sequence batch under a δ-mem adapter: each row's state, carried across forward calls (a
-    prefill, then decode steps), and which tokens of the next call write.
-
-    `states` holds one [B, r, r] fp32 tensor per layer, replaced (never modified in place) by every
-    call, so autograd reaches through all calls into the initial state and the weights."""
-
-    adapter: DeltaMemAdapter
-    states: list[torch.Tensor]
-    writes: bool = True  # False: read-only, every token reads the fixed state
-    write_mask: torch.Tensor | None = None  # [B, T] for the next call; None: every token writes
-    chunk: int = DEFAULT_CHUNK
-    _reads: dict[int, torch.Tensor] = field(default_factory=dict)
-    _gate_sum: torch.Tensor | float = 0.0  # Σβ over every written token, layer and state row so far
-    _gate_count: int = 0
-
-    @classmethod
-    def start(cls, adapter: DeltaMemAdapter, state: torch.Tensor, **kwargs) -> DeltaMemRun:
-        """From a stacked state [B, layers, r, r]."""
-        return cls(adapter, list(state.float().unbind(1)), **kwargs)
-
-    def state(self) -> torch.Tensor:
-        """The current state, stacked: [B, layers, r, r]."""
-        return torch.stack(self.states, dim=1)
-
-    def write_sparsity(self, target: float) -> torch.Tensor:
-        """The release's optional regulariser, (mean β − target)², the mean over every gate this run's
-        writes used (all layers, written tokens, state rows): weighted and added to the loss, it pushes
-        toward rare, small writes."""
-        mean = self._gate_sum / max(self._gate_count, 1)
-        return (torch.as_tensor(mean) - target) ** 2
-
-    def read_and_write(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Reads m [B, T, r] of the tokens x [B, T, d] from the layer's state, which advances past them."""
-        weights = self.adapter.layer(layer)
-        state = self.states[layer]
-        if not self.writes:
-            return torch.einsum("bik,btk->bti", state, weights.memory_query(x))
-        if self.write_mask is not None and self.write_mask.shape != x.shape[:2]:
-            raise ValueError(
-                f"delta_mem write_mask {tuple(self.write_mask.shape)} does not match this call's tokens "
-                f"{tuple(x.shape[:2])}: set it (or None) before every forward"
-            )
-        q, k, v, beta = weights.memory_inputs(x, self.write_mask)
-        self._gate_sum = self._gate_sum + beta.sum()
-        written = beta.shape[0] * beta.shape[1] if self.write_mask is None else int(self.write_mask.sum())
-        self._gate_count += written * beta.shape[2]
-        if x.shape[1] == 1:  # decode: the one-token step of the same update
-            read, self.states[layer] = step(state, q[:, 0], k[:, 0], v[:, 0], beta[:, 0])
-            return read.unsqueeze(1)
-        read, self.states[layer] = chunked_scan(state, q, k, v, beta, self.chunk)
-        return read
-
-
 class DeltaMemContext:
-    """Shared by the hooks of one model: the run in progress, or None (the hooks then do nothing)."""
+    """Shared by the hooks of one model: the runs of the batch in progress (none: the hooks do nothing).
+
+    Several runs share a batch when its rows use different δ-mem adapters; rows no run names (base or
+    LoRA-only rows) get no correction at all, so their outputs are exactly those of the model alone."""
 
     def __init__(self) -> None:
-        self.run: DeltaMemRun | None = None
+        self.runs: tuple[DeltaMemRun, ...] = ()
 
     @contextmanager
-    def use(self, run: DeltaMemRun) -> Iterator[DeltaMemRun]:
-        self.run = run
+    def use(self, *runs: DeltaMemRun) -> Iterator[DeltaMemRun]:
+        """Yields the first run (the usual case is one)."""
+        self.runs = runs
         try:
-            yield run
+            yield runs[0]
         finally:
-            run._reads.clear()
-            self.run = None
+            for run in runs:
+                run._reads.clear()
+            self.runs = ()
+
+
+def _add_rows(out: torch.Tensor, run: DeltaMemRun, correction: torch.Tensor) -> torch.Tensor:
+    correction = correction.to(out.dtype)
+    return out + correction if run.rows is None else out.index_add(0, run.rows, correction)
 
 
 def install_delta_mem(model: nn.Module, ctx: DeltaMemContext) -> list[RemovableHandle]:
@@ -127,42 +81,18 @@ def install_delta_mem(model: nn.Module, ctx: DeltaMemContext) -> list[RemovableH
     for layer, (q_proj, o_proj) in enumerate(attention_projections(model)):
 
         def on_q(module, args, out, layer=layer):
-            run = ctx.run
-            if run is None:
-                return out
-            read = run.read_and_write(layer, args[0])
-            run._reads[layer] = read
-            return out + run.adapter.layer(layer).correction(read, "q").to(out.dtype)
+            for run in ctx.runs:
+                read = run.read_and_write(layer, args[0])
+                run._reads[layer] = read
+                out = _add_rows(out, run, run.adapter.layer(layer).correction(read, "q"))
+            return out
 
         def on_o(module, args, out, layer=layer):
-            run = ctx.run
-            if run is None:
-                return out
-            read = run._reads.pop(layer)
-            return out + run.adapter.layer(layer).correction(read, "o").to(out.dtype)
+            for run in ctx.runs:
+                read = run._reads.pop(layer)
+                out = _add_rows(out, run, run.adapter.layer(layer).correction(read, "o"))
+            return out
 
         handles.append(q_proj.register_forward_hook(on_q))
         handles.append(o_proj.register_forward_hook(on_o))
     return handles
-
-
-def segment_attention(
-    segment_ids: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-diagonal causal attention by segment (sessions of one episode, in order in each row):
-    (an additive 4D mask [B, 1, T, T] of 0 and dtype's min, position ids restarting at every segment).
-
-    Only attention is cut: the δ-mem state still flows through the row's tokens in order, so a later
-    segment can learn from an earlier one only through the state."""
-    if segment_ids.shape[1] > 1 and bool((segment_ids[:, 1:] < segment_ids[:, :-1])[valid[:, 1:]].any()):
-        raise ValueError("segment_ids must not decrease along a row: segments are consecutive runs")
-    t = segment_ids.shape[1]
-    index = torch.arange(t, device=segment_ids.device)
-    same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)
-    allowed = same & (index.unsqueeze(-1) >= index) & valid.unsqueeze(-2)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    mask = mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    first = torch.where(starts, index, 0).cummax(dim=-1).values
-    return mask, index - first

@@ -163,3 +163,39 @@ def test_write_sparsity_is_the_mean_gate_of_the_written_tokens(qwen3_dir):
     fresh_gate = torch.sigmoid(torch.tensor(-1.5))  # gate weights start at zero: β is the bias alone
     assert torch.allclose(penalty, (fresh_gate - 0.05) ** 2)
     assert (gate_grad > 0).all()  # descending it lowers the write gates
+
+
+def test_mixed_batch_of_memory_lora_and_base_rows(qwen3_dir):
+    """Rows: base, base + δ-mem A, LoRA, LoRA + δ-mem B. Rows without δ-mem are bit-identical to the
+    batch without it; every δ-mem row's logits and state are those it has alone."""
+    engine = Engine(qwen3_dir)
+    ctx = DeltaMemContext()
+    install_delta_mem(engine.model, ctx)
+    memory_a, memory_b = (
+        create_adapter(engine.model, DeltaMemSpec(readout_init="base_slice", seed=s)) for s in (1, 2)
+    )
+    spec, tensors = random_adapter(engine, rank=4, seed=3)
+    lora = engine.load_adapter(spec, tensors, trainable=False)
+    slots, rows = [0, 0, lora, lora], list(tokens(4, 12, seed=12))
+    start_a, start_b = random_state(memory_a, 1, seed=13) * 0.1, random_state(memory_b, 1, seed=14) * 0.1
+
+    def forward(slot_ids, batch_rows):
+        return padded_forward(engine.model, engine.ctx, engine.slots, slot_ids, batch_rows, engine.pad_id)
+
+    without = forward(slots, rows)
+    run_a = DeltaMemRun.start(memory_a, start_a, rows=torch.tensor([1]))
+    run_b = DeltaMemRun.start(memory_b, start_b, rows=torch.tensor([3]))
+    with ctx.use(run_a, run_b):
+        mixed = forward(slots, rows)
+    assert torch.equal(mixed[0], without[0]) and torch.equal(mixed[2], without[2])
+    for run, memory, start, row in ((run_a, memory_a, start_a, 1), (run_b, memory_b, start_b, 3)):
+        with ctx.use(DeltaMemRun.start(memory, start)) as alone:
+            logits = forward([slots[row]], [rows[row]])
+        assert (mixed[row] - logits[0]).abs().max() < 1e-5
+        assert (run.state() - alone.state()).abs().max() < 1e-6
+    empty = [
+        DeltaMemRun.start(m, m.empty_state(1), rows=torch.tensor([r]), writes=False)
+        for m, r in ((memory_a, 1), (memory_b, 3))
+    ]
+    with ctx.use(*empty):
+        assert torch.equal(forward(slots, rows), without)
