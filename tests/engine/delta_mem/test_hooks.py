@@ -1,7 +1,5 @@
 """δ-mem hooked into real tiny Llama / Qwen3 / Qwen3-MoE models: the §5.8 invariants this slice reaches."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -17,25 +15,9 @@ from mintd.engine.delta_mem import (
 from mintd.engine.engine import Engine
 from mintd.engine.forward import padded_forward
 from mintd.engine.tiny import make_config, random_adapter
+from tests.engine.delta_mem.conftest import hooked, random_state, tokens
 
 ARCHS = ("qwen3", "llama", "qwen3-moe")
-
-
-def hooked(model_dir: Path, readout_init: str = "base_slice"):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval().requires_grad_(False)
-    ctx = DeltaMemContext()
-    install_delta_mem(model, ctx)
-    return model, ctx, create_adapter(model, DeltaMemSpec(readout_init=readout_init, seed=0))
-
-
-def tokens(rows: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, 1000, (rows, length), generator=torch.Generator().manual_seed(seed))
-
-
-def random_state(adapter, rows: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(adapter.empty_state(rows).shape, generator=g)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

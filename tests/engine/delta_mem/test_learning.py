@@ -4,16 +4,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
-from mintd.engine.delta_mem import (
-    DeltaMemContext,
-    DeltaMemRun,
-    DeltaMemSpec,
-    create_adapter,
-    install_delta_mem,
-    segment_attention,
-)
+from mintd.engine.delta_mem import DeltaMemRun, segment_attention
+from tests.engine.delta_mem.conftest import hooked
 
 VALUES = torch.tensor([101, 202, 303, 404])  # the fact: one of these tokens
 FACT_SESSION, QUERY_SESSION = 4, 4
@@ -48,10 +41,7 @@ def answer_logits(model, ctx, adapter, ids: torch.Tensor, sessions: bool) -> tor
 
 def test_loss_falls_when_the_answer_is_only_reachable_through_the_state(qwen3_dir):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32).eval().requires_grad_(False)
-    ctx = DeltaMemContext()
-    install_delta_mem(model, ctx)
-    adapter = create_adapter(model, DeltaMemSpec(readout_init="base_slice", seed=0))
+    model, ctx, adapter = hooked(qwen3_dir)
     optimizer = torch.optim.Adam(adapter.parameters(), lr=2e-2)
     held_out = episodes(256, seed=1)
     ids, facts = held_out
