@@ -15,10 +15,10 @@ from mintd.engine.delta_mem import (
 
 
 def hooked(
-    model_dir: Path, readout_init: str = "base_slice"
+    model_dir: Path, readout_init: str = "base_slice", attn: str = "sdpa"
 ) -> tuple[torch.nn.Module, DeltaMemContext, DeltaMemAdapter]:
     """A frozen fp32 base with δ-mem hooks, and fresh δ-mem weights for it (seed 0)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
     model.eval().requires_grad_(False)
     ctx = DeltaMemContext()
     install_delta_mem(model, ctx)

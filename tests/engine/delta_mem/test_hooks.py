@@ -111,8 +111,9 @@ def test_a_rows_state_and_logits_do_not_depend_on_its_neighbours(qwen3_dir):
         assert (batched_state[i] - run.state()[0]).abs().max() < 1e-6
 
 
-def test_segments_cut_attention_while_the_state_flows(qwen3_dir):
-    model, ctx, adapter = hooked(qwen3_dir)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_segments_cut_attention_while_the_state_flows(qwen3_dir, attn):
+    model, ctx, adapter = hooked(qwen3_dir, attn=attn)
     first, second = tokens(2, 8, seed=9), tokens(1, 6, seed=10).expand(2, 6)  # rows differ in segment 0 only
     ids = torch.cat([first, second], 1)
     segments = torch.tensor([[0] * 8 + [1] * 6] * 2)
@@ -124,6 +125,20 @@ def test_segments_cut_attention_while_the_state_flows(qwen3_dir):
     with ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(2))):
         memory = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     assert (memory[0, 8:] - memory[1, 8:]).abs().max() > 1e-3  # segment 1 sees segment 0 through the state
+
+
+def test_segments_with_padding(qwen3_dir):
+    model, _, _ = hooked(qwen3_dir)
+    ids = tokens(1, 14, seed=15).expand(2, 14)
+    segments = torch.tensor([[0] * 8 + [1] * 6, [0] * 5 + [1] * 9])
+    valid = torch.ones(2, 14, dtype=torch.bool)
+    valid[1, 12:] = False
+    mask, positions = segment_attention(segments, valid, torch.float32)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert (logits[1, 5:12] - model(input_ids=ids[1:, 5:12]).logits[0]).abs().max() < 1e-5
+    assert (logits[1, :5] - model(input_ids=ids[1:, :5]).logits[0]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="must not decrease"):
+        segment_attention(torch.tensor([[0, 1, 0]]), torch.ones(1, 3, dtype=torch.bool), torch.float32)
 
 
 def test_refuses_attention_it_has_no_hook_for():
