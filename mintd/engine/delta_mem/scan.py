@@ -69,9 +69,10 @@ def _chunk(
     s0k = torch.einsum("bik,btk->bit", s0, k)  # [B, r, C]
     s0q = torch.einsum("bik,btk->bit", s0, q)
     decay_prev = excl.exp()
-    system = torch.eye(c, dtype=q.dtype, device=q.device) + b_rows.unsqueeze(-1) * ratio * kk.unsqueeze(1)
+    # M, strictly lower (its diagonal is 0): `unitriangular` solves (I + M) u = rhs without forming I + M
+    m = b_rows.unsqueeze(-1) * ratio * kk.unsqueeze(1)
     rhs = b_rows * (v.transpose(1, 2) - decay_prev * s0k)
-    u = torch.linalg.solve_triangular(system, rhs.unsqueeze(-1), upper=False, unitriangular=True).squeeze(-1)
+    u = torch.linalg.solve_triangular(m, rhs.unsqueeze(-1), upper=False, unitriangular=True).squeeze(-1)
     reads = decay_prev * s0q + ((ratio * qk.unsqueeze(1)) @ u.unsqueeze(-1)).squeeze(-1)
     to_end = (incl[..., -1:] - incl).exp()  # Λ_C / Λ_j, [B, r, C]
     end = incl[..., -1:].exp() * s0 + (to_end * u) @ k
