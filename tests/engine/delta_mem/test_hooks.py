@@ -36,6 +36,18 @@ def test_empty_state_gives_the_base_logits_bit_for_bit(tiny_model_dir, arch):
         assert not torch.equal(model(input_ids=ids).logits, base)
 
 
+def test_bfloat16_base_keeps_an_fp32_state_and_exact_empty_reads(qwen3_dir):
+    model, ctx, adapter = hooked(qwen3_dir)
+    model.to(torch.bfloat16)
+    ids = tokens(2, 12, seed=0)
+    base = model(input_ids=ids).logits
+    with ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(2), writes=False)):
+        assert torch.equal(model(input_ids=ids).logits, base)
+    with ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(2))) as run:
+        model(input_ids=ids)
+    assert run.state().dtype == torch.float32 and run.state().abs().sum() > 0
+
+
 def test_zero_readouts_give_the_base_logits_whatever_the_state(qwen3_dir):
     model, ctx, adapter = hooked(qwen3_dir, readout_init="zero")
     ids = tokens(2, 12, seed=0)
