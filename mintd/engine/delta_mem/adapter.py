@@ -102,7 +102,9 @@ class DeltaMemAdapter(nn.Module):
     def layer(self, index: int) -> DeltaMemLayer:
         return self.layers[str(index)]  # type: ignore[return-value]
 
-    def empty_state(self, rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A fresh instance's state for `rows` sequences: [rows, layers, r, r] fp32 zeros."""
+    def empty_state(self, rows: int) -> torch.Tensor:
+        """A fresh instance's state for `rows` sequences: [rows, layers, r, r] fp32 zeros, on the
+        adapter's device."""
         r = self.spec.rank
+        device = next(self.parameters()).device
         return torch.zeros(rows, len(self.layers), r, r, device=device)
