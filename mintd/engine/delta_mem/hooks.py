@@ -1,0 +1,98 @@
+"""Where δ-mem enters a model: forward hooks on each attention layer's q_proj and o_proj.
+
+Hooks, not replaced modules: they add to whatever q_proj/o_proj return, so a LoRA wrapper on the same
+linear (`MultiLoraLinear`) keeps working and both deltas add up, and the model's own attention code
+(q_norm, RoPE, GQA, sdpa) runs unchanged. The q_proj input is the attention input x (after
+input_layernorm): the q_proj hook runs the scan from each row's state, adds s·U_q m to the query (before
+q_norm and RoPE) and keeps m for the o_proj hook, which adds s·U_o m to the attention output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from mintd.engine.delta_mem.adapter import DeltaMemAdapter, DeltaMemSpec
+from mintd.engine.delta_mem.run import DeltaMemRun
+
+# Families whose attention is q_proj -> (q_norm, RoPE, GQA) -> o_proj in every decoder layer.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "qwen3_moe")
+
+
+def attention_projections(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(q_proj, o_proj) of every decoder layer, in order; refuses layouts δ-mem has no hook for (MLA's
+    low-rank q, linear-attention layers, fused qkv) instead of adapting some layers silently."""
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise ValueError(f"delta_mem supports {supported} attention, not {model_type!r}")
+    return [(layer.self_attn.q_proj, layer.self_attn.o_proj) for layer in model.model.layers]
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    """The base nn.Linear, under a LoRA wrapper or not."""
+    return getattr(module, "base", module)
+
+
+def create_adapter(model: nn.Module, spec: DeltaMemSpec) -> DeltaMemAdapter:
+    """Fresh δ-mem weights for every attention layer of `model` (fp32, on the model's device)."""
+    projections = attention_projections(model)
+    shapes = {i: (_linear(q).in_features, _linear(q).out_features) for i, (q, _) in enumerate(projections)}
+    adapter = DeltaMemAdapter(spec, shapes)
+    generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else torch.seed())
+    for i, (q, o) in enumerate(projections):
+        adapter.layer(i).reset(generator, _linear(q).weight, _linear(o).weight, spec.readout_init)
+    return adapter.to(next(model.parameters()).device)
+
+
+class DeltaMemContext:
+    """Shared by the hooks of one model: the runs of the batch in progress (none: the hooks do nothing).
+
+    Several runs share a batch when its rows use different δ-mem adapters; rows no run names (base or
+    LoRA-only rows) get no correction at all, so their outputs are exactly those of the model alone."""
+
+    def __init__(self) -> None:
+        self.runs: tuple[DeltaMemRun, ...] = ()
+
+    @contextmanager
+    def use(self, *runs: DeltaMemRun) -> Iterator[DeltaMemRun]:
+        """Yields the first run (the usual case is one)."""
+        self.runs = runs
+        try:
+            yield runs[0]
+        finally:
+            for run in runs:
+                run._reads.clear()
+            self.runs = ()
+
+
+def _add_rows(out: torch.Tensor, run: DeltaMemRun, correction: torch.Tensor) -> torch.Tensor:
+    correction = correction.to(out.dtype)
+    return out + correction if run.rows is None else out.index_add(0, run.rows, correction)
+
+
+def install_delta_mem(model: nn.Module, ctx: DeltaMemContext) -> list[RemovableHandle]:
+    """Hook every attention layer's q_proj and o_proj; the handles remove the hooks again."""
+    handles = []
+    for layer, (q_proj, o_proj) in enumerate(attention_projections(model)):
+
+        def on_q(module, args, out, layer=layer):
+            for run in ctx.runs:
+                read = run.read_and_write(layer, args[0])
+                run._reads[layer] = read
+                out = _add_rows(out, run, run.adapter.layer(layer).correction(read, "q"))
+            return out
+
+        def on_o(module, args, out, layer=layer):
+            for run in ctx.runs:
+                read = run._reads.pop(layer)
+                out = _add_rows(out, run, run.adapter.layer(layer).correction(read, "o"))
+            return out
+
+        handles.append(q_proj.register_forward_hook(on_q))
+        handles.append(o_proj.register_forward_hook(on_o))
+    return handles
