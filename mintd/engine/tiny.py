@@ -245,12 +245,19 @@ def count_parameters(config: PretrainedConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def make_tiny_model(out_dir: Path, arch: str = "qwen3", seed: int = 0, size: str = "test") -> Path:
-    """Write a loadable model folder; the same (arch, seed, size) always gives identical weights."""
-    out_dir = Path(out_dir)
+def tiny_tokenizer_and_config(arch: str, size: str) -> tuple[PreTrainedTokenizerFast, PretrainedConfig]:
+    """The tokenizer and model config `make_tiny_model` writes: the vocabulary is the preset's, or the
+    tokenizer's where that is larger."""
     vocab = _preset(arch, size).vocab
     tokenizer = make_tokenizer(vocab)
     config = make_config(arch, size, max(vocab, len(tokenizer)), eos_token_id=tokenizer.eos_token_id)
+    return tokenizer, config
+
+
+def make_tiny_model(out_dir: Path, arch: str = "qwen3", seed: int = 0, size: str = "test") -> Path:
+    """Write a loadable model folder; the same (arch, seed, size) always gives identical weights."""
+    out_dir = Path(out_dir)
+    tokenizer, config = tiny_tokenizer_and_config(arch, size)
     with torch.random.fork_rng(devices=[]):  # seed the weights without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
