@@ -42,6 +42,7 @@ def main() -> None:
         max_lora_rank=job["max_lora_rank"],
         max_num_seqs=job["max_num_seqs"],
         max_model_len=job.get("max_model_len", 512),
+        enable_prefix_caching=False,  # repeats reuse the prompts; mintd caches no prefix across requests
         seed=0,
     )
     loras = [LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(job["adapters"])]
