@@ -13,10 +13,11 @@ it) and for vLLM (`LLM.generate`, in-process, LoRA enabled with max_loras=32 and
 Each case runs once to warm up, then `--repeats` times; the fastest run counts (the machine is shared:
 other load only ever stretches a run, so the best one is the closest to each engine's own speed).
 `ratios` are mintd ÷ vLLM. The adapters are random, on the attention and MLP projections (the usual
-PEFT adapter; no lm_head), saved as PEFT folders that both engines load. In float32 both engines must pick the same greedy tokens: `greedy_match_fp32`
-is the fraction of rows whose tokens are identical, per shape and case. At the 0.6B shape, batch-1 base
-decode tokens/s is also given as a fraction of the memory-bandwidth roofline: a large-tensor copy's
-bandwidth ÷ the weight bytes one decoded token reads (every parameter but the input embedding).
+PEFT adapter; no lm_head), saved as PEFT folders that both engines load. In float32 both engines must
+pick the same greedy tokens: `greedy_match_fp32` is the fraction of rows whose tokens are identical,
+per shape and case. At the 0.6B shape, batch-1 base decode tokens/s is also given as a fraction of the
+memory-bandwidth roofline: a large-tensor copy's bandwidth ÷ the weight bytes one decoded token reads
+(every parameter but the input embedding).
 
 vLLM runs in a subprocess under `--vllm-python` (bench/_vllm_driver.py) and hands back JSON. The venv,
 outside the repository (what worked on a 2-core x86 box):
