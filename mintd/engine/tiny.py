@@ -49,7 +49,9 @@ SLIDING_WINDOW = 16  # gpt-oss: small, so that test prompts already run past it
 
 @dataclass(frozen=True)
 class Preset:
-    """Shape of one model size; `vocab` is the tokenizer's target vocabulary size."""
+    """Shape of one model size. `vocab` is the model's vocabulary; the tokenizer is trained toward it, and
+    where the embedded corpus runs out of merges first (the 0.6B shape) the rows past the tokenizer's last
+    id stay unused, as in released checkpoints whose vocabulary is padded past their tokenizer's."""
 
     hidden: int
     layers: int
@@ -64,6 +66,10 @@ PRESETS: dict[str, Preset] = {
     "test": Preset(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1024),
     "small": Preset(hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, intermediate=1408, vocab=4096),
     "base": Preset(hidden=768, layers=12, heads=12, kv_heads=4, head_dim=64, intermediate=3072, vocab=4096),
+    # Qwen3-0.6B's shape (untied embeddings, unlike the release: the same bytes read per decoded token)
+    "qwen3-0.6b": Preset(
+        hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072, vocab=151936
+    ),
 }
 
 CORPUS = """\
@@ -239,11 +245,19 @@ def count_parameters(config: PretrainedConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def tiny_tokenizer_and_config(arch: str, size: str) -> tuple[PreTrainedTokenizerFast, PretrainedConfig]:
+    """The tokenizer and model config `make_tiny_model` writes: the vocabulary is the preset's, or the
+    tokenizer's where that is larger."""
+    vocab = _preset(arch, size).vocab
+    tokenizer = make_tokenizer(vocab)
+    config = make_config(arch, size, max(vocab, len(tokenizer)), eos_token_id=tokenizer.eos_token_id)
+    return tokenizer, config
+
+
 def make_tiny_model(out_dir: Path, arch: str = "qwen3", seed: int = 0, size: str = "test") -> Path:
     """Write a loadable model folder; the same (arch, seed, size) always gives identical weights."""
     out_dir = Path(out_dir)
-    tokenizer = make_tokenizer(_preset(arch, size).vocab)
-    config = make_config(arch, size, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    tokenizer, config = tiny_tokenizer_and_config(arch, size)
     with torch.random.fork_rng(devices=[]):  # seed the weights without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -255,10 +269,13 @@ def make_tiny_model(out_dir: Path, arch: str = "qwen3", seed: int = 0, size: str
     return out_dir
 
 
-def random_adapter(engine: Engine, rank: int, seed: int) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
+def random_adapter(
+    engine: Engine, rank: int, seed: int, **fields: object
+) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
     """A LoRA adapter with random A and B (B not zero, so it changes the model's answers) for every
-    target of `engine`'s base: test and benchmark fleets of distinct saved adapters."""
-    spec = LoraSpec(rank=rank)
+    target of `engine`'s base (narrowed by `fields` of LoraSpec): test and benchmark fleets of
+    distinct saved adapters."""
+    spec = LoraSpec(rank=rank, **fields)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for target in engine.slots.targets_for(spec):

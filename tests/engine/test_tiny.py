@@ -7,7 +7,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from mintd.cli import app
-from mintd.engine.tiny import ARCHS, PRESETS, count_parameters, make_config, make_tiny_model, make_tokenizer
+from mintd.engine.tiny import (
+    ARCHS,
+    PRESETS,
+    count_parameters,
+    make_config,
+    make_tiny_model,
+    make_tokenizer,
+    random_adapter,
+    tiny_tokenizer_and_config,
+)
 
 MODEL_TYPES = {
     "qwen3": "qwen3",
@@ -133,6 +142,26 @@ def test_presets_reach_their_sizes(big_tokenizer, arch):
 
     assert params("small") >= 20_000_000
     assert params("base") >= 100_000_000
+
+
+def test_qwen3_0_6b_preset_has_the_release_shape():
+    """Qwen3-0.6B's shapes and vocabulary, padded past what the embedded corpus trains (untied, so
+    0.6B + one more embedding-sized matrix)."""
+    tokenizer, config = tiny_tokenizer_and_config("qwen3", "qwen3-0.6b")
+    assert len(tokenizer) < config.vocab_size == 151_936
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (1024, 28, 3072)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (16, 8, 128)
+    assert count_parameters(config) - 151_936 * 1024 == pytest.approx(596e6, rel=0.01)
+
+
+def test_random_adapter_takes_spec_fields(qwen3_dir):
+    from mintd.engine.engine import Engine
+
+    engine = Engine(qwen3_dir)
+    spec, tensors = random_adapter(engine, 4, seed=0, train_unembed=False)
+    assert (spec.rank, spec.train_unembed) == (4, False)
+    assert tensors and not any("lm_head" in k for k in tensors)
+    assert any("lm_head" in k for k in random_adapter(engine, 4, seed=0)[1])
 
 
 def test_unknown_arch_or_size_is_rejected(tmp_path):
