@@ -243,7 +243,10 @@ class Serving:
         request.stream = stream = _Stream(loop, n, handle.name, self, score_top)
         self.metrics.prompt_tokens.labels(handle.name).inc(len(prompt))
         future = Future(f"oai-{secrets.token_urlsafe(12)}", "OpenAI", owner)
-        handle.worker.submit_sample(future, SampleOp(request, _same, f"openai:{owner}", target.revision))
+        # One queue per owner and served revision, like a Tinker sampling session: requests for one
+        # adapter keep their order, and one waiting on a cold load or on room holds up no other adapter's.
+        queue = f"openai:{owner}:{target.served}"
+        handle.worker.submit_sample(future, SampleOp(request, _same, queue, target.revision))
         return Generation(future, stream, self.service.futures)
 
     def _admit(self, model: str, rows: int) -> None:
