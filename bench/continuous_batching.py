@@ -48,7 +48,7 @@ from mintd.engine.stream import TokenEvent, TokenStream  # noqa: E402
 from mintd.engine.tiny import make_tiny_model  # noqa: E402
 
 RANKS = (4, 8, 16, 32)
-MAX_ROWS = 64  # rows decoding together (ServeSettings.max_sample_rows' default was 64 when set)
+MAX_ROWS = 64  # ServeSettings.max_sample_rows' default
 
 
 def log(msg: str) -> None:

@@ -68,12 +68,7 @@ class ServeSettings(BaseSettings):
     seq_gap_timeout_s: float = Field(
         300.0, gt=0, description="a run whose next seq_id never comes fails after"
     )
-    max_sample_rows: int = Field(
-        256,
-        ge=1,
-        description="rows decoded together in one engine batch (as many as the step engine's "
-        "max_running_rows: one GRPO batch is 64 rows, so several policies' rollouts share each step)",
-    )
+    max_sample_rows: int = Field(64, ge=1, description="rows decoded together in one engine batch")
     max_train_tokens: int = Field(65536, ge=1, description="tokens merged into one forward_backward call")
     max_pending_rows: int = Field(
         256,

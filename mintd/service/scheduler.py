@@ -119,7 +119,7 @@ class _Round:
 class SchedulerLimits:
     max_train_ops_per_run: int = 4  # per round: fair share between runs
     max_train_tokens: int = 65536  # per merged forward_backward call
-    max_sample_rows: int = 256  # samples decoding together in the step engine (ServeSettings')
+    max_sample_rows: int = 64  # samples decoding together in the step engine
     seq_gap_timeout_s: float = 300.0
 
 
