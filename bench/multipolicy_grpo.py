@@ -95,11 +95,11 @@ class Policy:
     def __init__(self, worker: EngineWorker, futures: FutureStore, index: int, args: argparse.Namespace):
         self.worker, self.futures, self.index, self.args = worker, futures, index, args
         self.name = f"policy{index}"
-        self.run = RunKey(self.name)
+        self.key = RunKey(self.name)
 
         def create(engine: Engine) -> int:
             slot = engine.create_adapter(LoraSpec(rank=16, seed=index))
-            worker.residency.add_run(self.run, slot)  # never parked here: budget and idle time allow
+            worker.residency.add_run(self.key, slot)  # never parked here: budget and idle time allow
             return slot
 
         self.slot = worker.call(create)
@@ -143,7 +143,7 @@ class Policy:
                 }
                 data.append(Datum(full[:-1], inputs))
         out = self._run_op(
-            TrainOp(self.run, TrainGroup(self.slot, data, "importance_sampling"), False, lambda o: o.loss)
+            TrainOp(self.key, TrainGroup(self.slot, data, "importance_sampling"), False, lambda o: o.loss)
         )
         self._run_op(CallOp(lambda e: e.optim_step(self.slot, AdamParams(learning_rate=1e-3))))
         return out
