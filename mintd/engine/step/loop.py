@@ -197,16 +197,12 @@ class StepEngine:
         n = min(w.end, len(prompt) - 1) - w.keep_from
         if n <= 0:
             return
-        logp = torch.log_softmax(logits[:n], dim=-1)
-        targets = torch.tensor(prompt[w.keep_from + 1 : w.keep_from + 1 + n], device=logp.device)
+        targets = torch.tensor(prompt[w.keep_from + 1 : w.keep_from + 1 + n], device=logits.device)
+        chosen, top = _score(logits[:n], targets, req.request.topk_prompt_logprobs)
         if req.request.prompt_logprobs:
-            req.prompt_logprobs.extend(logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist())
+            req.prompt_logprobs.extend(chosen)
         if req.request.topk_prompt_logprobs:
-            top = logp.topk(min(req.request.topk_prompt_logprobs, logp.shape[-1]), dim=-1)
-            req.topk_prompt_logprobs.extend(
-                list(zip(ids, lps, strict=True))
-                for ids, lps in zip(top.indices.tolist(), top.values.tolist(), strict=True)
-            )
+            req.topk_prompt_logprobs.extend(top)
 
     def _finish(self, req: RequestState) -> None:
         self.running.remove(req)
@@ -236,6 +232,19 @@ class StepEngine:
         return dropped
 
 
+def _score(
+    logits: torch.Tensor, targets: torch.Tensor, k: int
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Each row's logprob of its target at temperature 1, and its `k` most likely tokens (none for 0)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
+    if not k:
+        return chosen, [[] for _ in chosen]
+    top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    ids, values = top.indices.tolist(), top.values.tolist()
+    return chosen, [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
+
+
 def _scores(
     logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
 ) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:
@@ -247,11 +256,5 @@ def _scores(
     if not tops:
         return {}
     rows = list(tops)
-    logp = torch.log_softmax(logits[rows], dim=-1)
-    chosen = logp.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1).tolist()
-    best = logp.topk(min(max(tops.values()), logp.shape[-1]), dim=-1)
-    ids, values = best.indices.tolist(), best.values.tolist()
-    return {
-        i: (chosen[j], tuple(zip(ids[j][: tops[i]], values[j][: tops[i]], strict=True)))
-        for j, i in enumerate(rows)
-    }
+    chosen, top = _score(logits[rows], tokens[rows], max(tops.values()))
+    return {i: (chosen[j], tuple(top[j][: tops[i]])) for j, i in enumerate(rows)}
