@@ -198,11 +198,13 @@ class EngineWorker:
         if op.adapter is not None:
             self.residency.prefetch(op.adapter, op.priority)  # its cold load starts now, if it needs one
         with self._cv:
-            queue = self._on_load.get(op.sampler_id)
-            if queue is None:
-                queue = self._samples.setdefault(op.sampler_id, deque())
-            queue.append((future, op))
+            self._queue(op.sampler_id).append((future, op))
             self._cv.notify()
+
+    def _queue(self, sampler_id: str) -> deque[tuple[Future, SampleOp]]:
+        """A sampling session's queue, wherever it is (waiting on a load, or in the scan). Holds `_cv`."""
+        queue = self._on_load.get(sampler_id)
+        return queue if queue is not None else self._samples.setdefault(sampler_id, deque())
 
     def submit_call(self, future: Future, op: CallOp) -> None:
         """Work outside any run's order (creating a run, loading a sampler)."""
@@ -494,10 +496,7 @@ class EngineWorker:
         """Back to the head of their queues, to ask again at the next turn."""
         with self._cv:
             for fut, op in reversed(items):
-                queue = self._on_load.get(op.sampler_id)
-                if queue is None:
-                    queue = self._samples.setdefault(op.sampler_id, deque())
-                queue.appendleft((fut, op))
+                self._queue(op.sampler_id).appendleft((fut, op))
 
     def _valid(self, fut: Future, check: Callable[[], None]) -> bool:
         try:
