@@ -10,7 +10,7 @@ from pydantic import Field
 
 from mintd.api import wire
 from mintd.api.errors import ERROR_RESPONSES
-from mintd.api.tinker import Body, Id, SeqId, _future, owner, service
+from mintd.api.tinker import Body, Id, SeqId, _future, decode_or_refuse, owner, service
 from mintd.service.tinker import TinkerService
 
 router = APIRouter(prefix="/api/v1/mint", responses=ERROR_RESPONSES)
@@ -45,12 +45,8 @@ class ReverseKL(Body):
 def forward_backward_reverse_kl(
     body: ReverseKL, who: str = Depends(owner), svc: TinkerService = Depends(service)
 ) -> dict[str, Any]:
-    try:
-        data = wire.kl_data(body.data, svc.settings.max_tensor_elements)
-    except ValueError as exc:
-        if body.seq_id is not None:
-            svc.refuse(who, body.model_id, body.seq_id, exc)  # the seq_id is taken all the same
-        raise
+    cap = svc.settings.max_tensor_elements
+    data = decode_or_refuse(svc, who, body.model_id, body.seq_id, lambda: wire.kl_data(body.data, cap))
     fut = svc.forward_backward_reverse_kl(
         who, body.model_id, body.seq_id, body.reference_model_path, data, body.temperature
     )

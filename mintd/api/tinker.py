@@ -9,7 +9,8 @@ service, the catalog or the file system.
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Security
@@ -27,6 +28,8 @@ from mintd.engine.sampling import SampleResult, SamplingParams
 from mintd.engine.train import TrainOutput
 from mintd.service.futures import Future
 from mintd.service.tinker import TinkerService
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
 api_key = APIKeyHeader(
@@ -222,16 +225,25 @@ _FWD_BWD_BODY = {
 }
 
 
+def decode_or_refuse(
+    svc: TinkerService, who: str, model_id: str, seq_id: int | None, decode: Callable[[], T]
+) -> T:
+    """`decode()` of a run op's data; when it fails, the op's seq_id is taken all the same (so the run
+    goes on) and the error is raised for a 4xx."""
+    try:
+        return decode()
+    except ValueError as exc:
+        if seq_id is not None:
+            svc.refuse(who, model_id, seq_id, exc)
+        raise
+
+
 def _fwd_bwd(fields: dict[str, Any], forward_only: bool, who: str, svc: TinkerService) -> dict[str, Any]:
     model_id, seq_id = fields["model_id"], fields["seq_id"]
-    data = fields["data"]
-    try:
-        if not isinstance(data, list):
-            raise ValueError("data: expected a list of Datum objects")
-        datums, spans = wire.training_data(data, svc.settings.max_tensor_elements)
-    except ValueError as exc:
-        svc.refuse(who, model_id, seq_id, exc)  # the seq_id is taken all the same: the run goes on
-        raise
+    cap = svc.settings.max_tensor_elements
+    datums, spans = decode_or_refuse(
+        svc, who, model_id, seq_id, lambda: wire.training_data(fields["data"], cap)
+    )
     fut = svc.forward_backward(
         who,
         model_id,
