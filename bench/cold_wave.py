@@ -68,8 +68,8 @@ def measure(
 def summary(latencies_ms: list[float]) -> dict[str, float]:
     return {
         "hot_requests": len(latencies_ms),
-        "hot_p50_ms": round(statistics.median(latencies_ms), 1),
-        "hot_p99_ms": round(fleet.quantile(latencies_ms, 0.99), 1),
+        "hot_p50_ms": statistics.median(latencies_ms),
+        "hot_p99_ms": fleet.quantile(latencies_ms, 0.99),
     }
 
 
@@ -110,6 +110,7 @@ def main() -> None:
         cold_run += measure(service, hot, wave, args.hot_clients, rate, args.max_tokens)
     stats = residency.stats()
     service.close()
+    during_cold, during_resident = summary(cold_run), summary(resident)
     print(
         json.dumps(
             {
@@ -120,14 +121,12 @@ def main() -> None:
                 "wave_rate_per_s": round(rate, 1),
                 "hot_adapters": len(hot),
                 "hot_clients": args.hot_clients,
-                "cold": summary(cold_run),
-                "resident": summary(resident),
+                "cold": during_cold,
+                "resident": during_resident,
                 "cold_loads": stats["misses"] - loads_before,
                 "cold_load_ms_p50": stats["load_ms_p50"],
-                "hot_p99_inflation": round(
-                    fleet.quantile(cold_run, 0.99) / fleet.quantile(resident, 0.99), 3
-                ),
-                "hot_p50_inflation": round(statistics.median(cold_run) / statistics.median(resident), 3),
+                "hot_p99_inflation": round(during_cold["hot_p99_ms"] / during_resident["hot_p99_ms"], 3),
+                "hot_p50_inflation": round(during_cold["hot_p50_ms"] / during_resident["hot_p50_ms"], 3),
             }
         )
     )
