@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,24 +95,27 @@ class Client:
         fut, _ = self.service.sample(OWNER, sampler, self._seq, PROMPT, 1, self.params, False, 0, None)
         return fut
 
+    def wait(self, fut: Future, timeout: float = 600.0) -> None:
+        """Until `fut` is resolved; raises its error. Woken by the resolving thread, never polling: a
+        benchmark's pollers would take the GIL from the engine thread they measure."""
+        done = threading.Event()
+        self.service.futures.on_done(fut, lambda _: done.set())
+        if not done.wait(timeout):
+            raise TimeoutError(f"{fut.request_id} did not finish in {timeout}s")
+        if fut.error is not None:
+            raise RuntimeError(str(fut.error))
+
+    def sample(self, ref: str) -> float:
+        """Seconds from submitting a sample of `ref` to its answer."""
+        started = time.perf_counter()
+        self.wait(self.submit(ref))
+        return time.perf_counter() - started
+
     def forget(self, ref: str) -> None:
         """Drop the sampler kept for `ref` (a sweep samples each adapter once)."""
         sampler = self._samplers.pop(ref, None)
         if sampler is not None:
             self.service.registry.drop_sampler(sampler)
-
-
-def wait(fut: Future, timeout: float = 600.0) -> float:
-    """Seconds until `fut` is done; raises its error."""
-    started = time.perf_counter()
-    deadline = started + timeout
-    while not fut.done:
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"{fut.request_id} did not finish in {timeout}s")
-        time.sleep(0.0005)
-    if fut.error is not None:
-        raise RuntimeError(str(fut.error))
-    return time.perf_counter() - started
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -54,7 +54,7 @@ def main() -> None:
     for start in range(0, len(refs), args.wave):
         wave = refs[start : start + args.wave]
         for fut in [client.submit(ref) for ref in wave]:
-            fleet.wait(fut)
+            client.wait(fut)
         for ref in wave:
             client.forget(ref)
         done = start + len(wave)

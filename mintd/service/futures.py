@@ -17,6 +17,7 @@ import contextlib
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -56,6 +57,10 @@ class FutureStore:
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
         self._by_key: dict[tuple, str] = {}
+        self._key_of: dict[str, tuple] = {}  # request id -> its key, to forget both at once
+        # (done_at, request id) in the order futures completed, which is the order they expire in: a
+        # request never scans the retained futures (tens of thousands on a busy server)
+        self._completed: deque[tuple[float, str]] = deque()
         self._pending: dict[str, int] = {}  # session id -> futures not yet done
 
     def create(
@@ -73,6 +78,7 @@ class FutureStore:
             self._futures[fut.request_id] = fut
             if key is not None:
                 self._by_key[key] = fut.request_id
+                self._key_of[fut.request_id] = key
             if session_id is not None:
                 self._pending[session_id] = self._pending.get(session_id, 0) + 1
             return fut, True
@@ -104,6 +110,7 @@ class FutureStore:
                 else:
                     self._pending.pop(fut.session_id, None)
             fut.result, fut.error, fut.done_at = result, error, time.monotonic()
+            self._completed.append((fut.done_at, fut.request_id))
             waiters, fut._waiters = fut._waiters, []
             callbacks, fut._callbacks = fut._callbacks, []
         for loop, event in waiters:
@@ -138,9 +145,9 @@ class FutureStore:
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.retention_s
-        stale = [rid for rid, f in self._futures.items() if f.done_at is not None and f.done_at < cutoff]
-        for rid in stale:
-            del self._futures[rid]
-        if stale:
-            gone = set(stale)
-            self._by_key = {k: v for k, v in self._by_key.items() if v not in gone}
+        while self._completed and self._completed[0][0] < cutoff:
+            _, request_id = self._completed.popleft()
+            self._futures.pop(request_id, None)
+            key = self._key_of.pop(request_id, None)
+            if key is not None and self._by_key.get(key) == request_id:
+                del self._by_key[key]

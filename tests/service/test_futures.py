@@ -98,6 +98,21 @@ def test_completed_futures_expire_after_retention() -> None:
     assert not created and again is pending
 
 
+def test_futures_expire_in_the_order_they_completed() -> None:
+    store = FutureStore(retention_s=0.3)
+    first, _ = store.create("Sample", "alice", ("s", 1))
+    second, _ = store.create("Sample", "alice", ("s", 2))
+    store.resolve(second, "early")
+    store.resolve(second, "twice")  # resolved twice: still forgotten once, without error
+    time.sleep(0.2)
+    store.resolve(first, "late")
+    time.sleep(0.15)  # `second` completed 0.35 s ago, `first` 0.15 s ago
+    assert store.get(second.request_id, "alice") is None and not store.known(("s", 2))
+    assert store.get(first.request_id, "alice") is first and store.known(("s", 1))
+    time.sleep(0.2)
+    assert store.get(first.request_id, "alice") is None and not store.known(("s", 1))
+
+
 def test_ids_are_unguessable_and_owned() -> None:
     store = FutureStore(retention_s=60)
     fut, _ = store.create("Sample", "alice", session_id="s-1")
