@@ -62,11 +62,16 @@ class HostCache:
         return len(self._entries)
 
     def _evict(self) -> None:
-        for key in list(self._entries):
-            if self.bytes_used <= self.budget_bytes:
-                return
-            entry = self._entries[key]
+        """Least recently used unpinned entries out until the budget holds. Walks only as far as it
+        must: a load into a cache of many thousand entries costs the same as into an empty one."""
+        excess = self.bytes_used - self.budget_bytes
+        victims = []
+        for key, entry in self._entries.items():
+            if excess <= 0:
+                break
             if not entry.pinned:
-                del self._entries[key]
-                self.bytes_used -= entry.nbytes
-                self.evictions += 1
+                victims.append(key)
+                excess -= entry.nbytes
+        for key in victims:
+            self.bytes_used -= self._entries.pop(key).nbytes
+            self.evictions += 1

@@ -281,18 +281,22 @@ class Residency:
 
     def _make_room(self, needed: int) -> None:
         """Evict unreferenced saved adapters and snapshots, then park unreferenced runs, least
-        recently used first, until `needed` more bytes fit."""
+        recently used first, until `needed` more bytes fit. Walks only as far as it must."""
         for runs in (False, True):
-            for key, entry in list(self._resident.items()):
-                if self.device_bytes + needed <= self.device_budget:
-                    return
+            excess = self.device_bytes + needed - self.device_budget
+            victims = []
+            for key, entry in self._resident.items():
+                if excess <= 0:
+                    break
                 if entry.refs or (entry.kind == "run") != runs or entry.parked is not None:
                     continue
+                victims.append(key)
+                excess -= entry.nbytes
+            for key in victims:
                 if runs:
-                    self._park(entry)
+                    self._park(self._resident[key])
                 else:
-                    del self._resident[key]
-                    self._free(entry)
+                    self._free(self._resident.pop(key))
                     self.evictions += 1
         if self.device_bytes + needed > self.device_budget:
             raise NoRoom(f"{needed} bytes do not fit until the running batch releases its adapters")

@@ -94,7 +94,10 @@ class StepEngine:
         `eos_ids` stop it when its `stop` is None."""
         stop = request.params.stop
         gen = torch.Generator()
-        gen.manual_seed(request.params.seed if request.params.seed is not None else torch.seed())
+        if request.params.seed is None:
+            gen.seed()  # from the OS; torch.seed() would also reseed the global and every device RNG
+        else:
+            gen.manual_seed(request.params.seed)
         state = RequestState(
             request,
             priority,
