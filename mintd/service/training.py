@@ -18,7 +18,7 @@ from mintd.engine.distill import KLDatum, KLGroup, KLOutput
 from mintd.engine.engine import Engine
 from mintd.engine.optim import AdamParams
 from mintd.engine.train import Datum, TrainGroup, TrainOutput
-from mintd.lora_config import LoraSpec
+from mintd.lora_config import DeltaMemSpec, LoraSpec
 from mintd.residency import Residency, RunKey, SnapshotKey
 from mintd.service import provenance
 from mintd.service.checkpoints import (
@@ -60,17 +60,22 @@ class Training:
         base_model: str,
         lora_config: dict[str, Any],
         user_metadata: dict[str, Any],
+        delta_mem: DeltaMemSpec | None = None,
     ) -> Future:
+        """A run on a fresh adapter: a LoRA of `lora_config`, or a δ-mem adapter (seeded by
+        `lora_config`'s seed unless its own is set)."""
         self.session(session_id, owner, live=True)
         handle = self.base(base_model)
         spec = LoraSpec(**lora_config)
+        if delta_mem is not None and delta_mem.seed is None:
+            delta_mem = delta_mem.model_copy(update={"seed": spec.seed})
         self.registry.check_run_quota(owner)
         model_id = f"{session_id}:train:{model_seq_id}"
         adapter = _adapter_name(user_metadata, model_id)
 
         def create(engine: Engine) -> dict[str, Any]:
             run = Run(model_id, session_id, owner, handle.name, spec, user_metadata, adapter)
-            self._register_run(run, engine.create_adapter(spec))
+            self._register_run(run, engine.create_adapter(spec, delta_mem))
             return {"model_id": model_id, "type": "create_model"}
 
         key = ("model", session_id, model_seq_id)
