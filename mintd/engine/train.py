@@ -96,6 +96,7 @@ def _check_segments(ids: torch.Tensor, where: str) -> None:
     """Segment ids: whole numbers >= 0 that never decrease (each segment one consecutive run)."""
     if ids.dim() != 1:
         raise ValueError(f"{where}: must be one id per token (shape {tuple(ids.shape)})")
+    ids = ids.double()
     if not bool((ids == ids.round()).all()) or bool((ids < 0).any()) or ids.max() >= 2**24:
         raise ValueError(f"{where}: must be whole numbers in [0, 2^24)")
     if bool((ids[1:] < ids[:-1]).any()):
