@@ -273,14 +273,15 @@ class Training:
         with_optimizer = path.kind == "weights"
         with self._hold(run) as slot:
             spec, tensors = engine.export_adapter(slot, with_optimizer=with_optimizer)
+            delta_mem = engine.delta_mem_spec(slot)
         weights, optimizer = split_state(tensors)
-        data = pack(spec, weights, engine.fingerprint, optimizer if with_optimizer else None)
+        data = pack(spec, weights, engine.fingerprint, optimizer if with_optimizer else None, delta_mem)
         metadata = dict(user_metadata or {})
         data_fingerprint = metadata.get("data_fingerprint")
         provenance = Provenance(
             base_fingerprint=engine.fingerprint,
             base_model=run.base_model,
-            lora_config=engine.lora_provenance(spec),
+            lora_config=engine.lora_provenance(spec, delta_mem),
             training_run_id=run.model_id,
             step=run.step,
             loss_fn=run.loss_fn,

@@ -4,6 +4,7 @@
 import json
 import math
 
+import httpx
 import pytest
 import torch
 
@@ -82,6 +83,10 @@ for i, batch in enumerate(batches):
         out["first_logprobs"] = [list(o["logprobs"].data) for o in result.loss_fn_outputs]
 out["losses"] = losses
 out["held_out_after"] = training.forward(held_out, "cross_entropy").result().metrics["loss:sum"]
+out["state_path"] = training.save_state("dm1").result().path
+resumed = ready(service.create_training_client_from_state_with_optimizer(out["state_path"]))
+out["resumed_held_out"] = resumed.forward(held_out, "cross_entropy").result().metrics["loss:sum"]
+out["model_id"] = training.model_id
 print(json.dumps(out))
 """
 
@@ -99,6 +104,17 @@ def test_delta_mem_trains_through_the_sdk(server, env, tmp_path):
     # the answer is learned through the state: far below what any model that cannot carry it reaches
     assert out["held_out_before"] / 64 > math.log(4)
     assert out["held_out_after"] / 64 < 0.5 * math.log(4), out["held_out_after"] / 64
+
+    # saved with its δ-mem weights: a run resumed from the state scores alike; PEFT export refuses it
+    assert out["resumed_held_out"] == pytest.approx(out["held_out_after"], rel=1e-6)
+    rev = server.service.catalog.resolve("local", out["state_path"])
+    assert rev.provenance.lora_config["delta_mem"]["readout_init"] == "base_slice"
+    archive = f"{server.url}/api/v1/training_runs/{out['model_id']}/checkpoints/weights/dm1/archive"
+    response = httpx.get(archive, headers={"X-API-Key": "tml-e2e"}, follow_redirects=True)
+    assert (
+        response.status_code == 400
+        and "PEFT export: this is a delta_mem adapter" in response.json()["detail"]
+    )
 
     # the same steps straight on an engine: equal logprobs and losses (so equal gradients and steps)
     engine = Engine(server.model_dir)
