@@ -105,7 +105,7 @@ class DeltaMemSpec(BaseModel):
 #   "mintd.adapter": "lora" (the default) | "delta_mem" | "delta_mem+lora"
 #   "mintd.delta_mem.<field>": a DeltaMemSpec field other than `lora` (rank, alpha, readout_init, seed)
 ADAPTER_KEY = "mintd.adapter"
-DELTA_MEM_PREFIX = "mintd.delta_mem."
+DELTA_MEM_KEY_PREFIX = "mintd.delta_mem."
 _ADAPTER_KINDS = {"lora": None, "delta_mem": False, "delta_mem+lora": True}  # -> DeltaMemSpec.lora
 
 
@@ -121,22 +121,27 @@ def delta_mem_from_metadata(user_metadata: dict[str, Any]) -> DeltaMemSpec | Non
         raise ValueError(f'user_metadata["{ADAPTER_KEY}"]: {kind!r} is not one of {sorted(_ADAPTER_KINDS)}')
     fields = {}
     for key, value in ours.items():
-        name = key.removeprefix(DELTA_MEM_PREFIX)
-        if not key.startswith(DELTA_MEM_PREFIX) or name not in DeltaMemSpec.model_fields or name == "lora":
+        name = key.removeprefix(DELTA_MEM_KEY_PREFIX)
+        if (
+            not key.startswith(DELTA_MEM_KEY_PREFIX)
+            or name not in DeltaMemSpec.model_fields
+            or name == "lora"
+        ):
             raise ValueError(f'user_metadata["{key}"]: not a mintd setting')
         fields[name] = value
     with_lora = _ADAPTER_KINDS[kind]
     if with_lora is None:
         if fields:
-            raise ValueError(
-                f'user_metadata["{DELTA_MEM_PREFIX}{next(iter(fields))}"]: needs "{ADAPTER_KEY}": "delta_mem"'
-            )
+            key = DELTA_MEM_KEY_PREFIX + next(iter(fields))
+            raise ValueError(f'user_metadata["{key}"]: needs "{ADAPTER_KEY}": "delta_mem"')
         return None
     try:
         return DeltaMemSpec(**fields, lora=with_lora)
     except ValidationError as e:
         error = e.errors()[0]
-        raise ValueError(f'user_metadata["{DELTA_MEM_PREFIX}{error["loc"][0]}"]: {error["msg"]}') from None
+        raise ValueError(
+            f'user_metadata["{DELTA_MEM_KEY_PREFIX}{error["loc"][0]}"]: {error["msg"]}'
+        ) from None
 
 
 # Flat tensor names of an adapter's weights: `<target>.lora_A` / `.lora_B`, `delta_mem.<parameter>`;

@@ -15,8 +15,7 @@ import torch
 
 from mintd.engine.delta_mem import DeltaMemAdapter
 from mintd.engine.lora import LoraTarget
-from mintd.lora_config import DELTA_MEM_TENSOR_PREFIX as DELTA_MEM_PREFIX
-from mintd.lora_config import LoraSpec
+from mintd.lora_config import DELTA_MEM_TENSOR_PREFIX, LoraSpec
 
 BASE_SLOT = 0
 
@@ -49,7 +48,7 @@ class Adapter:
             out[f"{name}.lora_B"] = b.detach()
         if self.delta_mem is not None:
             for name, p in self.delta_mem.named_parameters():
-                out[DELTA_MEM_PREFIX + name] = p.detach()
+                out[DELTA_MEM_TENSOR_PREFIX + name] = p.detach()
         return out
 
 
@@ -95,17 +94,12 @@ class AdapterSlots:
     def free(self, slot: int) -> None:
         self._slots.pop(slot, None)
 
-    @staticmethod
-    def _lora_targets(spec: LoraSpec, delta_mem: DeltaMemAdapter | None) -> bool:
-        """Whether the adapter has LoRA matrices: always, unless it is a δ-mem adapter without them."""
-        return delta_mem is None or delta_mem.spec.lora
-
     def create(self, spec: LoraSpec, delta_mem: DeltaMemAdapter | None = None) -> int:
         """New trainable adapter: A ~ Kaiming-uniform (as PEFT), B = 0, so it starts as the base model;
         with `delta_mem`'s fresh weights, if given."""
         gen = torch.Generator().manual_seed(spec.seed if spec.seed is not None else torch.seed())
         weights = {}
-        for t in self.targets_for(spec) if self._lora_targets(spec, delta_mem) else []:
+        for t in self.targets_for(spec) if _has_lora(delta_mem) else []:
             a_shape, b_shape = t.shapes(spec.rank)
             bound = 1.0 / math.sqrt(t.in_features)  # kaiming_uniform_(a=sqrt(5)) on an [r, in] matrix
             a = (torch.rand(a_shape, generator=gen) * 2 - 1) * bound
@@ -130,7 +124,7 @@ class AdapterSlots:
         model's shapes, and `delta_mem`'s parameters if given (ValueError naming the first mismatch).
         Reads no slot, so any thread may call it."""
         _check_delta_mem(tensors, delta_mem)
-        targets = self.targets_for(spec) if self._lora_targets(spec, delta_mem) else []
+        targets = self.targets_for(spec) if _has_lora(delta_mem) else []
         expected = {t.name: t for t in targets}
         for name, target in expected.items():
             for suffix, shape in zip(("lora_A", "lora_B"), target.shapes(spec.rank), strict=True):
@@ -176,15 +170,20 @@ class AdapterSlots:
         if delta_mem is not None:
             with torch.no_grad():
                 for name, p in delta_mem.named_parameters():
-                    p.copy_(tensors[DELTA_MEM_PREFIX + name])
+                    p.copy_(tensors[DELTA_MEM_TENSOR_PREFIX + name])
         return self.add(Adapter(spec, weights, trainable=trainable, delta_mem=delta_mem))
+
+
+def _has_lora(delta_mem: DeltaMemAdapter | None) -> bool:
+    """Whether an adapter has LoRA matrices: always, unless it is a δ-mem adapter without them."""
+    return delta_mem is None or delta_mem.spec.lora
 
 
 def _check_delta_mem(tensors: dict[str, torch.Tensor], delta_mem: DeltaMemAdapter | None) -> None:
     """`tensors` hold exactly `delta_mem`'s parameters at its shapes (none when it is None)."""
     expected = {} if delta_mem is None else dict(delta_mem.named_parameters())
     for name, p in expected.items():
-        key = DELTA_MEM_PREFIX + name
+        key = DELTA_MEM_TENSOR_PREFIX + name
         if key not in tensors:
             raise ValueError(f"adapter tensors: missing {key}")
         if tensors[key].shape != p.shape:
@@ -192,7 +191,9 @@ def _check_delta_mem(tensors: dict[str, torch.Tensor], delta_mem: DeltaMemAdapte
                 f"adapter tensors: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}"
             )
     extra = sorted(
-        k for k in tensors if k.startswith(DELTA_MEM_PREFIX) and k[len(DELTA_MEM_PREFIX) :] not in expected
+        k
+        for k in tensors
+        if k.startswith(DELTA_MEM_TENSOR_PREFIX) and k[len(DELTA_MEM_TENSOR_PREFIX) :] not in expected
     )
     if extra:
         raise ValueError(f"adapter tensors: unexpected {extra[0]} for this base model / config")

@@ -205,8 +205,6 @@ class Engine:
         `copy=False`: adopt the LoRA tensors without cloning (see `AdapterSlots.load`)."""
         weights = {k: v for k, v in tensors.items() if is_weight(k)}
         blank = self._blank_delta_mem(delta_mem)
-        if blank is not None and not trainable:
-            blank.requires_grad_(False)
         slot = self.slots.load(spec, weights, trainable=trainable, copy=copy, delta_mem=blank)
         if trainable:
             try:

@@ -72,6 +72,12 @@ with open({data_path!r}) as f:
     raw = json.load(f)
 batches, held_out = [data(b) for b in raw["batches"]], data(raw["held_out"])
 adam = types.AdamParams(learning_rate={lr!r})
+bad = data(raw["held_out"][:1])
+bad[0].loss_fn_inputs["segment_ids"] = types.TensorData(data=[1] * 4 + [0] * 4, dtype="int64", shape=[8])
+try:
+    training.forward_backward(bad, "cross_entropy").result()
+except Exception as e:
+    out["bad_segments"] = [type(e).__name__, str(e)]
 out["held_out_before"] = training.forward(held_out, "cross_entropy").result().metrics["loss:sum"]
 losses = []
 for i, batch in enumerate(batches):
@@ -101,6 +107,8 @@ def test_delta_mem_trains_through_the_sdk(server, env, tmp_path):
 
     name, message = out["refused"]
     assert name == "BadRequestError" and 'user_metadata["mintd.delta_mem.rank"]' in message, out["refused"]
+    name, message = out["bad_segments"]
+    assert name == "BadRequestError" and "data[0].loss_fn_inputs.segment_ids: must not decrease" in message
     # the answer is learned through the state: far below what any model that cannot carry it reaches
     assert out["held_out_before"] / 64 > math.log(4)
     assert out["held_out_after"] / 64 < 0.5 * math.log(4), out["held_out_after"] / 64
