@@ -1,11 +1,12 @@
-"""The LoRA config every layer shares (Tinker's `lora_config`): the engine builds adapters from it, the
-store packs and exports it, the service validates requests with it. Imports no other layer."""
+"""The adapter configs every layer shares: Tinker's `lora_config` and the δ-mem spec (which the SDK asks
+for through `user_metadata`). The engine builds adapters from them, the store packs and exports them,
+the service validates requests with them. Imports no other layer."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mintd.families import LINEAR_KINDS, TargetKind
 
@@ -78,3 +79,80 @@ class LoraSpec(BaseModel):
             return False
         leaf = target.name.rpartition(".")[2]
         return self.target_modules is None or bool(target.num_experts) or leaf in self.target_modules
+
+
+class DeltaMemSpec(BaseModel):
+    """A δ-mem stateful adapter (the released variant: token writes, one state head, rank-wise gates,
+    "standard" update, q and o readouts scaled by alpha / rank). `readout_init="zero"` starts exactly at
+    the base model; "base_slice" starts the readouts from the base's own q/o weights (non-zero gradients
+    for the write side from the first step, as the release does). `lora`: the adapter also carries the
+    run's ordinary LoRA (its `lora_config`), trained with it; otherwise it has no LoRA matrices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1, le=64)
+    alpha: float = Field(16.0, gt=0, allow_inf_nan=False)
+    readout_init: Literal["zero", "base_slice"] = "zero"
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    lora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+# The Tinker SDK's `user_metadata` is string-valued, so a δ-mem adapter is asked for with these keys:
+#   "mintd.adapter": "lora" (the default) | "delta_mem" | "delta_mem+lora"
+#   "mintd.delta_mem.<field>": a DeltaMemSpec field other than `lora` (rank, alpha, readout_init, seed)
+ADAPTER_KEY = "mintd.adapter"
+DELTA_MEM_KEY_PREFIX = "mintd.delta_mem."
+_ADAPTER_KINDS = {"lora": None, "delta_mem": False, "delta_mem+lora": True}  # -> DeltaMemSpec.lora
+
+
+def delta_mem_from_metadata(user_metadata: dict[str, Any]) -> DeltaMemSpec | None:
+    """The δ-mem spec a create request's `user_metadata` asks for (None: a plain LoRA), or ValueError
+    naming the bad key. Keys outside the `mintd.` namespace are the user's own and not read."""
+    ours = {k: v for k, v in user_metadata.items() if k.startswith("mintd.")}
+    for key, value in ours.items():
+        if not isinstance(value, str):
+            raise ValueError(f'user_metadata["{key}"]: must be a string (got {type(value).__name__})')
+    kind = ours.pop(ADAPTER_KEY, "lora")
+    if kind not in _ADAPTER_KINDS:
+        raise ValueError(f'user_metadata["{ADAPTER_KEY}"]: {kind!r} is not one of {sorted(_ADAPTER_KINDS)}')
+    fields = {}
+    for key, value in ours.items():
+        name = key.removeprefix(DELTA_MEM_KEY_PREFIX)
+        if (
+            not key.startswith(DELTA_MEM_KEY_PREFIX)
+            or name not in DeltaMemSpec.model_fields
+            or name == "lora"
+        ):
+            raise ValueError(f'user_metadata["{key}"]: not a mintd setting')
+        fields[name] = value
+    with_lora = _ADAPTER_KINDS[kind]
+    if with_lora is None:
+        if fields:
+            key = DELTA_MEM_KEY_PREFIX + next(iter(fields))
+            raise ValueError(f'user_metadata["{key}"]: needs "{ADAPTER_KEY}": "delta_mem"')
+        return None
+    try:
+        return DeltaMemSpec(**fields, lora=with_lora)
+    except ValidationError as e:
+        error = e.errors()[0]
+        raise ValueError(
+            f'user_metadata["{DELTA_MEM_KEY_PREFIX}{error["loc"][0]}"]: {error["msg"]}'
+        ) from None
+
+
+# Flat tensor names of an adapter's weights: `<target>.lora_A` / `.lora_B`, `delta_mem.<parameter>`;
+# optimizer state adds `<weight>.exp_avg`, `.exp_avg_sq`, `.step`.
+LORA_SUFFIXES = (".lora_A", ".lora_B")
+DELTA_MEM_TENSOR_PREFIX = "delta_mem."
+OPTIMIZER_SUFFIXES = (".exp_avg", ".exp_avg_sq", ".step")
+
+
+def is_weight(name: str) -> bool:
+    """Whether a flat tensor name is an adapter weight (not optimizer state)."""
+    if name.startswith(DELTA_MEM_TENSOR_PREFIX):
+        return not name.endswith(OPTIMIZER_SUFFIXES)
+    return name.endswith(LORA_SUFFIXES)

@@ -26,6 +26,7 @@ from mintd.config import MAX_ID_CHARS, MAX_INT, MAX_TAGS, ServeSettings
 from mintd.engine.distill import KLOutput
 from mintd.engine.sampling import SampleResult, SamplingParams
 from mintd.engine.train import TrainOutput
+from mintd.lora_config import delta_mem_from_metadata
 from mintd.service.futures import Future
 from mintd.service.tinker import TinkerService
 
@@ -177,8 +178,15 @@ class CreateModel(Body):
 
 @router.post("/create_model")
 def create_model(body: CreateModel, who: str = Depends(owner), svc: TinkerService = Depends(service)):
+    metadata = body.user_metadata or {}
     fut = svc.create_model(
-        who, body.session_id, body.model_seq_id, body.base_model, body.lora_config, body.user_metadata or {}
+        who,
+        body.session_id,
+        body.model_seq_id,
+        body.base_model,
+        body.lora_config,
+        metadata,
+        delta_mem_from_metadata(metadata),
     )
     return _future(fut, model_id=f"{body.session_id}:train:{body.model_seq_id}")
 

@@ -1,7 +1,9 @@
 """Adapter weights held in numbered slots. Slot 0 is the base model (no adapter).
 
 Every adapter keeps its own tensors at its exact rank: nothing is padded to a maximum rank, a snapshot
-is a copy of these tensors only, and a step on one adapter cannot reach another's memory.
+is a copy of these tensors only, and a step on one adapter cannot reach another's memory. An adapter
+may carry δ-mem weights (`engine/delta_mem`), alone or beside its LoRA matrices; they train, snapshot,
+park and export with it, as flat tensors named `delta_mem.<parameter>`.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mintd.engine.delta_mem import DeltaMemAdapter
 from mintd.engine.lora import LoraTarget
-from mintd.lora_config import LoraSpec
+from mintd.lora_config import DELTA_MEM_TENSOR_PREFIX, LoraSpec
 
 BASE_SLOT = 0
 
@@ -20,12 +23,15 @@ BASE_SLOT = 0
 @dataclass
 class Adapter:
     spec: LoraSpec
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # target name -> (A, B)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # target name -> (A, B); {}: no LoRA
     trainable: bool = True
-    params: list[torch.Tensor] = field(init=False)
+    delta_mem: DeltaMemAdapter | None = None  # fp32 whatever the slot's dtype
+    params: list[torch.Tensor] = field(init=False)  # in `state_dict` order
 
     def __post_init__(self) -> None:
         self.params = [t for pair in self.weights.values() for t in pair]
+        if self.delta_mem is not None:
+            self.params += list(self.delta_mem.parameters())
         for t in self.params:
             t.requires_grad_(self.trainable)
 
@@ -34,11 +40,15 @@ class Adapter:
         return sum(t.numel() * t.element_size() for t in self.params)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors named `<target>.lora_A` / `<target>.lora_B` (detached, same storage)."""
+        """Flat tensors named `<target>.lora_A` / `<target>.lora_B`, then `delta_mem.<parameter>`
+        (detached, same storage)."""
         out = {}
         for name, (a, b) in self.weights.items():
             out[f"{name}.lora_A"] = a.detach()
             out[f"{name}.lora_B"] = b.detach()
+        if self.delta_mem is not None:
+            for name, p in self.delta_mem.named_parameters():
+                out[DELTA_MEM_TENSOR_PREFIX + name] = p.detach()
         return out
 
 
@@ -84,16 +94,17 @@ class AdapterSlots:
     def free(self, slot: int) -> None:
         self._slots.pop(slot, None)
 
-    def create(self, spec: LoraSpec) -> int:
-        """New trainable adapter: A ~ Kaiming-uniform (as PEFT), B = 0, so it starts as the base model."""
+    def create(self, spec: LoraSpec, delta_mem: DeltaMemAdapter | None = None) -> int:
+        """New trainable adapter: A ~ Kaiming-uniform (as PEFT), B = 0, so it starts as the base model;
+        with `delta_mem`'s fresh weights, if given."""
         gen = torch.Generator().manual_seed(spec.seed if spec.seed is not None else torch.seed())
         weights = {}
-        for t in self.targets_for(spec):
+        for t in self.targets_for(spec) if _has_lora(delta_mem) else []:
             a_shape, b_shape = t.shapes(spec.rank)
             bound = 1.0 / math.sqrt(t.in_features)  # kaiming_uniform_(a=sqrt(5)) on an [r, in] matrix
             a = (torch.rand(a_shape, generator=gen) * 2 - 1) * bound
             weights[t.name] = (a.to(self.device), torch.zeros(b_shape, device=self.device))
-        return self.add(Adapter(spec, weights))
+        return self.add(Adapter(spec, weights, delta_mem=delta_mem))
 
     def snapshot(self, slot: int) -> int:
         """Frozen copy of an adapter's tensors: later training of the source does not reach it."""
@@ -103,12 +114,18 @@ class AdapterSlots:
             n: (a.detach().to(dtype, copy=True), b.detach().to(dtype, copy=True))
             for n, (a, b) in src.weights.items()
         }
-        return self.add(Adapter(src.spec, weights, trainable=False))
+        delta_mem = None if src.delta_mem is None else src.delta_mem.frozen_copy()
+        return self.add(Adapter(src.spec, weights, trainable=False, delta_mem=delta_mem))
 
-    def check(self, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> list[str]:
+    def check(
+        self, spec: LoraSpec, tensors: dict[str, torch.Tensor], delta_mem: DeltaMemAdapter | None = None
+    ) -> list[str]:
         """The target names, after checking `tensors` hold exactly this spec's targets at this base
-        model's shapes (ValueError naming the first mismatch). Reads no slot, so any thread may call it."""
-        expected = {t.name: t for t in self.targets_for(spec)}
+        model's shapes, and `delta_mem`'s parameters if given (ValueError naming the first mismatch).
+        Reads no slot, so any thread may call it."""
+        _check_delta_mem(tensors, delta_mem)
+        targets = self.targets_for(spec) if _has_lora(delta_mem) else []
+        expected = {t.name: t for t in targets}
         for name, target in expected.items():
             for suffix, shape in zip(("lora_A", "lora_B"), target.shapes(spec.rank), strict=True):
                 key = f"{name}.{suffix}"
@@ -126,9 +143,15 @@ class AdapterSlots:
         return list(expected)
 
     def load(
-        self, spec: LoraSpec, tensors: dict[str, torch.Tensor], trainable: bool = True, copy: bool = True
+        self,
+        spec: LoraSpec,
+        tensors: dict[str, torch.Tensor],
+        trainable: bool = True,
+        copy: bool = True,
+        delta_mem: DeltaMemAdapter | None = None,
     ) -> int:
-        """Import flat tensors (as produced by `Adapter.state_dict`) into a new slot, checking shapes.
+        """Import flat tensors (as produced by `Adapter.state_dict`) into a new slot, checking shapes;
+        `delta_mem`, a δ-mem adapter of the right shapes, takes the `delta_mem.` tensors (copied).
 
         By default each tensor is copied (float32 for a trainable slot, `frozen_dtype` for a frozen
         one), so the slot owns its memory whatever the caller does next. `copy=False` adopts the tensors
@@ -142,6 +165,35 @@ class AdapterSlots:
 
         weights = {
             name: (own(tensors[f"{name}.lora_A"]), own(tensors[f"{name}.lora_B"]))
-            for name in self.check(spec, tensors)
+            for name in self.check(spec, tensors, delta_mem)
         }
-        return self.add(Adapter(spec, weights, trainable=trainable))
+        if delta_mem is not None:
+            with torch.no_grad():
+                for name, p in delta_mem.named_parameters():
+                    p.copy_(tensors[DELTA_MEM_TENSOR_PREFIX + name])
+        return self.add(Adapter(spec, weights, trainable=trainable, delta_mem=delta_mem))
+
+
+def _has_lora(delta_mem: DeltaMemAdapter | None) -> bool:
+    """Whether an adapter has LoRA matrices: always, unless it is a δ-mem adapter without them."""
+    return delta_mem is None or delta_mem.spec.lora
+
+
+def _check_delta_mem(tensors: dict[str, torch.Tensor], delta_mem: DeltaMemAdapter | None) -> None:
+    """`tensors` hold exactly `delta_mem`'s parameters at its shapes (none when it is None)."""
+    expected = {} if delta_mem is None else dict(delta_mem.named_parameters())
+    for name, p in expected.items():
+        key = DELTA_MEM_TENSOR_PREFIX + name
+        if key not in tensors:
+            raise ValueError(f"adapter tensors: missing {key}")
+        if tensors[key].shape != p.shape:
+            raise ValueError(
+                f"adapter tensors: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}"
+            )
+    extra = sorted(
+        k
+        for k in tensors
+        if k.startswith(DELTA_MEM_TENSOR_PREFIX) and k[len(DELTA_MEM_TENSOR_PREFIX) :] not in expected
+    )
+    if extra:
+        raise ValueError(f"adapter tensors: unexpected {extra[0]} for this base model / config")

@@ -11,6 +11,8 @@ import torch
 from mintd.config import EngineSettings
 from mintd.engine import distill, packed, sampling, train
 from mintd.engine.adapters import BASE_SLOT, Adapter, AdapterSlots, LoraSpec
+from mintd.engine.delta_mem import DeltaMemAdapter, DeltaMemContext, blank_adapter, install_delta_mem
+from mintd.engine.delta_mem import create_adapter as create_delta_mem
 from mintd.engine.distill import KLGroup, KLOutput
 from mintd.engine.lora import LoraContext, MultiLoraLinear, install_lora
 from mintd.engine.model import fingerprint, load_base_model, pick_device, pick_dtype
@@ -20,6 +22,7 @@ from mintd.engine.step.loop import StepEngine
 from mintd.engine.step.sequence import RequestState
 from mintd.engine.train import TrainGroup, TrainOutput
 from mintd.families import adapted_names, classify, display_name
+from mintd.lora_config import DeltaMemSpec, is_weight
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Engine:
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self.steps = StepEngine(self.model, self.ctx, self.slots, self.tokenizer, self.settings)
         self._dropped: set[int] = set()  # freed once no running sample uses them
+        self.delta_ctx: DeltaMemContext | None = None  # hooks installed with the first δ-mem adapter
 
     # what LoRA adapts ---------------------------------------------------------------------------
 
@@ -97,21 +101,44 @@ class Engine:
         """What an adapter of `spec` adapts here, per switch (recorded in every revision's provenance)."""
         return adapted_names((t.name, t.kind, bool(t.num_experts)) for t in self.slots.targets_for(spec))
 
-    def lora_provenance(self, spec: LoraSpec) -> dict[str, Any]:
+    def lora_provenance(self, spec: LoraSpec, delta_mem: DeltaMemSpec | None = None) -> dict[str, Any]:
         """A revision's `lora_config`: the spec, what it adapts here, and the base's model type (which tells
-        a later PEFT export what PEFT can express)."""
-        return {
+        a later PEFT export what PEFT can express); for a δ-mem adapter, its spec under `delta_mem` (and
+        nothing adapted by LoRA unless `delta_mem.lora`)."""
+        out = {
             **spec.model_dump(),
             "adapted": self.adapted(spec),
             "base_model_type": self.model.config.model_type,
         }
+        if delta_mem is not None:
+            out["delta_mem"] = delta_mem.model_dump()
+            if not delta_mem.lora:
+                out["adapted"] = {}
+        return out
 
     # adapters -----------------------------------------------------------------------------------
 
-    def create_adapter(self, spec: LoraSpec) -> int:
-        slot = self.slots.create(spec)
+    def create_adapter(self, spec: LoraSpec, delta_mem: DeltaMemSpec | None = None) -> int:
+        """A trainable adapter: a LoRA of `spec`, or a δ-mem adapter (with that LoRA if `delta_mem.lora`)."""
+        fresh = None if delta_mem is None else create_delta_mem(self._delta_mem_model(), delta_mem)
+        slot = self.slots.create(spec, fresh)
         self._attach_optimizer(slot)
         return slot
+
+    def _delta_mem_model(self) -> torch.nn.Module:
+        """The model, with the δ-mem hooks installed the first time (ValueError for a layout without)."""
+        if self.delta_ctx is None:
+            ctx = DeltaMemContext()
+            install_delta_mem(self.model, ctx)
+            self.delta_ctx = ctx
+        return self.model
+
+    def _blank_delta_mem(self, spec: DeltaMemSpec | None) -> DeltaMemAdapter | None:
+        return None if spec is None else blank_adapter(self._delta_mem_model(), spec)
+
+    def delta_mem_spec(self, slot: int) -> DeltaMemSpec | None:
+        adapter = self.slots[slot].delta_mem
+        return None if adapter is None else adapter.spec
 
     def _attach_optimizer(self, slot: int) -> AdapterOptimizer:
         named = self.slots[slot].state_dict()
@@ -160,17 +187,25 @@ class Engine:
             tensors.update(self._optimizers[slot].state_dict())
         return adapter.spec, {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
-    def check_adapter(self, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
+    def check_adapter(
+        self, spec: LoraSpec, tensors: dict[str, torch.Tensor], delta_mem: DeltaMemSpec | None = None
+    ) -> None:
         """ValueError unless the tensors fit this base model (safe from any thread: reads no slot)."""
-        self.slots.check(spec, tensors)
+        self.slots.check(spec, tensors, self._blank_delta_mem(delta_mem))
 
     def load_adapter(
-        self, spec: LoraSpec, tensors: dict[str, torch.Tensor], trainable: bool = True, copy: bool = True
+        self,
+        spec: LoraSpec,
+        tensors: dict[str, torch.Tensor],
+        trainable: bool = True,
+        copy: bool = True,
+        delta_mem: DeltaMemSpec | None = None,
     ) -> int:
         """Load flat tensors into a new slot; optimizer entries, when present, restore the optimizer.
-        `copy=False`: adopt the weight tensors without cloning (see `AdapterSlots.load`)."""
-        weights = {k: v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
-        slot = self.slots.load(spec, weights, trainable=trainable, copy=copy)
+        `copy=False`: adopt the LoRA tensors without cloning (see `AdapterSlots.load`)."""
+        weights = {k: v for k, v in tensors.items() if is_weight(k)}
+        blank = self._blank_delta_mem(delta_mem)
+        slot = self.slots.load(spec, weights, trainable=trainable, copy=copy, delta_mem=blank)
         if trainable:
             try:
                 self._attach_optimizer(slot).load_state_dict(tensors)
@@ -190,6 +225,8 @@ class Engine:
         """Raise ValueError naming the bad field; nothing runs."""
         if request.slot != BASE_SLOT and (request.slot not in self.slots or request.slot in self._dropped):
             raise ValueError(f"sampler: no adapter in slot {request.slot}")
+        if request.slot != BASE_SLOT and self.slots[request.slot].delta_mem is not None:
+            raise ValueError("sampler: sampling a delta_mem adapter is not supported yet (training only)")
         sampling.validate(request, self.vocab_size, self.max_len)
         self.steps.check(request)
 
@@ -205,6 +242,7 @@ class Engine:
             self.pad_id,
             self.settings.micro_batch_tokens,
             forward_only,
+            self.delta_ctx,
         )
 
     def reverse_kl(self, group: KLGroup) -> KLOutput:

@@ -26,8 +26,9 @@ class _Group:
 
 
 def group_key(slot: int, table: AdapterSlots) -> tuple:
-    """Adapters with equal keys batch together: same rank and target set (the base: its own group)."""
-    if slot == BASE_SLOT:
+    """Adapters with equal keys batch together: same rank and target set (the base, and adapters with no
+    LoRA matrices such as a δ-mem adapter alone: the group that gets no LoRA delta)."""
+    if slot == BASE_SLOT or not table[slot].weights:
         return ()
     spec = table[slot].spec
     return (spec.rank, spec.target_set)
@@ -85,8 +86,8 @@ def row_order(slots: list[int], table: AdapterSlots) -> list[int]:
 
     def key(i: int) -> tuple:
         s = slots[i]
-        if s == BASE_SLOT:
-            return (0, 0, ((), ()), 0)
+        if s == BASE_SLOT or not table[s].weights:
+            return (0, 0, ((), ()), s)
         spec = table[s].spec
         return (1, spec.rank, spec.target_set, s)
 
@@ -114,7 +115,7 @@ class LoraBatch:
             end = start + 1
             while end < len(row_slots) and self._group_key(row_slots[end]) == key:
                 end += 1
-            if slot != BASE_SLOT:
+            if key != ():
                 members = row_slots[start:end]
                 distinct = tuple(dict.fromkeys(members))
                 counts = tuple(members.count(s) for s in distinct)

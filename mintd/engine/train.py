@@ -13,10 +13,15 @@ import torch
 from transformers import PreTrainedModel
 
 from mintd.engine.adapters import BASE_SLOT, AdapterSlots
+from mintd.engine.delta_mem import DeltaMemContext
 from mintd.engine.forward import padded_forward, target_logprobs
 from mintd.engine.lora import LoraContext
 from mintd.engine.lora_batch import row_order
 from mintd.engine.losses import check_config, get_loss
+
+# A per-token loss_fn_input no loss reads: the session each token belongs to. Attention is cut by
+# session (and positions restart), a δ-mem state flows on through the row.
+SEGMENT_IDS = "segment_ids"
 
 
 @dataclass
@@ -83,6 +88,19 @@ def validate(group: TrainGroup, vocab_size: int, max_len: int) -> None:
             raise ValueError(f"{where}.sequence_ratio_mask: selects no rows (gspo's ratio is their mean)")
         if "weights" in d.inputs and d.inputs["weights"].shape != target.shape:
             raise ValueError(f"{where}.weights: shape must equal target_tokens shape {tuple(target.shape)}")
+        if SEGMENT_IDS in d.inputs:
+            _check_segments(d.inputs[SEGMENT_IDS], f"{where}.loss_fn_inputs.{SEGMENT_IDS}")
+
+
+def _check_segments(ids: torch.Tensor, where: str) -> None:
+    """Segment ids: whole numbers >= 0 that never decrease (each segment one consecutive run)."""
+    if ids.dim() != 1:
+        raise ValueError(f"{where}: must be one id per token (shape {tuple(ids.shape)})")
+    ids = ids.double()
+    if not bool((ids == ids.round()).all()) or bool((ids < 0).any()) or ids.max() >= 2**24:
+        raise ValueError(f"{where}: must be whole numbers in [0, 2^24)")
+    if bool((ids[1:] < ids[:-1]).any()):
+        raise ValueError(f"{where}: must not decrease (a segment is a consecutive run of tokens)")
 
 
 def _micro_batches(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
@@ -110,7 +128,9 @@ def forward_backward(
     pad_id: int,
     micro_batch_tokens: int,
     forward_only: bool = False,
+    delta_ctx: DeltaMemContext | None = None,
 ) -> list[TrainOutput]:
+    """Rows are whole datums, so an episode (one datum) is never split across micro-batches."""
     rows = [(gi, d) for gi, g in enumerate(groups) for d in g.data]
     slots = [groups[gi].slot for gi, _ in rows]
     lengths = [len(d.tokens) for _, d in rows]
@@ -126,6 +146,8 @@ def forward_backward(
                 [slots[i] for i in batch],
                 [rows[i][1].tokens.to(device) for i in batch],
                 pad_id,
+                [rows[i][1].inputs.get(SEGMENT_IDS) for i in batch],
+                delta_ctx,
             )
             total = None
             batch_inputs = [{k: v.to(device) for k, v in rows[i][1].inputs.items()} for i in batch]

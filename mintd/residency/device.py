@@ -29,16 +29,19 @@ def load_packed_into(
             f"packed adapter: trained on base model {packed.header.base_fingerprint[:12]}..., "
             f"but this engine serves {engine.fingerprint[:12]}..."
         )
-    needed = {e.group for e in packed.header.weights.values()}
+    index = {**packed.header.weights, **packed.header.delta_mem_tensors}
+    needed = {e.group for e in index.values()}
     dtype = torch.float32 if trainable else engine.slots.frozen_dtype
     if trainable or engine.device.type != "cpu" or any(packed.groups[g].dtype != dtype for g in needed):
         groups = {name: _private_copy(packed.groups[name], engine.device, dtype) for name in needed}
     else:
         groups = {name: packed.groups[name] for name in needed}
-    tensors = views(groups, packed.header.weights)
+    tensors = views(groups, index)
     if trainable and with_optimizer:
         tensors.update(packed.optimizer)
-    return engine.load_adapter(packed.header.spec, tensors, trainable=trainable, copy=False)
+    return engine.load_adapter(
+        packed.header.spec, tensors, trainable=trainable, copy=False, delta_mem=packed.header.delta_mem
+    )
 
 
 def _private_copy(group: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from mintd.catalog import Catalog, Provenance, Revision
 from mintd.residency.device import load_packed_into
 from mintd.store.blobs import BlobNotFound, Blobs, BlobUnavailable
-from mintd.store.packed import PackedAdapter, read_packed
+from mintd.store.packed import PackedAdapter, read_packed, refuse_peft
 
 if TYPE_CHECKING:
     from mintd.engine.engine import Engine
@@ -112,5 +112,6 @@ class Checkpoints:
         from mintd.store.peft import peft_files  # PEFT (and transformers) only when exporting
 
         packed = self.read(rev)
+        refuse_peft(packed.header)
         model_type = rev.provenance.lora_config.get("base_model_type")
         return peft_files(packed.header.spec, packed.tensors, rev.provenance.base_model or "", model_type)

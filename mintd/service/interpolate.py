@@ -74,6 +74,10 @@ def interpolate(
     sources = []
     for i, rev in enumerate(revs):
         packed = checkpoints.read(rev, f"source_paths[{i}]")
+        if packed.header.delta_mem is not None:
+            raise ValueError(
+                f"source_paths[{i}]: {rev.ref} is a delta_mem adapter; only LoRA adapters combine"
+            )
         sources.append((packed.header.spec, packed.tensors))
     total = sum(spec.rank for spec, _ in sources)
     if total > MAX_RANK:

@@ -18,7 +18,7 @@ from mintd.engine.distill import KLDatum, KLGroup, KLOutput
 from mintd.engine.engine import Engine
 from mintd.engine.optim import AdamParams
 from mintd.engine.train import Datum, TrainGroup, TrainOutput
-from mintd.lora_config import LoraSpec
+from mintd.lora_config import DeltaMemSpec, LoraSpec
 from mintd.residency import Residency, RunKey, SnapshotKey
 from mintd.service import provenance
 from mintd.service.checkpoints import (
@@ -60,17 +60,22 @@ class Training:
         base_model: str,
         lora_config: dict[str, Any],
         user_metadata: dict[str, Any],
+        delta_mem: DeltaMemSpec | None = None,
     ) -> Future:
+        """A run on a fresh adapter: a LoRA of `lora_config`, or a δ-mem adapter (seeded by
+        `lora_config`'s seed unless its own is set)."""
         self.session(session_id, owner, live=True)
         handle = self.base(base_model)
         spec = LoraSpec(**lora_config)
+        if delta_mem is not None and delta_mem.seed is None:
+            delta_mem = delta_mem.model_copy(update={"seed": spec.seed})
         self.registry.check_run_quota(owner)
         model_id = f"{session_id}:train:{model_seq_id}"
         adapter = _adapter_name(user_metadata, model_id)
 
         def create(engine: Engine) -> dict[str, Any]:
             run = Run(model_id, session_id, owner, handle.name, spec, user_metadata, adapter)
-            self._register_run(run, engine.create_adapter(spec))
+            self._register_run(run, engine.create_adapter(spec, delta_mem))
             return {"model_id": model_id, "type": "create_model"}
 
         key = ("model", session_id, model_seq_id)
@@ -268,14 +273,15 @@ class Training:
         with_optimizer = path.kind == "weights"
         with self._hold(run) as slot:
             spec, tensors = engine.export_adapter(slot, with_optimizer=with_optimizer)
+            delta_mem = engine.delta_mem_spec(slot)
         weights, optimizer = split_state(tensors)
-        data = pack(spec, weights, engine.fingerprint, optimizer if with_optimizer else None)
+        data = pack(spec, weights, engine.fingerprint, optimizer if with_optimizer else None, delta_mem)
         metadata = dict(user_metadata or {})
         data_fingerprint = metadata.get("data_fingerprint")
         provenance = Provenance(
             base_fingerprint=engine.fingerprint,
             base_model=run.base_model,
-            lora_config=engine.lora_provenance(spec),
+            lora_config=engine.lora_provenance(spec, delta_mem),
             training_run_id=run.model_id,
             step=run.step,
             loss_fn=run.loss_fn,

@@ -14,7 +14,10 @@ Layout (little-endian)::
 The header holds the format version, the base-model fingerprint, the LoRA spec (rank, alpha, scale,
 train flags), the target names, the weights' dtype, the groups (byte ranges of the buffer), a tensor
 index (name -> group, element offset within the group, shape) for the adapter weights and, optionally,
-for the optimizer state of a training checkpoint, and the buffer's sha256. The header's own sha256 sits
+for the optimizer state of a training checkpoint, and the buffer's sha256. A δ-mem adapter adds a
+`delta_mem` entry: its spec and the index of its fp32 `delta_mem.<parameter>` tensors (a section of
+their own; the LoRA targets are then empty unless the spec says `lora`). Files without δ-mem carry no
+such entry, so they are byte-identical to what earlier builds wrote. The header's own sha256 sits
 in the fixed preamble, so every byte of the file is covered by a checksum. Packing is deterministic
 (sorted names, sorted JSON keys, no timestamps): equal adapters give equal bytes, which lets the
 content-addressed blob store keep them once.
@@ -32,14 +35,14 @@ import mmap
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from mintd.lora_config import LoraSpec
+from mintd.lora_config import DELTA_MEM_TENSOR_PREFIX, DeltaMemSpec, LoraSpec, is_weight
 
 MAGIC = b"MINTLORA"
 FORMAT_VERSION = 1
@@ -53,8 +56,7 @@ _DTYPES = {
     "float64": torch.float64,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_SECTIONS = ("weights", "optimizer")
-_WEIGHT_SUFFIXES = (".lora_A", ".lora_B")
+_SECTIONS = ("weights", "delta_mem", "optimizer")
 
 
 Source = Path | str | bytes | bytearray
@@ -90,6 +92,8 @@ class PackedHeader:
     optimizer: dict[str, Entry]
     buffer_nbytes: int
     sha256: str
+    delta_mem: DeltaMemSpec | None = None
+    delta_mem_tensors: dict[str, Entry] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,9 @@ class PackedAdapter:
 
     @cached_property
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Adapter weights `<target>.lora_A` / `.lora_B`, as the engine's `export_adapter` names them."""
-        return views(self.groups, self.header.weights)
+        """Adapter weights `<target>.lora_A` / `.lora_B` and `delta_mem.<parameter>`, as the engine's
+        `export_adapter` names them."""
+        return views(self.groups, {**self.header.weights, **self.header.delta_mem_tensors})
 
     @cached_property
     def optimizer(self) -> dict[str, torch.Tensor]:
@@ -124,7 +129,7 @@ def storage_count(tensors: Iterable[torch.Tensor]) -> int:
 
 def split_state(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """`Engine.export_adapter(with_optimizer=True)` output -> (weights, optimizer state) for `pack`."""
-    weights = {k: v for k, v in tensors.items() if k.endswith(_WEIGHT_SUFFIXES)}
+    weights = {k: v for k, v in tensors.items() if is_weight(k)}
     return weights, {k: v for k, v in tensors.items() if k not in weights}
 
 
@@ -135,7 +140,7 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _targets(tensors: dict[str, torch.Tensor], rank: int) -> list[str]:
+def _targets(tensors: dict[str, torch.Tensor], rank: int, required: bool = True) -> list[str]:
     """Target names, checking every key is a LoRA matrix, every target has both, at the spec's rank."""
     targets: dict[str, set[str]] = {}
     for key, t in tensors.items():
@@ -148,8 +153,12 @@ def _targets(tensors: dict[str, torch.Tensor], rank: int) -> list[str]:
     for target, kinds in targets.items():
         if len(kinds) != 2:
             raise ValueError(f"pack: {target} has no {({'lora_A', 'lora_B'} - kinds).pop()}")
-    if not targets:
+    if not targets and required:
         raise ValueError("pack: no LoRA weights")
+    if targets and not required:
+        raise ValueError(
+            f"pack: {sorted(targets)[0]}: this delta_mem adapter has no LoRA (delta_mem.lora false)"
+        )
     return sorted(targets)
 
 
@@ -187,13 +196,23 @@ def pack(
     tensors: dict[str, torch.Tensor],
     fingerprint: str,
     optimizer: dict[str, torch.Tensor] | None = None,
+    delta_mem: DeltaMemSpec | None = None,
 ) -> bytes:
-    """Adapter weights (and optionally optimizer state) of a model with base `fingerprint` -> file bytes."""
-    targets = _targets(tensors, spec.rank)
-    dtypes = {_DTYPE_NAMES.get(t.dtype, str(t.dtype)) for t in tensors.values()}
+    """Adapter weights (and optionally optimizer state) of a model with base `fingerprint` -> file bytes;
+    with `delta_mem`, the tensors include its `delta_mem.` weights."""
+    memory = {k: t for k, t in tensors.items() if k.startswith(DELTA_MEM_TENSOR_PREFIX)}
+    tensors = {k: t for k, t in tensors.items() if k not in memory}
+    if memory and delta_mem is None:
+        raise ValueError(f"pack: {sorted(memory)[0]} without a delta_mem spec")
+    if delta_mem is not None and not memory:
+        raise ValueError("pack: a delta_mem spec without delta_mem weights")
+    if any(t.dtype != torch.float32 for t in memory.values()):
+        raise ValueError("pack: delta_mem weights must be float32")
+    targets = _targets(tensors, spec.rank, required=delta_mem is None or delta_mem.lora)
+    dtypes = {_DTYPE_NAMES.get(t.dtype, str(t.dtype)) for t in tensors.values()} or {"float32"}
     if len(dtypes) != 1:
         raise ValueError(f"pack: adapter weights mix dtypes {sorted(dtypes)}")
-    sections = {"weights": tensors, "optimizer": optimizer or {}}
+    sections = {"weights": tensors, "delta_mem": memory, "optimizer": optimizer or {}}
     groups, index = _layout(sections)
     buffer = bytearray(_align(max(g.offset + g.nbytes for g in groups.values())))
     flat = torch.frombuffer(buffer, dtype=torch.uint8)
@@ -226,6 +245,8 @@ def pack(
         "optimizer": index["optimizer"],
         "buffer": {"nbytes": len(buffer), "sha256": hashlib.sha256(buffer).hexdigest()},
     }
+    if delta_mem is not None:
+        header["delta_mem"] = {"spec": delta_mem.model_dump(), "tensors": index["delta_mem"]}
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text), hashlib.sha256(text).digest())
     head = preamble + text
@@ -339,6 +360,9 @@ def _parse_header(raw: Any, where: str) -> PackedHeader:
     dtype = _field(raw, "dtype", str, where)
     if any(groups[e.group].dtype != dtype for e in weights.values()):
         raise ValueError(f"{where}: header dtype {dtype} disagrees with the weights' groups")
+    delta_mem, memory = _delta_mem(raw, groups, where)
+    if not targets and (delta_mem is None or delta_mem.lora):
+        raise ValueError(f"{where}: header names no LoRA targets")
     return PackedHeader(
         format_version=version,
         base_fingerprint=_field(raw, "base_fingerprint", str, where),
@@ -350,7 +374,37 @@ def _parse_header(raw: Any, where: str) -> PackedHeader:
         optimizer=_entries(raw.get("optimizer"), groups, "optimizer", where),
         buffer_nbytes=nbytes,
         sha256=_field(buffer, "sha256", str, where),
+        delta_mem=delta_mem,
+        delta_mem_tensors=memory,
     )
+
+
+def _delta_mem(
+    raw: dict, groups: dict[str, Group], where: str
+) -> tuple[DeltaMemSpec | None, dict[str, Entry]]:
+    """The header's δ-mem spec and tensor index (None and {} for a LoRA adapter)."""
+    if "delta_mem" not in raw:
+        return None, {}
+    entry = _field(raw, "delta_mem", dict, where)
+    try:
+        spec = DeltaMemSpec(**_field(entry, "spec", dict, where))
+    except ValueError as e:
+        raise ValueError(f"{where}: header delta_mem spec is invalid ({e})") from None
+    memory = _entries(entry.get("tensors"), groups, "delta_mem", where)
+    if not memory or any(not k.startswith(DELTA_MEM_TENSOR_PREFIX) for k in memory):
+        raise ValueError(f"{where}: header delta_mem tensors are missing or misnamed")
+    if any(groups[e.group].dtype != "float32" for e in memory.values()):
+        raise ValueError(f"{where}: header delta_mem tensors must be float32")
+    return spec, memory
+
+
+def refuse_peft(header: PackedHeader) -> None:
+    """PEFT has no δ-mem adapter type: a δ-mem adapter (with or without a LoRA) cannot be exported."""
+    if header.delta_mem is not None:
+        raise ValueError(
+            "PEFT export: this is a delta_mem adapter (per-layer memory projections, gates and readouts "
+            "that PEFT has no adapter type for); it exists only in mintd's packed format"
+        )
 
 
 # Files whose buffer checksum matched, by identity (device, inode, size, mtime): reading the same
@@ -463,6 +517,7 @@ def packed_to_peft_folder(
     """Export for Hugging Face PEFT (`PeftModel.from_pretrained`); optimizer state is not exported."""
     from mintd.store.peft import save_peft_folder  # PEFT pulls in transformers: only when converting
 
+    refuse_peft(packed.header)
     save_peft_folder(directory, packed.header.spec, packed.tensors, base_model_name, model_type)
 
 

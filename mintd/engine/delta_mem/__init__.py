@@ -3,11 +3,12 @@ written by a gated delta rule as tokens pass and read back as low-rank correctio
 attention output of a frozen base. The weights are shared; the state is per sequence (per instance).
 """
 
-from mintd.engine.delta_mem.adapter import DeltaMemAdapter, DeltaMemLayer, DeltaMemSpec
-from mintd.engine.delta_mem.hooks import DeltaMemContext, create_adapter, install_delta_mem
+from mintd.engine.delta_mem.adapter import DeltaMemAdapter, DeltaMemLayer
+from mintd.engine.delta_mem.hooks import DeltaMemContext, blank_adapter, create_adapter, install_delta_mem
 from mintd.engine.delta_mem.run import DeltaMemRun
 from mintd.engine.delta_mem.scan import chunked_scan, reference_scan, step
 from mintd.engine.delta_mem.segments import segment_attention
+from mintd.lora_config import DeltaMemSpec
 
 __all__ = [
     "DeltaMemAdapter",
@@ -15,6 +16,7 @@ __all__ = [
     "DeltaMemLayer",
     "DeltaMemRun",
     "DeltaMemSpec",
+    "blank_adapter",
     "chunked_scan",
     "create_adapter",
     "install_delta_mem",

@@ -12,27 +12,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
 from torch import nn
+
+from mintd.lora_config import DeltaMemSpec
 
 GATE_BIAS_INIT = -1.5  # the release's initial write gate: β = σ(-1.5) ≈ 0.18
 BASE_SLICE_GAIN = 0.05  # the release's `base_slice_fixed` readout scale
-
-
-class DeltaMemSpec(BaseModel):
-    """The released δ-mem variant: token writes, one state head, rank-wise gates, "standard" update,
-    q and o readouts scaled by alpha / rank. `readout_init="zero"` starts exactly at the base model;
-    "base_slice" starts the readouts from the base's own q/o weights (non-zero gradients for the write
-    side from the first step, as the release does)."""
-
-    rank: int = Field(8, ge=1, le=64)
-    alpha: float = Field(16.0, gt=0)
-    readout_init: Literal["zero", "base_slice"] = "zero"
-    seed: int | None = None
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 class DeltaMemLayer(nn.Module):
@@ -93,6 +78,7 @@ class DeltaMemAdapter(nn.Module):
     def __init__(self, spec: DeltaMemSpec, shapes: dict[int, tuple[int, int]]) -> None:
         super().__init__()
         self.spec = spec
+        self.shapes = dict(shapes)  # layer -> (hidden, q_proj width)
         self.layers = nn.ModuleDict({str(i): DeltaMemLayer(spec, d, dq) for i, (d, dq) in shapes.items()})
 
     @property
@@ -101,6 +87,12 @@ class DeltaMemAdapter(nn.Module):
 
     def layer(self, index: int) -> DeltaMemLayer:
         return self.layers[str(index)]  # type: ignore[return-value]
+
+    def frozen_copy(self) -> DeltaMemAdapter:
+        """A copy that later training of this one does not reach (no gradients, none tracked)."""
+        copy = DeltaMemAdapter(self.spec, self.shapes).to(next(self.parameters()).device)
+        copy.load_state_dict(self.state_dict())
+        return copy.requires_grad_(False)
 
     def empty_state(self, rows: int) -> torch.Tensor:
         """A fresh instance's state for `rows` sequences: [rows, layers, r, r] fp32 zeros, on the

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mintd.engine.delta_mem.adapter import DeltaMemAdapter, DeltaMemSpec
+from mintd.engine.delta_mem.adapter import DeltaMemAdapter
 from mintd.engine.delta_mem.run import DeltaMemRun
+from mintd.lora_config import DeltaMemSpec
 
 # Families whose attention is q_proj -> (q_norm, RoPE, GQA) -> o_proj in every decoder layer.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "qwen3_moe")
@@ -38,13 +39,23 @@ def _linear(module: nn.Module) -> nn.Linear:
     return getattr(module, "base", module)
 
 
+def _shapes(model: nn.Module) -> dict[int, tuple[int, int]]:
+    return {
+        i: (_linear(q).in_features, _linear(q).out_features)
+        for i, (q, _) in enumerate(attention_projections(model))
+    }
+
+
+def blank_adapter(model: nn.Module, spec: DeltaMemSpec) -> DeltaMemAdapter:
+    """δ-mem weights of the right shapes for `model` (fp32, on its device), uninitialised: to load into."""
+    return DeltaMemAdapter(spec, _shapes(model)).to(next(model.parameters()).device)
+
+
 def create_adapter(model: nn.Module, spec: DeltaMemSpec) -> DeltaMemAdapter:
     """Fresh δ-mem weights for every attention layer of `model` (fp32, on the model's device)."""
-    projections = attention_projections(model)
-    shapes = {i: (_linear(q).in_features, _linear(q).out_features) for i, (q, _) in enumerate(projections)}
-    adapter = DeltaMemAdapter(spec, shapes)
+    adapter = DeltaMemAdapter(spec, _shapes(model))
     generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else torch.seed())
-    for i, (q, o) in enumerate(projections):
+    for i, (q, o) in enumerate(attention_projections(model)):
         adapter.layer(i).reset(generator, _linear(q).weight, _linear(o).weight, spec.readout_init)
     return adapter.to(next(model.parameters()).device)
 
