@@ -7,10 +7,12 @@ for a 1024 -> 3072 linear at 16 rows where oneDNN on the packed weight takes 0.4
 unembedding: 119 vs 29 ms). vLLM's CPU backend and torch.compile's freezing pass pack weights the same
 way.
 
-The packed weight replaces the plain one (`linear.weight` becomes the oneDNN tensor), so packing costs
-no memory. Training, which needs the input's gradient through the frozen base, gets it from a plain
-copy unpacked for the backward pass only. A weight that another module also reads (embeddings tied to
-the unembedding) keeps its plain layout, which oneDNN reads too, without the reorder's gain.
+The packed weight replaces the plain one (`linear.weight` becomes the oneDNN tensor): one copy of the
+base linears, not two. (Weights memory-mapped from the checkpoint leave the pages packing read in the
+page cache, clean and reclaimable.) Training, which needs the input's gradient through the frozen
+base, gets it from a plain copy unpacked for the backward pass only. A weight that another module
+also reads (embeddings tied to the unembedding) keeps its plain layout, which oneDNN reads too,
+without the reorder's gain.
 """
 
 from __future__ import annotations
