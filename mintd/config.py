@@ -48,8 +48,8 @@ class EngineSettings(BaseSettings):
     kv_block_size: int = Field(16, ge=1, description="token positions per KV cache block")
     cpu_packed_linears: bool = Field(
         True,
-        description="on CPU in bfloat16/float16: keep a oneDNN-packed copy of the base linears for "
-        "sampling (about 3x faster matmuls; costs one more copy of those weights)",
+        description="on CPU: run the base linears through oneDNN on weights packed in place (2-3x "
+        "faster matmuls than F.linear in float32 and bfloat16; no extra copy; tied weights stay unpacked)",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,11 @@ class Engine:
         frozen_dtype = self.dtype if self.device.type != "cpu" else torch.float32
         self.slots = AdapterSlots(install_lora(self.model, self.ctx, self.weights), self.device, frozen_dtype)
         if self.settings.cpu_packed_linears and packed.available(self.device, self.dtype):
+            readers = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
             for module in self.model.modules():
-                if isinstance(module, MultiLoraLinear):
-                    module.packed = packed.PackedLinear(module.base)
+                if isinstance(module, MultiLoraLinear):  # a tied weight stays plain for its other reader
+                    tied = readers[id(module.base.weight)] > 1
+                    module.packed = packed.PackedLinear(module.base, pack=not tied)
         self._optimizers: dict[int, AdapterOptimizer] = {}
         config = self.model.config
         self.vocab_size = self.model.get_output_embeddings().base.out_features

@@ -58,11 +58,10 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.target = target
         self.ctx = ctx
-        self.packed: Callable[[torch.Tensor], torch.Tensor] | None = None  # the base, for no-grad passes
+        self.packed: Callable[[torch.Tensor], torch.Tensor] | None = None  # the base through oneDNN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_packed = self.packed is not None and not torch.is_grad_enabled()
-        y = self.packed(x) if use_packed else self.base(x)
+        y = self.base(x) if self.packed is None else self.packed(x)
         batch = self.ctx.batch
         return y if batch is None else batch.add_linear_delta(self.target.name, x, y)
 

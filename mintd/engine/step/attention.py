@@ -53,7 +53,7 @@ class StepCache:
     pool: BlockPool
     write: torch.Tensor  # [T] pool row of each token of the step
     decode_q: torch.Tensor | None  # [S] flat positions of the decode queries
-    decode_rows: torch.Tensor | None  # [S, L] pool rows of each decode sequence's keys (padded)
+    decode_rows: torch.Tensor | None  # [S, L] pool rows of each decode sequence's keys (padded), contiguous
     decode_mask: torch.Tensor | None  # [S, 1, 1, L] True where a key is real
     chunks: list[Chunk]
 
@@ -82,20 +82,39 @@ def paged_attention(
     out = q.new_empty((q.shape[1], q.shape[0], value.shape[-1]))  # [T, heads, dim_v]
     gqa = q.shape[0] != keys.shape[1]
     if step.decode_q is not None:
-        qd = q[:, step.decode_q].transpose(0, 1).unsqueeze(2)  # [S, heads, 1, dim]
-        kd = keys[step.decode_rows].transpose(1, 2)  # [S, kv_heads, L, dim]
-        vd = values[step.decode_rows].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=step.decode_mask, scale=scaling, enable_gqa=gqa
-        )
-        out[step.decode_q] = o[:, :, 0]
+        out[step.decode_q] = _decode(q[:, step.decode_q].transpose(0, 1), keys, values, step, scaling)
     for c in step.chunks:
         qc = q[:, c.start : c.end].unsqueeze(0)
-        kc = keys[c.rows].transpose(0, 1).unsqueeze(0)
-        vc = values[c.rows].transpose(0, 1).unsqueeze(0)
+        kc = keys.index_select(0, c.rows).transpose(0, 1).unsqueeze(0)
+        vc = values.index_select(0, c.rows).transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scaling, enable_gqa=gqa)
         out[c.start : c.end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepCache, scaling: float | None
+) -> torch.Tensor:
+    """One query per sequence ([S, heads, dim]) over its gathered keys; returns [S, heads, dim_v].
+
+    `index_select` on the flattened rows copies whole [kv_heads, dim] rows (5-8x faster than advanced
+    indexing on CPU). In bfloat16 each KV head's query group runs as that head's queries, which CPU
+    SDPA does 4-7x faster than `enable_gqa` with one query; in float32 `enable_gqa` is the faster one.
+    """
+    s, heads, dim = q.shape
+    rows = step.decode_rows
+    kd = keys.index_select(0, rows.view(-1)).view(*rows.shape, *keys.shape[1:]).transpose(1, 2)
+    vd = values.index_select(0, rows.view(-1)).view(*rows.shape, *values.shape[1:]).transpose(1, 2)
+    kv_heads, mask = kd.shape[1], step.decode_mask
+    if q.dtype == torch.float32 or kv_heads == heads:
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scaling, enable_gqa=kv_heads != heads
+        )
+    else:
+        o = F.scaled_dot_product_attention(
+            q.view(s, kv_heads, heads // kv_heads, dim), kd, vd, attn_mask=mask, scale=scaling
+        )
+    return o.reshape(s, heads, -1)
 
 
 AttentionInterface.register(NAME, paged_attention)

@@ -96,7 +96,7 @@ class FlatRunner:
             rows = block_rows(decode_tables, self.pool.block_size, self.device)
             longest = max(decode_lengths)
             cache.decode_q = self._t(decode_q)
-            cache.decode_rows = rows[:, :longest]
+            cache.decode_rows = rows[:, :longest].contiguous()
             lengths = self._t(decode_lengths)
             cache.decode_mask = (torch.arange(longest, device=self.device) < lengths.unsqueeze(1))[
                 :, None, None
