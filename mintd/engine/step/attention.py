@@ -85,10 +85,13 @@ def paged_attention(
         qd = q[:, step.decode_q].transpose(0, 1).unsqueeze(2)  # [S, heads, 1, dim]
         kd = keys[step.decode_rows].transpose(1, 2)  # [S, kv_heads, L, dim]
         vd = values[step.decode_rows].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=step.decode_mask, scale=scaling, enable_gqa=gqa
-        )
-        out[step.decode_q] = o[:, :, 0]
+        if qd.device.type == "cpu":
+            out[step.decode_q] = _decode_attention(qd, kd, vd, step.decode_mask, scaling)
+        else:
+            o = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=step.decode_mask, scale=scaling, enable_gqa=gqa
+            )
+            out[step.decode_q] = o[:, :, 0]
     for c in step.chunks:
         qc = q[:, c.start : c.end].unsqueeze(0)
         kc = keys[c.rows].transpose(0, 1).unsqueeze(0)
@@ -96,6 +99,20 @@ def paged_attention(
         o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scaling, enable_gqa=gqa)
         out[c.start : c.end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """One query per sequence ([S, heads, 1, dim]) over its keys ([S, kv_heads, L, dim]) under `mask`
+    ([S, 1, 1, L]), as two batched matmuls with the softmax in float32: on CPU, torch's masked SDPA takes
+    about 9x longer on these shapes (3.5 ms against 0.38 ms for 48 sequences x 160 keys in bfloat16).
+    Query heads are grouped over their key heads, so nothing is repeated for GQA. [S, heads, dim]."""
+    seqs, heads, _, dim = q.shape
+    groups = heads // k.shape[1]
+    scores = torch.matmul(q.reshape(seqs, k.shape[1], groups, dim), k.transpose(-1, -2)).float()
+    scores = (scores * (scaling if scaling is not None else dim**-0.5)).masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v).reshape(seqs, heads, -1)
 
 
 AttentionInterface.register(NAME, paged_attention)
