@@ -16,6 +16,16 @@ time from sending to the first streamed chunk, inter-token latency the time betw
 mintd runs as `mintd serve` in its own process, with a device budget of --resident adapters' bytes
 (so the Zipf tail is loaded and evicted as it would be in production); the residency hit rate comes
 from its /metrics. Prints one JSON line.
+
+The two servers, as configured here (same model folder, adapters, requests, --dtype and --threads):
+  mintd  --adapter-device-budget = --resident adapters' bytes (the rest load from its host cache or
+         the blob store on demand); its defaults otherwise: 64 rows decoding together
+         (MINTD_MAX_SAMPLE_ROWS), 512 tokens a step, a 65,536-token KV cache; MINTD_MAX_PENDING_ROWS =
+         --requests, so the open loop gets no 429
+  vLLM   --max-loras --resident (adapters in one batch), --max-cpu-loras --adapters (all 1,000 kept
+         in its CPU LoRA cache once loaded), --max-lora-rank --rank, a 2 GiB KV cache
+         (VLLM_CPU_KVCACHE_SPACE), OpenMP bound to cores 0..threads-1; its CPU API-server defaults
+         otherwise: 128 sequences and 2,048 tokens a step, prefix caching on (random prompts share none)
 """
 
 from __future__ import annotations
