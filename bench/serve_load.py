@@ -4,7 +4,9 @@ registered) on goodput (requests/s with TTFT <= the SLO) by >= 1.5x on the same 
 
 The workload (fixed by --seed, identical for both servers):
   arrivals    Poisson at --rate requests/s for --requests requests (open loop: a slow server does not
-              slow the arrivals down)
+              slow the arrivals down); --rate 2,6,12 sweeps rates in turn, lowest first, on one server
+              process per engine, and the headline goodput_vs_vllm is the ratio of the two engines'
+              peak goodputs over the sweep (each rate's own ratio is in "sweep")
   adapters    --adapters saved revisions of distinct adapters (random LoRA weights, --rank), each
               request naming one as `model`, with Zipf(--zipf) popularity (rank i has weight 1/i^s)
   prompts     token ids, length uniform in [--prompt-min, --prompt-max]
@@ -14,6 +16,16 @@ time from sending to the first streamed chunk, inter-token latency the time betw
 mintd runs as `mintd serve` in its own process, with a device budget of --resident adapters' bytes
 (so the Zipf tail is loaded and evicted as it would be in production); the residency hit rate comes
 from its /metrics. Prints one JSON line.
+
+The two servers, as configured here (same model folder, adapters, requests, --dtype and --threads):
+  mintd  --adapter-device-budget = --resident adapters' bytes (the rest load from its host cache or
+         the blob store on demand); its defaults otherwise: 64 rows decoding together
+         (MINTD_MAX_SAMPLE_ROWS), 512 tokens a step, a 65,536-token KV cache; MINTD_MAX_PENDING_ROWS =
+         --requests, so the open loop gets no 429
+  vLLM   --max-loras --resident (adapters in one batch), --max-cpu-loras --adapters (all 1,000 kept
+         in its CPU LoRA cache once loaded), --max-lora-rank --rank, a 2 GiB KV cache
+         (VLLM_CPU_KVCACHE_SPACE), OpenMP bound to cores 0..threads-1; its CPU API-server defaults
+         otherwise: 128 sequences and 2,048 tokens a step, prefix caching on (random prompts share none)
 """
 
 from __future__ import annotations
@@ -60,12 +72,12 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def workload(args: argparse.Namespace, vocab: int) -> list[Request]:
+def workload(args: argparse.Namespace, rate: float, vocab: int) -> list[Request]:
     rng = random.Random(args.seed)
     weights = [1 / (i + 1) ** args.zipf for i in range(args.adapters)]
     at, out = 0.0, []
     for _ in range(args.requests):
-        at += rng.expovariate(args.rate)
+        at += rng.expovariate(rate)
         prompt = [rng.randrange(16, vocab) for _ in range(rng.randint(args.prompt_min, args.prompt_max))]
         adapter = rng.choices(range(args.adapters), weights)[0]
         out.append(Request(at, adapter, prompt, rng.randint(args.output_min, args.output_max)))
@@ -144,6 +156,13 @@ async def drive(url: str, models: list[str], requests: list[Request]) -> tuple[l
     return outcomes, elapsed
 
 
+def ratio(mintd: dict, vllm: dict | None) -> float | None:
+    """Goodput, mintd ÷ vLLM (None without a vLLM figure, or when vLLM served nothing within the SLO)."""
+    if not vllm or not vllm["goodput_rps"]:
+        return None
+    return round(mintd["goodput_rps"] / vllm["goodput_rps"], 3)
+
+
 def pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -194,10 +213,16 @@ def free_port() -> int:
 
 
 def run_mintd(
-    model_dir: Path, data_dir: Path, budget: int, args: argparse.Namespace, requests: list[Request]
-) -> dict:
+    model_dir: Path, data_dir: Path, budget: int, args: argparse.Namespace, loads: list[list[Request]]
+) -> list[dict]:
+    """One `mintd serve` process runs each load in turn (the sweep's rates, lowest first)."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MINTD_MAX_PENDING_ROWS": str(args.requests)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MINTD_MAX_PENDING_ROWS": str(args.requests),
+        "MINTD_DTYPE": args.dtype,
+    }
     command = [
         sys.executable,
         "-m",
@@ -211,24 +236,29 @@ def run_mintd(
     command += ["--port", str(port), "--adapter-device-budget", str(budget)]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    results = []
     try:
         wait_up(proc, url, "/api/v1/healthz", "mintd serve")
-        hits, misses = metric(url, "mintd_residency_hits_total"), metric(url, "mintd_residency_misses_total")
-        outcomes, elapsed = asyncio.run(drive(url, [f"a{i}" for i in range(args.adapters)], requests))
-        hits, misses = (
-            metric(url, "mintd_residency_hits_total") - hits,
-            metric(url, "mintd_residency_misses_total") - misses,
-        )
+        for requests in loads:
+            hits = metric(url, "mintd_residency_hits_total")
+            misses = metric(url, "mintd_residency_misses_total")
+            outcomes, elapsed = asyncio.run(drive(url, [f"a{i}" for i in range(args.adapters)], requests))
+            hits = metric(url, "mintd_residency_hits_total") - hits
+            misses = metric(url, "mintd_residency_misses_total") - misses
+            out = summarize(outcomes, elapsed, args.slo)
+            out["residency_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else None
+            results.append(out)
+            log(f"mintd: {json.dumps(out)}")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
-    out = summarize(outcomes, elapsed, args.slo)
-    out["residency_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else None
-    return out
+    return results
 
 
-def run_vllm(model_dir: Path, data_dir: Path, args: argparse.Namespace, requests: list[Request]) -> dict:
-    """The same workload against `vllm serve` with every adapter registered as a LoRA module."""
+def run_vllm(
+    model_dir: Path, data_dir: Path, args: argparse.Namespace, loads: list[list[Request]]
+) -> list[dict]:
+    """The same loads against `vllm serve` with every adapter registered as a LoRA module."""
     from mintd.catalog import Catalog, CatalogDB
     from mintd.config import CatalogSettings
     from mintd.service.checkpoints import Checkpoints
@@ -249,7 +279,8 @@ def run_vllm(model_dir: Path, data_dir: Path, args: argparse.Namespace, requests
     # `vllm serve` itself fails in vllm-cpu (it asks for the metadata of a distribution named "vllm");
     # the deprecated api_server module still serves the same OpenAI app
     command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    command += ["--port", str(port), "--enable-lora", "--max-lora-rank", str(args.rank)]
+    command += ["--port", str(port), "--dtype", args.dtype]
+    command += ["--enable-lora", "--max-lora-rank", str(args.rank)]
     command += [
         "--max-loras",
         str(args.resident),
@@ -271,7 +302,11 @@ def run_vllm(model_dir: Path, data_dir: Path, args: argparse.Namespace, requests
         url = f"http://127.0.0.1:{port}"
         try:
             wait_up(proc, url, "/health", "vllm serve")
-            outcomes, elapsed = asyncio.run(drive(url, [f"a{i}" for i in range(args.adapters)], requests))
+            results = []
+            for requests in loads:
+                outcomes, elapsed = asyncio.run(drive(url, [f"a{i}" for i in range(args.adapters)], requests))
+                results.append(summarize(outcomes, elapsed, args.slo))
+                log(f"vllm: {json.dumps(results[-1])}")
         except SystemExit:
             output.seek(0)
             log(output.read().decode(errors="replace")[-4000:])
@@ -279,7 +314,7 @@ def run_vllm(model_dir: Path, data_dir: Path, args: argparse.Namespace, requests
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=120)
-    return summarize(outcomes, elapsed, args.slo)
+    return results
 
 
 def main() -> None:
@@ -296,7 +331,13 @@ def main() -> None:
     parser.add_argument("--resident", type=int, default=64, help="adapters the device budget holds")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--zipf", type=float, default=1.1, help="popularity exponent s")
-    parser.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
+    parser.add_argument(
+        "--rates",
+        "--rate",
+        type=lambda text: [float(r) for r in text.split(",")],
+        default=[2.0],
+        help="mean arrivals per second; a comma list (2,6,12) sweeps them in turn on one server process",
+    )
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--prompt-min", type=int, default=16)
     parser.add_argument("--prompt-max", type=int, default=128)
@@ -304,6 +345,12 @@ def main() -> None:
     parser.add_argument("--output-max", type=int, default=64)
     parser.add_argument("--slo", type=float, default=2.0, help="TTFT SLO in seconds, for goodput")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="both servers' weights (vLLM would pick bfloat16 for a float32 checkpoint on its own)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the server under test")
     parser.add_argument("--vllm-python", help="VENV/bin/python of a vLLM (CPU) install: also run vllm serve")
     args = parser.parse_args()
@@ -325,27 +372,35 @@ def main() -> None:
             )
         log(f"saving {args.adapters} adapters (rank {args.rank}) ...")
         size = make_adapters(model_dir, work / "data", args)
-        requests = workload(args, vocab)
-        log(f"mintd serve: {args.requests} requests at {args.rate}/s over {args.adapters} adapters ...")
-        mintd = run_mintd(model_dir, work / "data", size * args.resident, args, requests)
+        loads = [workload(args, rate, vocab) for rate in args.rates]
+        log(f"mintd serve: {args.requests} requests at each rate of {args.rates}/s ...")
+        mintd = run_mintd(model_dir, work / "data", size * args.resident, args, loads)
+        vllm: list[dict | None] = [None] * len(loads)
+        if args.vllm_python:
+            log("vllm serve: the same loads ...")
+            vllm = run_vllm(model_dir, work / "data", args, loads)
+        else:
+            log("vLLM comparison skipped: pass --vllm-python VENV/bin/python (a vLLM CPU install) to run it")
+        sweep = [
+            {"rate": rate, "mintd": m, "vllm": v, "goodput_vs_vllm": ratio(m, v)}
+            for rate, m, v in zip(args.rates, mintd, vllm, strict=True)
+        ]
+        # the sweep's headline: the best goodput each server reached at any offered rate (its capacity
+        # under the SLO), so a rate where both keep up, or both are swamped, does not hide a difference
+        peak = {"mintd": max(m["goodput_rps"] for m in mintd)}
+        if args.vllm_python:
+            peak["vllm"] = max(v["goodput_rps"] for v in vllm)
         result = {
             "bench": "serve_load",
             "config": {k: v for k, v in vars(args).items() if k != "vllm_python"}
             | {"model_dir": str(model_dir)},
             "workload": "Poisson arrivals; Zipf adapters; uniform prompt, output lengths; streamed",
-            "mintd": mintd,
+            "sweep": sweep,
+            "peak_goodput_rps": peak,
+            "goodput_vs_vllm": ratio({"goodput_rps": peak["mintd"]}, {"goodput_rps": peak.get("vllm")})
+            if args.vllm_python
+            else None,
         }
-        if args.vllm_python:
-            log("vllm serve: the same workload ...")
-            vllm = run_vllm(model_dir, work / "data", args, requests)
-            result["vllm"] = vllm
-            result["goodput_vs_vllm"] = (
-                round(mintd["goodput_rps"] / vllm["goodput_rps"], 3) if vllm["goodput_rps"] else None
-            )
-        else:
-            log("vLLM comparison skipped: pass --vllm-python VENV/bin/python (a vLLM CPU install) to run it")
-            result["vllm"] = None
-            result["goodput_vs_vllm"] = None
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)

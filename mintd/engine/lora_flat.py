@@ -2,10 +2,12 @@
 
 The step engine lays a step's tokens out as one flat batch ([1, tokens, features]) in which the tokens
 of each slot are contiguous and slots of one rank and target set are adjacent (vLLM's token → LoRA
-mapping, Punica's segments). Each such group costs one shrink and one expand per layer, whatever its
-number of adapters, and nothing is padded to a larger rank. The weights a group needs are stacked once
-and kept while the group's composition stays the same (across steps), never copied per row: the n
-samples of one prompt are one segment of one adapter.
+mapping, Punica's segments). Each such group costs one shrink and one expand per layer for each length
+its segments have (decodes are one token, prompt chunks longer), whatever its number of adapters, and
+nothing is padded to a larger rank or a longer segment. Every adapter's weights sit in a row of a bank
+per group key, so a group's stack is one `index_select` per target even when its composition changes
+every step (requests joining and leaving under serving load); nothing is copied per row: the n samples
+of one prompt are one segment of one adapter.
 
 The math sits behind `LoraBackend`; `TorchBackend` is plain torch (CPU and CUDA). A fused kernel
 (SGMV/BGMV style) would be another backend with the same `delta`.
@@ -19,7 +21,17 @@ from typing import Protocol
 import torch
 
 from mintd.engine.adapters import BASE_SLOT, AdapterSlots
-from mintd.engine.lora_batch import expert_delta, group_key, padding_index, segment_bmm
+from mintd.engine.lora_batch import expert_delta, group_key, segment_bmm
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A group's segments of one length: one `bmm` over [segments, length, in]. `segments` are their
+    places among the group's slots, `tokens` their tokens' offsets in the group."""
+
+    length: int
+    segments: torch.Tensor
+    tokens: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -31,93 +43,132 @@ class SegmentGroup:
     slots: tuple[int, ...]
     lengths: tuple[int, ...]  # tokens per slot, in order
     targets: frozenset[str]
-    # when lengths differ: where each token sits in the [slots, longest] padded layout, and back
-    padding: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-Weights = tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]
+    # when lengths differ, the segments by length (decodes of one token each, prompt chunks of their
+    # own lengths): padding them all to the longest would multiply a step's LoRA work by its chunk size
+    buckets: tuple[Bucket, ...] = ()
 
 
 class LoraBackend(Protocol):
-    def delta(self, x: torch.Tensor, group: SegmentGroup, weights: Weights) -> torch.Tensor:
+    def delta(
+        self, x: torch.Tensor, group: SegmentGroup, weights: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """scale · (x Aᵀ) Bᵀ for the group's tokens `x` [tokens, in], each with its own slot's weights:
         (Aᵀ [in, r], Bᵀ [r, out]) for one slot, the same stacked ([slots, in, r], [slots, r, out]) for
-        several, or a list of per-slot pairs (a composition not stacked yet)."""
+        several."""
         ...
 
 
 class TorchBackend:
-    """Segment GEMMs with torch: plain matmuls for one adapter or per segment, two `bmm` over
-    [slots, tokens, in] for stacked weights (a view when every segment has the same length, the usual
-    decode and GRPO case)."""
+    """Segment GEMMs with torch: plain matmuls for one adapter, two `bmm` per bucket of equal-length
+    segments for stacked weights (over a view of the flat tokens when every segment has the same
+    length, the usual decode and GRPO case)."""
 
-    def delta(self, x: torch.Tensor, group: SegmentGroup, weights: Weights) -> torch.Tensor:
-        if isinstance(weights, list):
-            pieces, pos = [], 0
-            for (a_t, b_t), n in zip(weights, group.lengths, strict=True):
-                pieces.append((x[pos : pos + n] @ a_t) @ b_t)
-                pos += n
-            return torch.cat(pieces)
+    def delta(
+        self, x: torch.Tensor, group: SegmentGroup, weights: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         a_t, b_t = weights
         if a_t.dim() == 2:
             return (x @ a_t) @ b_t
-        return segment_bmm(x, a_t, b_t, group.padding)
+        if not group.buckets:
+            return segment_bmm(x, a_t, b_t, None)
+        out = x.new_empty(len(x), b_t.shape[-1])
+        for bucket in group.buckets:
+            xs = x.index_select(0, bucket.tokens).view(len(bucket.segments), bucket.length, -1)
+            a, b = a_t.index_select(0, bucket.segments), b_t.index_select(0, bucket.segments)
+            out.index_copy_(0, bucket.tokens, torch.bmm(torch.bmm(xs, a), b).view(-1, out.shape[-1]))
+        return out
+
+
+class _Bank:
+    """One tensor per target holding every slot's A ([rows, r, in]) and Bᵀ·scale ([rows, r, out]) of
+    one group key, in one dtype; a slot's row is written when it first runs (a trainable slot's again
+    at each step, its weights change) and given back once a step runs without it."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows: dict[int, int] = {}  # slot -> row
+        self.free: list[int] = []
+        self.size = 0  # rows handed out so far (the high-water mark)
+        self.used: set[int] = set()  # slots a step ran since the last sweep
+        self.fresh: set[int] = set()  # trainable slots written since the last sweep
+
+    def place(self, slot: int, table: AdapterSlots, dtype: torch.dtype) -> int:
+        adapter = table[slot]
+        row = self.rows.get(slot)
+        write = row is None or (adapter.trainable and slot not in self.fresh)
+        if row is None:
+            row = self.free.pop() if self.free else self.size
+            self.size = max(self.size, row + 1)
+            self.rows[slot] = row
+        if write:
+            self._write(row, adapter.weights, adapter.spec.scale, dtype)
+            self.fresh.add(slot)
+        self.used.add(slot)
+        return row
+
+    def _write(self, row: int, weights: dict, scale: float, dtype: torch.dtype) -> None:
+        with torch.no_grad():
+            for name, (a, b) in weights.items():
+                if a.dim() != 2:  # an MoE's per-expert weights: expert_delta reads the table's
+                    continue
+                bank = self.tensors.get(name)
+                if bank is None or len(bank[0]) <= row:
+                    rows = max(row + 1, 2 * len(bank[0]) if bank else 4)
+                    grown = (
+                        a.new_empty((rows, *a.shape), dtype=dtype),
+                        b.new_empty((rows, *b.t().shape), dtype=dtype),
+                    )
+                    if bank is not None:
+                        grown[0][: len(bank[0])] = bank[0]
+                        grown[1][: len(bank[1])] = bank[1]
+                    self.tensors[name] = bank = grown
+                bank[0][row] = a
+                bank[1][row] = b.t() * scale
+
+    def sweep(self) -> None:
+        for slot in [s for s in self.rows if s not in self.used]:
+            self.free.append(self.rows.pop(slot))
+        self.used, self.fresh = set(), set()
 
 
 class WeightCache:
-    """Weights ready for the backend, in the compute dtype: (Aᵀ, Bᵀ·scale) per slot, and stacked per
-    composition of a group. Frozen adapters' entries (sampling snapshots, loaded revisions) are kept
-    across steps; an entry no step used since the previous `sweep` is dropped, so an adapter that left
-    or was freed costs nothing. A composition is stacked from the second step in a row that runs it:
-    its first step (a request just joined or left) runs per-segment products instead of copying every
-    adapter of the group for one step."""
+    """Weights ready for the backend, in the compute dtype: (Aᵀ, Bᵀ·scale) per slot, kept in a bank per
+    group key and dtype, so stacking a step's composition of adapters is one `index_select` per target,
+    however often the composition changes (under serving load requests join and leave nearly every
+    step). Frozen adapters (sampling snapshots, loaded revisions) are written into the bank once and
+    kept while steps run them; a trainable adapter is written again at each step; an adapter no step
+    ran since the previous `sweep` gives its row back (and an empty bank its memory)."""
 
     def __init__(self, table: AdapterSlots) -> None:
         self.table = table
-        self._entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._used: set[tuple] = set()
-        self._seen: set[tuple] = set()  # compositions the previous step ran
-        self._seen_now: set[tuple] = set()
+        self._banks: dict[tuple, _Bank] = {}
+        self._rows: dict[tuple, tuple[_Bank, torch.Tensor | int]] = {}  # this step's compositions
 
-    def get(self, name: str, slots: tuple[int, ...], dtype: torch.dtype) -> Weights:
-        if len(slots) == 1:
-            return self._cached((name, slots, dtype), lambda: self._single(name, slots[0], dtype), slots)
-        key = (name, slots, dtype)
-        self._seen_now.add(key)
-        if key in self._entries or key in self._seen:
-            return self._cached(key, lambda: self._stack(name, slots, dtype), slots)
-        return [self.get(name, (s,), dtype) for s in slots]
+    def get(self, name: str, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        bank, rows = self._placed(slots, dtype)
+        a, b = bank.tensors[name]
+        if isinstance(rows, int):
+            return a[rows].t(), b[rows]
+        return a.index_select(0, rows).transpose(1, 2), b.index_select(0, rows)
 
-    def _cached(self, key: tuple, make, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self._entries.get(key)
-        if cached is None:
-            with torch.no_grad():
-                cached = make()
-            if any(self.table[s].trainable for s in slots):  # a trainable adapter changes every step
-                return cached
-            self._entries[key] = cached
-        self._used.add(key)
-        return cached
-
-    def _single(self, name: str, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        adapter = self.table[slot]
-        a, b = adapter.weights[name]
-        return a.t().to(dtype), (b * adapter.spec.scale).t().to(dtype)
-
-    def _stack(
-        self, name: str, slots: tuple[int, ...], dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aᵀ as a transposed view of stacked A ([slots, r, in] in memory) and Bᵀ contiguous: the layouts
-        CPU `bmm` runs fastest on (a token's dot products run along contiguous rows of A)."""
-        adapters = [self.table[s] for s in slots]
-        a = torch.stack([ad.weights[name][0] for ad in adapters]).transpose(1, 2)
-        b = torch.stack([(ad.weights[name][1] * ad.spec.scale).t() for ad in adapters])
-        return a.to(dtype), b.to(dtype)
+    def _placed(self, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[_Bank, torch.Tensor | int]:
+        key = (slots, dtype)
+        if key not in self._rows:
+            bank = self._banks.setdefault((group_key(slots[0], self.table), dtype), _Bank())
+            rows = [bank.place(s, self.table, dtype) for s in slots]
+            self._rows[key] = (
+                bank,
+                rows[0] if len(rows) == 1 else torch.tensor(rows, device=self.table.device),
+            )
+        return self._rows[key]
 
     def sweep(self) -> None:
-        self._entries = {k: v for k, v in self._entries.items() if k in self._used}
-        self._used = set()
-        self._seen, self._seen_now = self._seen_now, set()
+        """The step is over: rows of adapters it did not run are given back."""
+        self._rows = {}
+        for key, bank in list(self._banks.items()):
+            bank.sweep()
+            if not bank.rows:
+                del self._banks[key]
 
 
 def merge_segments(slots: list[int], lengths: list[int]) -> list[tuple[int, int]]:
@@ -160,8 +211,27 @@ def _group(
     targets = frozenset(table[slots[0]].weights)
     if len(slots) != len(set(slots)):
         raise ValueError("flat LoRA batch: a slot's tokens must be contiguous")
-    padding = None if len(slots) == 1 else padding_index(lengths, device)
-    return SegmentGroup(start, end, slots, lengths, targets, padding)
+    return SegmentGroup(start, end, slots, lengths, targets, _buckets(lengths, device))
+
+
+def _buckets(lengths: tuple[int, ...], device: torch.device) -> tuple[Bucket, ...]:
+    """The segments by length; none when all are equal (the flat tokens already are that layout)."""
+    if len(set(lengths)) == 1:
+        return ()
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    return tuple(
+        Bucket(
+            n,
+            torch.tensor(segments, device=device),
+            torch.tensor([t for i in segments for t in range(offsets[i], offsets[i] + n)], device=device),
+        )
+        for n, segments in by_length.items()
+    )
 
 
 class FlatLoraBatch:

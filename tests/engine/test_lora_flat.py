@@ -16,44 +16,82 @@ def _frozen(engine, rank: int, seed: int) -> int:
     return engine.snapshot(slot)
 
 
-def test_segments_of_unequal_lengths_match_a_per_token_reference(engine) -> None:
-    a, b, c = _frozen(engine, 4, 1), _frozen(engine, 4, 2), _frozen(engine, 8, 3)
-    # base, then a rank-4 group of two adapters with unequal segments, then a rank-8 adapter
-    token_slots = [BASE_SLOT] * 2 + [a] * 3 + [b] * 1 + [c] * 2
-    segments = merge_segments(token_slots, [1] * len(token_slots))
-    groups = plan_groups(segments, engine.slots, torch.device("cpu"))
-    assert [(g.start, g.end, g.slots, g.lengths) for g in groups] == [
-        (2, 6, (a, b), (3, 1)),
-        (6, 8, (c,), (2,)),
-    ]
-    name = next(iter(engine.slots[a].weights))
-    target = engine.slots.targets[name]
-    x = torch.randn(1, len(token_slots), target.in_features)
-    y = torch.randn(1, len(token_slots), target.out_features)
-    weights = WeightCache(engine.slots)
-    batch = FlatLoraBatch(segments, segments, engine.slots, weights, TorchBackend(), None, x.device)
-    per_segment = batch.add_linear_delta(name, x, y.clone())  # a new composition: per-segment products
-    weights.sweep()
-    got = batch.add_linear_delta(name, x, y.clone())  # the same composition again: stacked
-    torch.testing.assert_close(per_segment, got, rtol=1e-5, atol=1e-5)
+def _reference(engine, name: str, token_slots: list[int], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     want = y.clone()
     for i, slot in enumerate(token_slots):
         if slot != BASE_SLOT:
             adapter = engine.slots[slot]
             la, lb = adapter.weights[name]
             want[0, i] += (x[0, i] @ la.t() @ lb.t()) * adapter.spec.scale
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    weights.sweep()
-    assert (name, (a, b), torch.float32) in weights._entries, (
-        "a stacked composition is kept for the next step"
-    )
-    weights.sweep()
-    assert not weights._entries, "and dropped once a step no longer uses it"
+    return want
 
 
-def test_trainable_adapters_are_never_cached(engine) -> None:
+def _delta(engine, weights: WeightCache, token_slots: list[int], lengths: list[int], name: str, x, y):
+    segments = merge_segments(token_slots, lengths)
+    batch = FlatLoraBatch(segments, segments, engine.slots, weights, TorchBackend(), None, x.device)
+    return batch.add_linear_delta(name, x, y.clone())
+
+
+def test_segments_of_unequal_lengths_match_a_per_token_reference(engine) -> None:
+    a, b, c, d = _frozen(engine, 4, 1), _frozen(engine, 4, 2), _frozen(engine, 8, 3), _frozen(engine, 4, 4)
+    # base, then a rank-4 group of three adapters with segments of lengths 3, 1, 1 (two buckets), then
+    # a rank-8 adapter
+    token_slots = [BASE_SLOT] * 2 + [a] * 3 + [b] + [d] + [c] * 2
+    segments = merge_segments(token_slots, [1] * len(token_slots))
+    groups = plan_groups(segments, engine.slots, torch.device("cpu"))
+    assert [(g.start, g.end, g.slots, g.lengths) for g in groups] == [
+        (2, 7, (a, b, d), (3, 1, 1)),
+        (7, 9, (c,), (2,)),
+    ]
+    assert sorted((k.length, k.segments.tolist(), k.tokens.tolist()) for k in groups[0].buckets) == [
+        (1, [1, 2], [3, 4]),
+        (3, [0], [0, 1, 2]),
+    ]
+    name = next(iter(engine.slots[a].weights))
+    target = engine.slots.targets[name]
+    x = torch.randn(1, len(token_slots), target.in_features)
+    y = torch.randn(1, len(token_slots), target.out_features)
+    weights = WeightCache(engine.slots)
+    first = _delta(engine, weights, token_slots, [1] * len(token_slots), name, x, y)
+    want = _reference(engine, name, token_slots, x, y)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    weights.sweep()
+    # the next step: b left, so the rank-4 group is (a, d), of equal lengths (a view, one bucket)
+    token_slots = [a, d]
+    again = _delta(engine, weights, token_slots, [1, 1], name, x[:, :2], y[:, :2])
+    torch.testing.assert_close(again, _reference(engine, name, token_slots, x[:, :2], y[:, :2]))
+
+
+def test_bank_rows_are_kept_while_steps_run_their_adapter_and_given_back_after(engine) -> None:
+    a, b, c = _frozen(engine, 4, 1), _frozen(engine, 4, 2), _frozen(engine, 4, 3)
+    name = next(iter(engine.slots[a].weights))
+    weights = WeightCache(engine.slots)
+    weights.get(name, (a, b), torch.float32)
+    weights.sweep()
+    (bank,) = weights._banks.values()
+    rows = dict(bank.rows)
+    weights.get(name, (a,), torch.float32)  # b's request finished
+    assert bank.rows == rows, "a kept its row (not written again); b keeps its own until the sweep"
+    weights.sweep()
+    assert bank.rows == {a: rows[a]}
+    weights.get(name, (a, c), torch.float32)
+    assert bank.rows == {a: rows[a], c: rows[b]}, "c took the row b gave back"
+    weights.sweep()
+    weights.sweep()
+    assert not weights._banks, "a step that runs no adapter frees the bank"
+
+
+def test_trainable_adapters_are_written_again_each_step(engine) -> None:
     live = engine.create_adapter(LoraSpec(rank=4, seed=0))
     name = next(iter(engine.slots[live].weights))
+    target = engine.slots.targets[name]
+    x = torch.randn(1, 2, target.in_features)
+    y = torch.zeros(1, 2, target.out_features)
     weights = WeightCache(engine.slots)
-    weights.get(name, (live,), torch.float32)
-    assert not weights._entries
+    _delta(engine, weights, [live, live], [1, 1], name, x, y)
+    weights.sweep()
+    with torch.no_grad():
+        engine.slots[live].weights[name][1].normal_()  # an optimizer step
+    got = _delta(engine, weights, [live, live], [1, 1], name, x, y)
+    torch.testing.assert_close(got, _reference(engine, name, [live, live], x, y))
+    assert got.abs().sum() > 0
