@@ -41,6 +41,16 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def dense_weight(linear: nn.Linear) -> torch.Tensor:
+    """A linear's weight in the plain [out, in] layout, packed or not: for code that reads the base's
+    values (a δ-mem readout initialised from them), not for the forward pass."""
+    return _plain(linear.weight)
+
+
+def _plain(weight: torch.Tensor) -> torch.Tensor:
+    return weight.to_dense() if weight.is_mkldnn else weight
+
+
 class _FrozenLinear(torch.autograd.Function):
     """y = x W^T + b with W and b frozen: the backward pass gives the input's gradient only."""
 
@@ -51,8 +61,7 @@ class _FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        weight = ctx.weight.to_dense() if ctx.weight.is_mkldnn else ctx.weight
-        return grad @ weight, None, None
+        return grad @ _plain(ctx.weight), None, None
 
 
 class PackedLinear:

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mintd.engine.delta_mem.adapter import DeltaMemAdapter
 from mintd.engine.delta_mem.run import DeltaMemRun
+from mintd.engine.packed import dense_weight
 from mintd.lora_config import DeltaMemSpec
 
 # Families whose attention is q_proj -> (q_norm, RoPE, GQA) -> o_proj in every decoder layer.
@@ -56,7 +57,9 @@ def create_adapter(model: nn.Module, spec: DeltaMemSpec) -> DeltaMemAdapter:
     adapter = DeltaMemAdapter(spec, _shapes(model))
     generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else torch.seed())
     for i, (q, o) in enumerate(attention_projections(model)):
-        adapter.layer(i).reset(generator, _linear(q).weight, _linear(o).weight, spec.readout_init)
+        adapter.layer(i).reset(
+            generator, dense_weight(_linear(q)), dense_weight(_linear(o)), spec.readout_init
+        )
     return adapter.to(next(model.parameters()).device)
 
 
