@@ -51,6 +51,12 @@ class EngineSettings(BaseSettings):
         description="on CPU: run the base linears through oneDNN on weights packed in place (2-3x "
         "faster matmuls than F.linear in float32 and bfloat16; no extra copy; tied weights stay unpacked)",
     )
+    cpu_packed_min_weight: int = Field(
+        1 << 17,
+        ge=0,
+        description="base linears with fewer weight elements stay on F.linear: oneDNN's fixed cost per "
+        "call (~20 us on a 2-core machine) outweighs its gain below about 256 x 512",
+    )
 
 
 class ServeSettings(BaseSettings):

@@ -70,7 +70,10 @@ class Engine:
         if self.settings.cpu_packed_linears and packed.available(self.device, self.dtype):
             readers = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
             for module in self.model.modules():
-                if isinstance(module, MultiLoraLinear):  # a tied weight stays plain for its other reader
+                if (
+                    isinstance(module, MultiLoraLinear)
+                    and module.base.weight.numel() >= self.settings.cpu_packed_min_weight
+                ):  # a tied weight stays plain for its other reader
                     tied = readers[id(module.base.weight)] > 1
                     module.packed = packed.PackedLinear(module.base, pack=not tied)
         self._optimizers: dict[int, AdapterOptimizer] = {}

@@ -34,6 +34,7 @@ def test_a_packed_linear_computes_and_backpropagates_what_the_plain_one_does(dty
     weight, bias = linear.weight.clone(), linear.bias.clone()
     fast = packed.PackedLinear(linear, pack=pack)
     assert linear.weight.is_mkldnn == pack  # packed in place: the plain weight is gone
+    assert torch.equal(packed.dense_weight(linear), weight)  # readers of the values still get them
     tol = TOLERANCE[dtype]
     x = torch.randn(3, 5, 64, dtype=dtype)
     with torch.no_grad():
@@ -49,7 +50,7 @@ def test_an_engine_samples_the_same_with_and_without_packing(qwen3_dir, dtype) -
     request = SampleRequest(
         BASE_SLOT, [5, 6, 7, 8], SamplingParams(max_tokens=1, temperature=0.0), prompt_logprobs=True
     )
-    engine = Engine(qwen3_dir, EngineSettings(dtype=dtype))
+    engine = Engine(qwen3_dir, EngineSettings(dtype=dtype, cpu_packed_min_weight=0))
     layers = [m for m in engine.model.modules() if isinstance(m, MultiLoraLinear)]
     assert all(m.packed is not None and m.base.weight.is_mkldnn for m in layers)
     with_packing = engine.sample([request])[0].prompt_logprobs[1:]
@@ -66,7 +67,7 @@ def test_a_tied_unembedding_stays_plain_and_shared(qwen3_dir, tmp_path) -> None:
         tensors = load_file(file)
         tensors.pop("lm_head.weight", None)
         save_file(tensors, file, metadata={"format": "pt"})
-    engine = Engine(tmp_path, EngineSettings(dtype="float32"))
+    engine = Engine(tmp_path, EngineSettings(dtype="float32", cpu_packed_min_weight=0))
     unembed, embed = engine.model.get_output_embeddings(), engine.model.get_input_embeddings()
     assert unembed.base.weight is embed.weight and not embed.weight.is_mkldnn
     assert unembed.packed is not None
@@ -75,3 +76,13 @@ def test_a_tied_unembedding_stays_plain_and_shared(qwen3_dir, tmp_path) -> None:
         for m in engine.model.modules()
         if isinstance(m, MultiLoraLinear) and m is not unembed
     )
+
+
+def test_linears_below_the_size_threshold_stay_plain(qwen3_dir) -> None:
+    """oneDNN's fixed cost per call loses to F.linear on small weights: those are not packed."""
+    engine = Engine(qwen3_dir, EngineSettings(dtype="float32", cpu_packed_min_weight=64 * 128))
+    layers = [m for m in engine.model.modules() if isinstance(m, MultiLoraLinear)]
+    big = [m for m in layers if m.base.weight.numel() >= 64 * 128]
+    assert big and len(big) < len(layers)
+    assert all((m.packed is not None) == (m in big) for m in layers)
+    assert all(m.base.weight.is_mkldnn == (m in big) for m in layers)
