@@ -143,11 +143,14 @@ def main() -> None:
     cold_run: list[float] = []
     for r in range(args.repeats):
         misses = residency.stats()["misses"]
-        resident += measure(service, hot, warm, args.hot_clients, rate, args.max_tokens)
+        latencies = measure(service, hot, warm, args.hot_clients, rate, args.max_tokens)
         assert residency.stats()["misses"] == misses, "wave (b) should load nothing"
-        fleet.log(f"wave {r + 1}/{args.repeats} of cold adapters (a)")
+        fleet.log(f"pair {r + 1}/{args.repeats}: resident wave (b) {summary(latencies)}")
+        resident += latencies
         wave = cold[r * args.wave : (r + 1) * args.wave]
-        cold_run += measure(service, hot, wave, args.hot_clients, rate, args.max_tokens)
+        latencies = measure(service, hot, wave, args.hot_clients, rate, args.max_tokens)
+        fleet.log(f"pair {r + 1}/{args.repeats}: cold wave (a) {summary(latencies)}")
+        cold_run += latencies
     stats = residency.stats()
     service.close()
     during_cold, during_resident = summary(cold_run), summary(resident)
