@@ -87,8 +87,7 @@ class _Bank:
     def __init__(self) -> None:
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rows: dict[int, int] = {}  # slot -> row
-        self.free: list[int] = []
-        self.size = 0  # rows handed out so far (the high-water mark)
+        self.free: list[int] = []  # rows given back; rows 0 .. len(rows) + len(free) - 1 exist
         self.used: set[int] = set()  # slots a step ran since the last sweep
         self.fresh: set[int] = set()  # trainable slots written since the last sweep
 
@@ -97,8 +96,7 @@ class _Bank:
         row = self.rows.get(slot)
         write = row is None or (adapter.trainable and slot not in self.fresh)
         if row is None:
-            row = self.free.pop() if self.free else self.size
-            self.size = max(self.size, row + 1)
+            row = self.free.pop() if self.free else len(self.rows)
             self.rows[slot] = row
         if write:
             self._write(row, adapter.weights, adapter.spec.scale, dtype)
