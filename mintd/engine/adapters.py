@@ -126,15 +126,14 @@ class AdapterSlots:
         _check_delta_mem(tensors, delta_mem)
         targets = self.targets_for(spec) if _has_lora(delta_mem) else []
         expected = {t.name: t for t in targets}
-        for name, target in expected.items():
-            for suffix, shape in zip(("lora_A", "lora_B"), target.shapes(spec.rank), strict=True):
-                key = f"{name}.{suffix}"
-                if key not in tensors:
-                    raise ValueError(f"adapter tensors: missing {key}")
-                if tuple(tensors[key].shape) != shape:
-                    raise ValueError(
-                        f"adapter tensors: {key} has shape {tuple(tensors[key].shape)}, expected {shape}"
-                    )
+        _check_shapes(
+            tensors,
+            {
+                f"{name}.{suffix}": shape
+                for name, target in expected.items()
+                for suffix, shape in zip(("lora_A", "lora_B"), target.shapes(spec.rank), strict=True)
+            },
+        )
         extra = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".lora_A", ".lora_B"))} - set(expected)
         if extra:
             raise ValueError(
@@ -182,14 +181,7 @@ def _has_lora(delta_mem: DeltaMemAdapter | None) -> bool:
 def _check_delta_mem(tensors: dict[str, torch.Tensor], delta_mem: DeltaMemAdapter | None) -> None:
     """`tensors` hold exactly `delta_mem`'s parameters at its shapes (none when it is None)."""
     expected = {} if delta_mem is None else dict(delta_mem.named_parameters())
-    for name, p in expected.items():
-        key = DELTA_MEM_TENSOR_PREFIX + name
-        if key not in tensors:
-            raise ValueError(f"adapter tensors: missing {key}")
-        if tensors[key].shape != p.shape:
-            raise ValueError(
-                f"adapter tensors: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}"
-            )
+    _check_shapes(tensors, {DELTA_MEM_TENSOR_PREFIX + name: tuple(p.shape) for name, p in expected.items()})
     extra = sorted(
         k
         for k in tensors
@@ -197,3 +189,13 @@ def _check_delta_mem(tensors: dict[str, torch.Tensor], delta_mem: DeltaMemAdapte
     )
     if extra:
         raise ValueError(f"adapter tensors: unexpected {extra[0]} for this base model / config")
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every key of `shapes` is in `tensors` with that shape (ValueError naming the first that is not)."""
+    for key, shape in shapes.items():
+        if key not in tensors:
+            raise ValueError(f"adapter tensors: missing {key}")
+        if tuple(tensors[key].shape) != shape:
+            got = tuple(tensors[key].shape)
+            raise ValueError(f"adapter tensors: {key} has shape {got}, expected {shape}")
