@@ -42,6 +42,16 @@ class SamplingParams(BaseModel):
 
 
 @dataclass
+class MemoryInput:
+    """A δ-mem instance's state entering a request (`engine/delta_mem`). Write-once: the prompt's first
+    `written` tokens are already in `state` (a client resent them), so they are read, not written again."""
+
+    state: torch.Tensor  # [layers, r, r] fp32
+    written: int = 0
+    write_generated: bool = True  # generated tokens write as they go back through the model
+
+
+@dataclass
 class SampleRequest:
     slot: int
     prompt: list[int]
@@ -50,6 +60,7 @@ class SampleRequest:
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     stream: TokenStream | None = None  # tokens as they are made, for a reader on another thread
+    memory: MemoryInput | None = None  # required for a δ-mem adapter's slot, refused for any other
 
 
 @dataclass
@@ -58,6 +69,8 @@ class SampledSequence:
     logprobs: list[float]
     stop_reason: str  # "stop" (stop token, stop string or EOS; included in tokens), "length", or
     # "cancelled" (its stream's reader went away)
+    memory: torch.Tensor | None = None  # δ-mem: the state [layers, r, r] after every token that went
+    # through the model (the prompt and each generated token but the last)
 
 
 @dataclass
