@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -101,16 +101,19 @@ class Registry:
         self._runs: dict[str, Run] = {}
         self._samplers: dict[str, Sampler] = {}
         self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # session id -> (owner, why)
+        # what each owner holds, against its quotas: kept with the tables, so a check never scans them
+        # (a busy server holds tens of thousands of samplers, and every new one is checked)
+        self._held: dict[type, Counter[str]] = {Session: Counter(), Run: Counter(), Sampler: Counter()}
 
     # sessions -----------------------------------------------------------------------------------
 
     def create_session(self, owner: str, tags: list[str], user_metadata: dict[str, Any]) -> Session:
         with self._lock:
-            live = sum(1 for s in self._sessions.values() if s.owner == owner)
             advice = "finish some (ServiceClient.close) or wait for idle ones to be closed"
+            live = self._held[Session][owner]
             _within_quota(live, self.quotas.sessions, "session", owner, "sessions", advice)
             session = Session(f"s-{secrets.token_hex(16)}", owner, tags, user_metadata)
-            self._sessions[session.id] = session
+            self._put(self._sessions, session.id, session)
             return session
 
     def session(self, session_id: str, owner: str, live: bool = False) -> Session:
@@ -151,7 +154,7 @@ class Registry:
 
     def check_run_quota(self, owner: str) -> None:
         with self._lock:
-            held = sum(1 for r in self._runs.values() if r.owner == owner)
+            held = self._held[Run][owner]
         advice = "unload some (unload_model) or finish their sessions"
         _within_quota(held, self.quotas.runs, "model", owner, "training runs", advice)
 
@@ -159,15 +162,15 @@ class Registry:
         """Register a run made in a live session (Gone if the session ended while it was being made)."""
         with self._lock:
             session = self._owned(self._sessions, run.session_id, run.owner, f"session {run.session_id}")
-            self._runs[run.model_id] = run
+            self._put(self._runs, run.model_id, run)
             session.run_ids.append(run.model_id)
 
     def remove_run(self, run: Run) -> list[str]:
         """Forget a run and its snapshot samplers; their ids."""
         with self._lock:
-            self._runs.pop(run.model_id, None)
+            self._pop(self._runs, run.model_id)
             for sampler_id in run.snapshots:
-                self._samplers.pop(sampler_id, None)
+                self._pop(self._samplers, sampler_id)
             return list(run.snapshots)
 
     def add_sampler(self, sampler: Sampler) -> Sampler:
@@ -178,19 +181,19 @@ class Registry:
                 return existing
             if not sampler.ephemeral:
                 who = sampler.owner
-                held = sum(1 for s in self._samplers.values() if s.owner == who and not s.ephemeral)
                 advice = "finish sessions that no longer sample"
+                held = self._held[Sampler][who]
                 _within_quota(held, self.quotas.samplers, "sampling_session", who, "samplers", advice)
             session = self._owned(
                 self._sessions, sampler.session_id, sampler.owner, f"session {sampler.session_id}"
             )
-            self._samplers[sampler.id] = sampler
+            self._put(self._samplers, sampler.id, sampler)
             session.sampler_ids.append(sampler.id)
             return sampler
 
     def drop_sampler(self, sampler_id: str) -> None:
         with self._lock:
-            self._samplers.pop(sampler_id, None)
+            self._pop(self._samplers, sampler_id)
 
     # ending sessions ----------------------------------------------------------------------------
 
@@ -208,16 +211,32 @@ class Registry:
         """Forget `session` and everything made in it (lookups answer Gone from now on); what it held,
         for the caller to free."""
         with self._lock:
-            self._sessions.pop(session.id, None)
-            runs = [r for rid in session.run_ids if (r := self._runs.pop(rid, None)) is not None]
-            samplers = [s for sid in session.sampler_ids if (s := self._samplers.pop(sid, None)) is not None]
+            self._pop(self._sessions, session.id)
+            runs = [r for rid in session.run_ids if (r := self._pop(self._runs, rid)) is not None]
+            samplers = [s for sid in session.sampler_ids if (s := self._pop(self._samplers, sid)) is not None]
             for run in runs:  # snapshots of these runs taken from other sessions' clients go too
                 for sampler_id in run.snapshots:
-                    self._samplers.pop(sampler_id, None)
+                    self._pop(self._samplers, sampler_id)
             self._ended[session.id] = (session.owner, why)
             while len(self._ended) > TOMBSTONES:
                 self._ended.popitem(last=False)
         return Ended(session, runs, samplers)
+
+    def _put(self, table: dict[str, Owned], object_id: str, obj: Owned) -> None:
+        """Add to a table, counting it against its owner's quota (call with the lock held)."""
+        table[object_id] = obj
+        if _counts(obj):
+            self._held[type(obj)][obj.owner] += 1
+
+    def _pop(self, table: dict[str, Owned], object_id: str) -> Owned | None:
+        """Remove from a table, if there, and from its owner's count (call with the lock held)."""
+        obj = table.pop(object_id, None)
+        if obj is not None and _counts(obj):
+            held = self._held[type(obj)]
+            held[obj.owner] -= 1
+            if not held[obj.owner]:
+                del held[obj.owner]
+        return obj
 
     def _owned(self, table: dict[str, Owned], object_id: str, owner: str, what: str) -> Owned:
         """`table[object_id]` if `owner` holds it (call with the lock held); else Gone or NotFound."""
@@ -235,6 +254,11 @@ class Registry:
                 "was discarded, saved checkpoints remain. Create a new client to continue"
             )
         raise NotFound(f"{what} not found")
+
+
+def _counts(obj: Session | Run | Sampler) -> bool:
+    """Whether it counts against a quota: all do but a run's snapshot samplers, which the run owns."""
+    return not (isinstance(obj, Sampler) and obj.ephemeral)
 
 
 def _within_quota(held: int, limit: int, field: str, owner: str, what: str, advice: str) -> None:

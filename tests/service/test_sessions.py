@@ -48,6 +48,23 @@ def test_quotas_are_per_owner() -> None:
     assert reg.add_sampler(snapshot) is snapshot  # a run's snapshots count against the run, not here
 
 
+def test_what_ends_or_is_dropped_frees_its_quota() -> None:
+    reg = registry(sessions=1, runs=1, samplers=1)
+    s = reg.create_session("alice", [], {})
+    reg.add_run(run := run_in(s.id, "alice"))
+    reg.add_sampler(Sampler(f"{s.id}:sample:0", "alice", s.id, "tiny", None))
+    reg.drop_sampler(f"{s.id}:sample:0")
+    reg.add_sampler(Sampler(f"{s.id}:sample:1", "alice", s.id, "tiny", None))  # the dropped one's room
+    reg.remove_run(run)
+    reg.add_run(run_in(s.id, "alice", 1))
+    reg.end(s, "finished")
+    t = reg.create_session("alice", [], {})  # the ended session held the only room, and its run and sampler
+    reg.add_run(run_in(t.id, "alice"))
+    reg.add_sampler(Sampler(f"{t.id}:sample:0", "alice", t.id, "tiny", None))
+    with pytest.raises(QuotaExceeded):
+        reg.add_sampler(Sampler(f"{t.id}:sample:1", "alice", t.id, "tiny", None))
+
+
 def test_due_sessions_are_finished_or_idle_and_never_busy() -> None:
     reg = registry()
     idle, finished, busy, fresh = (reg.create_session("alice", [], {}) for _ in range(4))
