@@ -21,7 +21,7 @@ from mintd.catalog import NewRevision, Provenance  # noqa: E402
 from mintd.config import ServeSettings  # noqa: E402
 from mintd.engine.sampling import SamplingParams  # noqa: E402
 from mintd.engine.tiny import make_tiny_model, random_adapter  # noqa: E402
-from mintd.server import build_app  # noqa: E402
+from mintd.server import build_app, freeze_startup_heap  # noqa: E402
 from mintd.service.futures import Future  # noqa: E402
 from mintd.service.tinker import TinkerService  # noqa: E402
 from mintd.store.packed import pack  # noqa: E402
@@ -46,6 +46,7 @@ def start(work: Path, size: str = "test", **settings: object) -> TinkerService:
         make_tiny_model(model_dir, "qwen3", seed=0, size=size)
     limits = {"max_samplers_per_owner": 10**7, "max_sessions_per_owner": 10**6}
     _, service = build_app({"tiny": model_dir}, ServeSettings(data_dir=work / "data", **limits, **settings))
+    freeze_startup_heap()  # as `mintd serve` does
     return service
 
 

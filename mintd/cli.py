@@ -229,7 +229,7 @@ def serve(
     from pydantic import ValidationError
 
     from mintd.config import BlobSettings, CatalogSettings, ServeSettings
-    from mintd.server import build_app
+    from mintd.server import build_app, freeze_startup_heap
 
     given = {
         "replica_id": replica_id,
@@ -252,6 +252,7 @@ def serve(
         app_, _ = build_app(models, settings, api_key or [], catalog_settings=catalog, blob_settings=blobs)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    freeze_startup_heap()
     console.print(f"mintd serving {', '.join(models)} on http://{host}:{port}")
     uvicorn.run(app_, host=host, port=port, log_level="info")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import secrets
 import socket
@@ -91,6 +92,16 @@ def build_app(
     serving = Serving(service, settings, Metrics(service))
     app = create_app(service, auth, settings, catalog=catalog, blobs=blobs, serving=serving)
     return app, service
+
+
+def freeze_startup_heap() -> None:
+    """Take what startup built (models, libraries' module state: some 500,000 objects) out of the cyclic
+    garbage collector's sight. Otherwise every full collection walks all of it under the GIL, and loads
+    of cold adapters, which allocate, set them off while the engine thread steps (measured: a 340 ms
+    pause with 800,000 objects tracked). For a serving process's entry point, once, after `build_app`;
+    never in a process that builds and drops servers (what is frozen is never collected)."""
+    gc.collect()
+    gc.freeze()
 
 
 def replica_info(settings: ServeSettings) -> ReplicaInfo:

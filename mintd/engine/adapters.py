@@ -149,8 +149,20 @@ class AdapterSlots:
         copy: bool = True,
         delta_mem: DeltaMemAdapter | None = None,
     ) -> int:
-        """Import flat tensors (as produced by `Adapter.state_dict`) into a new slot, checking shapes;
-        `delta_mem`, a δ-mem adapter of the right shapes, takes the `delta_mem.` tensors (copied).
+        """Import flat tensors (as produced by `Adapter.state_dict`) into a new slot: `build`, then `add`."""
+        return self.add(self.build(spec, tensors, trainable, copy, delta_mem))
+
+    def build(
+        self,
+        spec: LoraSpec,
+        tensors: dict[str, torch.Tensor],
+        trainable: bool = True,
+        copy: bool = True,
+        delta_mem: DeltaMemAdapter | None = None,
+    ) -> Adapter:
+        """An adapter of flat tensors, shapes checked, for `add`; `delta_mem`, a δ-mem adapter of the
+        right shapes, takes the `delta_mem.` tensors (copied). Reads no slot, so any thread may call it
+        (the loader thread builds frozen adapters that need no copy, and the engine thread only adds them).
 
         By default each tensor is copied (float32 for a trainable slot, `frozen_dtype` for a frozen
         one), so the slot owns its memory whatever the caller does next. `copy=False` adopts the tensors
@@ -170,7 +182,7 @@ class AdapterSlots:
             with torch.no_grad():
                 for name, p in delta_mem.named_parameters():
                     p.copy_(tensors[DELTA_MEM_TENSOR_PREFIX + name])
-        return self.add(Adapter(spec, weights, trainable=trainable, delta_mem=delta_mem))
+        return Adapter(spec, weights, trainable=trainable, delta_mem=delta_mem)
 
 
 def _has_lora(delta_mem: DeltaMemAdapter | None) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mintd.engine.adapters import Adapter
 from mintd.engine.engine import Engine
 from mintd.store.packed import PackedAdapter, Source, read_packed, views
 
@@ -32,7 +33,7 @@ def load_packed_into(
     index = {**packed.header.weights, **packed.header.delta_mem_tensors}
     needed = {e.group for e in index.values()}
     dtype = torch.float32 if trainable else engine.slots.frozen_dtype
-    if trainable or engine.device.type != "cpu" or any(packed.groups[g].dtype != dtype for g in needed):
+    if trainable or not _adoptable(engine, packed):
         groups = {name: _private_copy(packed.groups[name], engine.device, dtype) for name in needed}
     else:
         groups = {name: packed.groups[name] for name in needed}
@@ -42,6 +43,27 @@ def load_packed_into(
     return engine.load_adapter(
         packed.header.spec, tensors, trainable=trainable, copy=False, delta_mem=packed.header.delta_mem
     )
+
+
+def frozen_view(engine: Engine, packed: PackedAdapter) -> Adapter | None:
+    """The frozen slot `load_packed_into` would make of a verified LoRA adapter that needs no copy (a
+    CPU engine adopts views of the buffer), built where it is called: the loader thread builds it, so
+    the engine thread's whole part of a cold load is adding it to the slot table. None when a slot
+    needs more (a device copy, a dtype conversion, δ-mem weights, another base): then the engine
+    thread runs `load_packed_into`, which also says what is wrong."""
+    header = packed.header
+    if header.delta_mem is not None or header.base_fingerprint != engine.fingerprint:
+        return None
+    if not _adoptable(engine, packed):
+        return None
+    return engine.slots.build(header.spec, packed.tensors, trainable=False, copy=False)
+
+
+def _adoptable(engine: Engine, packed: PackedAdapter) -> bool:
+    """Whether a frozen slot can hold views of `packed`'s weights as they are."""
+    index = {**packed.header.weights, **packed.header.delta_mem_tensors}
+    dtype = engine.slots.frozen_dtype
+    return engine.device.type == "cpu" and all(packed.groups[e.group].dtype == dtype for e in index.values())
 
 
 def _private_copy(group: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -12,12 +12,22 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from mintd.engine.adapters import Adapter
 from mintd.store.packed import PackedAdapter
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A verified packed adapter, and the frozen slot the loader built of it when that needs no copy
+    (`device.frozen_view`), so the engine thread only adds it."""
+
+    packed: PackedAdapter
+    adapter: Adapter | None = None
 
 
 @dataclass
 class _Entry:
-    packed: PackedAdapter
+    staged: Staged
     nbytes: int
     pinned: bool
 
@@ -31,11 +41,12 @@ class HostCache:
         self.bytes_used = self.peak_bytes = 0
         self.hits = self.evictions = 0
 
-    def add_staged(self, key: str, packed: PackedAdapter) -> None:
+    def add_staged(self, key: str, staged: Staged) -> None:
         """A freshly verified adapter some request waits for: pinned until `take` copies it."""
         if self.pin_memory:
-            packed = PackedAdapter(packed.header, {k: g.pin_memory() for k, g in packed.groups.items()})
-        entry = _Entry(packed, packed.nbytes, True)
+            pinned = {k: g.pin_memory() for k, g in staged.packed.groups.items()}
+            staged = Staged(PackedAdapter(staged.packed.header, pinned))
+        entry = _Entry(staged, staged.packed.nbytes, True)
         with self._lock:
             old = self._entries.pop(key, None)
             self.bytes_used += entry.nbytes - (old.nbytes if old else 0)
@@ -43,7 +54,7 @@ class HostCache:
             self._evict()
             self.peak_bytes = max(self.peak_bytes, self.bytes_used)
 
-    def take(self, key: str) -> PackedAdapter | None:
+    def take(self, key: str) -> Staged | None:
         """The entry for a device copy (it stays cached, now evictable), or None if absent."""
         with self._lock:
             entry = self._entries.get(key)
@@ -53,7 +64,7 @@ class HostCache:
                 self.hits += 1  # a reload from host memory: no disk read, no hash
             entry.pinned = False
             self._entries.move_to_end(key)
-            return entry.packed
+            return entry.staged
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries

@@ -1,9 +1,11 @@
 """The loader thread: cold loads (fetch, read, verify) off the engine thread, most urgent first.
 
 A load reads a revision's blob (from the object store through the disk cache when there is one),
-checks every checksum and the base model, and stages the result in the host tier; the engine thread
-then only copies it into a slot, between batches. A failed load (a corrupt or missing blob) is kept as
-an error for the one request that asked, and nothing is cached, so a repaired blob loads next time.
+checks every checksum and the base model, and stages the result in the host tier, with its slot
+already built when that needs no copy (a CPU engine adopts views of the buffer); the engine thread then
+only adds that slot, or copies the adapter into one, between batches. A failed load (a corrupt or
+missing blob) is kept as an error for the one request that asked, and nothing is cached, so a repaired
+blob loads next time.
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ import time
 from collections.abc import Callable
 
 from mintd.catalog import Revision
-from mintd.residency.host import HostCache
+from mintd.residency.host import HostCache, Staged
 from mintd.store.packed import PackedAdapter
 
 log = logging.getLogger(__name__)
 
 Read = Callable[[Revision], PackedAdapter]  # verified bytes of a revision; ValueError when unusable
+Stage = Callable[[Revision], Staged]  # a revision read and made ready for its slot
 
 
 class Loader:
-    def __init__(self, read: Read, host: HostCache, name: str) -> None:
-        self.read = read
+    def __init__(self, stage: Stage, host: HostCache, name: str) -> None:
+        self.stage = stage
         self.host = host
         self.on_done: Callable[[str], None] = lambda key: None  # the engine worker's wake-up, by hash
         self._cv = threading.Condition()
@@ -89,7 +92,7 @@ class Loader:
                 self._in_flight += 1
             started = time.perf_counter()
             try:
-                self.host.add_staged(rev.content_hash, self.read(rev))
+                self.host.add_staged(rev.content_hash, self.stage(rev))
                 failure = None
             except ValueError as exc:
                 failure = exc

@@ -11,7 +11,8 @@ The manager is the only code that knows both adapter keys and slots. A key is on
 Tiers: device slots (`device_budget`) over a host cache of verified packed blobs (`host_budget`) over
 the blob store. A saved revision not on the device is loaded by the loader thread (read, verify,
 stage in the host tier); `acquire` raises `Loading` meanwhile and the op waits in its queue while
-resident work goes on. The engine thread then only copies host → device. Every `acquire` is matched
+resident work goes on. The engine thread then only copies host → device (on a CPU engine, not even
+that: it adds the slot the loader built of views of the buffer). Every `acquire` is matched
 by one `release` when the batch is done; a referenced entry is never evicted or parked. Only the
 engine's worker thread calls in, except `prefetch` and `stats`, which any thread may call.
 """
@@ -27,10 +28,9 @@ from typing import Any
 
 from mintd.catalog import Revision
 from mintd.engine.engine import Engine, Parked
-from mintd.residency.device import load_packed_into
-from mintd.residency.host import HostCache
+from mintd.residency.device import frozen_view, load_packed_into
+from mintd.residency.host import HostCache, Staged
 from mintd.residency.loader import Loader, Read
-from mintd.store.packed import PackedAdapter
 
 
 class Wait(Exception):
@@ -89,8 +89,9 @@ class Residency:
         self.engine = engine
         self.device_budget = device_budget
         self.park_after_s = park_after_s
+        self.read = read
         self.host = HostCache(host_budget, pin_memory=engine.device.type == "cuda")
-        self.loader = Loader(read, self.host, name)
+        self.loader = Loader(self._stage, self.host, name)
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
         self.device_bytes = self.device_peak = self.parked_bytes = 0
         self.hits = self.misses = self.evictions = self.parks = self.unparks = 0
@@ -155,7 +156,7 @@ class Residency:
         """`key`'s slot for one piece of work on the engine thread (an optimizer step, a save, a
         distillation reference). A saved revision not staged yet is read here, synchronously."""
         if isinstance(key, Revision) and not self._at_hand(key):
-            self.host.add_staged(key.content_hash, self.loader.read(key))
+            self.host.add_staged(key.content_hash, self._stage(key))
         slot = self.acquire(key)
         try:
             yield slot
@@ -175,24 +176,32 @@ class Residency:
     def _load(self, rev: Revision) -> _Resident:
         if (failure := self.loader.failure(rev.content_hash)) is not None:
             raise failure
-        packed = self.host.take(rev.content_hash)
-        if packed is None:
+        staged = self.host.take(rev.content_hash)
+        if staged is None:
             self.loader.request(rev, 1)
             raise Loading(f"{rev.ref} is loading")
-        size = packed.nbytes
+        size = staged.packed.nbytes
         if size > self.device_budget:
             raise ValueError(
                 f"model_path: {rev.ref} needs {size} bytes, more than this server's adapter device budget "
                 f"of {self.device_budget} (MINTD_ADAPTER_DEVICE_BUDGET)"
             )
         self._make_room(size)
-        slot = self._copy(packed)
+        slot = self._copy(staged)
         self.misses += 1
         return self._add(_key(rev), _Resident(slot, self.engine.slots[slot].nbytes, "revision"))
 
-    def _copy(self, packed: PackedAdapter) -> int:
+    def _stage(self, rev: Revision) -> Staged:
+        """Read and verify `rev` and, where its slot needs no copy, build that slot (the loader thread)."""
+        packed = self.read(rev)
+        return Staged(packed, frozen_view(self.engine, packed))
+
+    def _copy(self, staged: Staged) -> int:
         started = time.perf_counter()
-        slot = load_packed_into(self.engine, packed, verify=False)  # verified when it entered the host
+        if staged.adapter is not None:
+            slot = self.engine.slots.add(staged.adapter)
+        else:  # verified when it entered the host
+            slot = load_packed_into(self.engine, staged.packed, verify=False)
         self._copy_ms.append((time.perf_counter() - started) * 1000)
         del self._copy_ms[:-1000]
         return slot

@@ -140,7 +140,7 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _targets(tensors: dict[str, torch.Tensor], rank: int, required: bool = True) -> list[str]:
+def _targets(tensors: dict[str, torch.Tensor], rank: int) -> list[str]:
     """Target names, checking every key is a LoRA matrix, every target has both, at the spec's rank."""
     targets: dict[str, set[str]] = {}
     for key, t in tensors.items():
@@ -153,12 +153,6 @@ def _targets(tensors: dict[str, torch.Tensor], rank: int, required: bool = True)
     for target, kinds in targets.items():
         if len(kinds) != 2:
             raise ValueError(f"pack: {target} has no {({'lora_A', 'lora_B'} - kinds).pop()}")
-    if not targets and required:
-        raise ValueError("pack: no LoRA weights")
-    if targets and not required:
-        raise ValueError(
-            f"pack: {sorted(targets)[0]}: this delta_mem adapter has no LoRA (delta_mem.lora false)"
-        )
     return sorted(targets)
 
 
@@ -208,7 +202,12 @@ def pack(
         raise ValueError("pack: a delta_mem spec without delta_mem weights")
     if any(t.dtype != torch.float32 for t in memory.values()):
         raise ValueError("pack: delta_mem weights must be float32")
-    targets = _targets(tensors, spec.rank, required=delta_mem is None or delta_mem.lora)
+    targets = _targets(tensors, spec.rank)
+    if delta_mem is None or delta_mem.lora:
+        if not targets:
+            raise ValueError("pack: no LoRA weights")
+    elif targets:
+        raise ValueError(f"pack: {targets[0]}: this delta_mem adapter has no LoRA (delta_mem.lora false)")
     dtypes = {_DTYPE_NAMES.get(t.dtype, str(t.dtype)) for t in tensors.values()} or {"float32"}
     if len(dtypes) != 1:
         raise ValueError(f"pack: adapter weights mix dtypes {sorted(dtypes)}")

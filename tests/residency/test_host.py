@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from mintd.residency.host import HostCache
+from mintd.residency.host import HostCache, Staged
 from mintd.store.packed import PackedAdapter
 
 
-def _packed(nbytes: int) -> PackedAdapter:
+def _packed(nbytes: int) -> Staged:
     # the cache reads only `nbytes`, which comes from the groups; no header is needed for that
-    return PackedAdapter(header=None, groups={"weights.float32": torch.zeros(nbytes // 4)})  # type: ignore[arg-type]
+    return Staged(PackedAdapter(header=None, groups={"weights.float32": torch.zeros(nbytes // 4)}))  # type: ignore[arg-type]
 
 
 def test_evicts_least_recently_used_unpinned_entries_until_the_budget_holds() -> None:
