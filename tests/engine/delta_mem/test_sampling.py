@@ -3,6 +3,8 @@ and decode, beside base and LoRA rows of the same flat batch, and hands it back 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -258,3 +260,24 @@ def test_a_cancelled_or_aborted_request_leaves_nothing_behind(engine: Engine) ->
     assert not other.sequences and not engine.steps.running
     pool = engine.steps.pool
     assert pool.free_blocks == pool.num_blocks and pool.reserved == 0
+
+
+def test_a_batch_without_delta_mem_rows_runs_no_hook(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hooks are on the model only while δ-mem rows run: a base or LoRA batch pays nothing for them."""
+    slot, lora = delta_slot(engine), lora_slot(engine, 2)
+    entered: list[int] = []
+    real = engine.delta_ctx.use
+
+    @contextmanager
+    def spy(*runs):
+        entered.append(len(runs))
+        with real(*runs) as run:
+            assert all(m._forward_hooks for m, _ in engine.delta_ctx._hooks), "hooked while in use"
+            yield run
+
+    monkeypatch.setattr(engine.delta_ctx, "use", spy)
+    engine.sample([request(BASE_SLOT, PROMPT, 4), request(lora, PROMPT, 4)])
+    assert entered == []
+    engine.sample([request(slot, PROMPT, 4, MemoryInput(empty(engine, slot))), request(lora, PROMPT, 4)])
+    assert entered == [1] * 4, "one run in each of the four steps"
+    assert not any(m._forward_hooks for m in engine.model.modules())
