@@ -106,11 +106,14 @@ def test_an_empty_read_only_state_samples_the_base_bit_for_bit(engine: Engine) -
     assert written.sequences[0].logprobs != got.sequences[0].logprobs
 
 
-@pytest.mark.parametrize("step_tokens", [256, 5])
-def test_the_end_state_is_a_direct_run_over_what_was_fed(qwen3_dir, step_tokens: int) -> None:
+@pytest.mark.parametrize(
+    ("arch", "step_tokens"), [("qwen3", 256), ("qwen3", 5), ("llama", 5), ("qwen3-moe", 5)]
+)
+def test_the_end_state_is_a_direct_run_over_what_was_fed(tiny_model_dir, arch: str, step_tokens: int) -> None:
     """Greedy and n = 3 sampled children (each its own state); step_tokens 5 splits the prompt over
     three steps, beside the children of the other request decoding."""
-    engine = Engine(qwen3_dir, EngineSettings(step_tokens=step_tokens))
+    model_dir = tiny_model_dir(arch)
+    engine = Engine(model_dir, EngineSettings(step_tokens=step_tokens))
     slot = delta_slot(engine)
     start = random_state(engine, slot, 0)
     greedy = request(slot, PROMPT, 6, MemoryInput(start))
@@ -120,7 +123,7 @@ def test_the_end_state_is_a_direct_run_over_what_was_fed(qwen3_dir, step_tokens:
     for req, result in zip((greedy, sampled), results, strict=True):
         for sample in result.sequences:
             tokens = fed(req.prompt, sample)
-            want = direct_state(engine, slot, qwen3_dir, start, tokens, [True] * len(tokens))
+            want = direct_state(engine, slot, model_dir, start, tokens, [True] * len(tokens))
             torch.testing.assert_close(sample.memory, want, rtol=1e-5, atol=1e-5)
             assert sample.memory.device.type == "cpu" and sample.memory.dtype == torch.float32
 
