@@ -61,7 +61,7 @@ class FlatDeltaMemRun:
             gather = gather[padding[0]]
         writes = [spans[i].writes + [False] * (longest - len(spans[i].writes)) for i in prefill]
         decode_at = [spans[i].offset for i in decode]
-        rank = {span: row for row, span in enumerate(decode + prefill)}
+        row_of = {span: row for row, span in enumerate(decode + prefill)}
         return cls(
             adapter,
             torch.tensor(decode_at, dtype=torch.long, device=device),
@@ -72,7 +72,7 @@ class FlatDeltaMemRun:
             None if padding is None else padding[1],
             _per_layer([spans[i].state for i in prefill], adapter, device),
             torch.tensor(decode_at + positions, dtype=torch.long, device=device),
-            torch.tensor([rank[i] for i in range(len(spans))], dtype=torch.long, device=device),
+            torch.tensor([row_of[i] for i in range(len(spans))], dtype=torch.long, device=device),
         )
 
     def read_and_write(self, layer: int, x: torch.Tensor) -> torch.Tensor:
