@@ -9,15 +9,14 @@ q_norm and RoPE) and keeps m for the o_proj hook, which adds s·U_o m to the att
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from mintd.engine.delta_mem.adapter import DeltaMemAdapter
-from mintd.engine.delta_mem.run import DeltaMemRun
+from mintd.engine.delta_mem.run import MemoryRun
 from mintd.engine.packed import dense_weight
 from mintd.lora_config import DeltaMemSpec
 
@@ -64,49 +63,51 @@ def create_adapter(model: nn.Module, spec: DeltaMemSpec) -> DeltaMemAdapter:
 
 
 class DeltaMemContext:
-    """Shared by the hooks of one model: the runs of the batch in progress (none: the hooks do nothing).
+    """The δ-mem hooks of one model and the runs of the forward in progress.
 
-    Several runs share a batch when its rows use different δ-mem adapters; rows no run names (base or
-    LoRA-only rows) get no correction at all, so their outputs are exactly those of the model alone."""
+    The hooks are on the model only inside `use` (registered on entry, removed on exit): a forward
+    without δ-mem rows, e.g. a step-engine batch of base and LoRA rows, runs the model's modules with no
+    hook at all, not even an empty loop. Several runs share a batch when its rows use different δ-mem
+    adapters; a run is a `DeltaMemRun` (rows of a [batch, T] forward) or a `flat.FlatDeltaMemRun`
+    (spans of the step engine's flat row). Rows or tokens no run names (base or LoRA-only ones) get no
+    correction at all, so their outputs are exactly those of the model alone."""
 
     def __init__(self) -> None:
-        self.runs: tuple[DeltaMemRun, ...] = ()
+        self.runs: tuple[MemoryRun, ...] = ()
+        self._hooks: list[tuple[nn.Module, Callable]] = []  # (q_proj or o_proj, its hook)
 
     @contextmanager
-    def use(self, *runs: DeltaMemRun) -> Iterator[DeltaMemRun]:
+    def use(self, *runs: MemoryRun) -> Iterator[MemoryRun]:
         """Yields the first run (the usual case is one)."""
+        if not self._hooks:
+            raise ValueError("delta_mem: install_delta_mem(model, ctx) first")
         self.runs = runs
+        handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
         try:
             yield runs[0]
         finally:
+            for handle in handles:
+                handle.remove()
             for run in runs:
                 run._reads.clear()
             self.runs = ()
 
 
-def _add_rows(out: torch.Tensor, run: DeltaMemRun, correction: torch.Tensor) -> torch.Tensor:
-    correction = correction.to(out.dtype)
-    return out + correction if run.rows is None else out.index_add(0, run.rows, correction)
-
-
-def install_delta_mem(model: nn.Module, ctx: DeltaMemContext) -> list[RemovableHandle]:
-    """Hook every attention layer's q_proj and o_proj; the handles remove the hooks again."""
-    handles = []
+def install_delta_mem(model: nn.Module, ctx: DeltaMemContext) -> None:
+    """Give `ctx` the hooks of every attention layer's q_proj and o_proj (they run inside `ctx.use`)."""
     for layer, (q_proj, o_proj) in enumerate(attention_projections(model)):
 
         def on_q(module, args, out, layer=layer):
             for run in ctx.runs:
                 read = run.read_and_write(layer, args[0])
                 run._reads[layer] = read
-                out = _add_rows(out, run, run.adapter.layer(layer).correction(read, "q"))
+                out = run.add(out, run.adapter.layer(layer).correction(read, "q"))
             return out
 
         def on_o(module, args, out, layer=layer):
             for run in ctx.runs:
                 read = run._reads.pop(layer)
-                out = _add_rows(out, run, run.adapter.layer(layer).correction(read, "o"))
+                out = run.add(out, run.adapter.layer(layer).correction(read, "o"))
             return out
 
-        handles.append(q_proj.register_forward_hook(on_q))
-        handles.append(o_proj.register_forward_hook(on_o))
-    return handles
+        ctx._hooks += [(q_proj, on_q), (o_proj, on_o)]
