@@ -524,7 +524,7 @@ def test_migrations_build_the_schema_and_rerun_as_no_ops(tmp_path: Path) -> None
         assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
         version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
     first.dispose()
-    assert version == "0002"
+    assert version == "0003"
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
