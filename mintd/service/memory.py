@@ -37,11 +37,21 @@ if TYPE_CHECKING:
 
 LIVE = "live"
 SEPARATOR = ".mem."
+USER_SUFFIX = "#user="  # Tinker: model_path `<weights ref>#user=<instance>` binds an instance
 
 
 def is_delta_mem(rev: Revision) -> bool:
     """A δ-mem weights revision (its states are `memory` revisions, never served as a model)."""
     return rev.kind != RevisionKind.MEMORY and "delta_mem" in rev.provenance.lora_config
+
+
+def refuse_state(rev: Revision, field_name: str) -> None:
+    """A `memory` revision is never a model: it means something only under its weights."""
+    if rev.kind == RevisionKind.MEMORY:
+        raise ValueError(
+            f"{field_name}: {rev.ref} is a δ-mem instance's state; name the weights that wrote it "
+            f"({rev.metadata.get('weights')}) and bind the instance (see README, serving δ-mem)"
+        )
 
 
 def instance_adapter(weights: Revision, instance: str, field_name: str = "user") -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mintd.catalog import Revision, RevisionKind
+from mintd.catalog import Revision
 from mintd.config import ServeSettings
 from mintd.engine import sampling
 from mintd.engine.adapters import BASE_SLOT
@@ -35,7 +35,7 @@ from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
 from mintd.engine.stream import TokenEvent, TokenStream
 from mintd.service.errors import Busy
 from mintd.service.futures import Future, FutureStore
-from mintd.service.memory import Binding, Memories, is_delta_mem
+from mintd.service.memory import Binding, is_delta_mem, refuse_state
 from mintd.service.metrics import Metrics
 from mintd.service.sampling import admit_cold
 from mintd.service.scheduler import SampleOp
@@ -199,7 +199,7 @@ class Serving:
         }
         self._pending = dict.fromkeys(service.models, 0)
         self._lock = threading.Lock()
-        self.memories = Memories(service.checkpoints)
+        self.memories = service.memories
 
     # models -------------------------------------------------------------------------------------
 
@@ -208,11 +208,7 @@ class Serving:
         if model in self.service.models:
             return Target(self.service.models[model], None)
         rev = self.service.revision(owner, model, "model")
-        if rev.kind == RevisionKind.MEMORY:
-            raise ValueError(
-                f"model: {rev.ref} is a δ-mem instance's state; name the weights that wrote it "
-                f"({rev.metadata.get('weights')}) and the instance as `user`"
-            )
+        refuse_state(rev, "model")
         return Target(self.service.base_of(rev, "model"), rev)
 
     def models(self, owner: str, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:

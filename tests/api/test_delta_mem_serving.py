@@ -276,3 +276,48 @@ def test_a_restart_continues_bit_for_bit_and_a_replay_reproduces_the_digest(qwen
         assert rev.provenance.data_fingerprint == uninterrupted.provenance.data_fingerprint
         assert state_digest(memory.state) == rev.provenance.lora_config["state_digest"]
     service.close()
+
+
+TINKER = """
+import json
+import tinker
+from tinker import types
+
+service = tinker.ServiceClient(base_url={url!r}, api_key={key!r})
+params = types.SamplingParams(max_tokens=4, temperature=0.0, stop=[])
+out = {{}}
+for user in ("sdk", None):
+    path = {path!r} + ("" if user is None else "#user=" + user)
+    client = service.create_sampling_client(model_path=path)
+    turns = []
+    for prompt in ({tell!r}, {ask!r}):  # one sample at a time: one writer per instance
+        seq = client.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
+        turns.append([list(seq.tokens), list(seq.logprobs)])
+    out[str(user)] = turns
+try:
+    service.create_sampling_client(model_path="tinker://adapters/dm.mem.sdk:live").sample(
+        types.ModelInput.from_ints({ask!r}), 1, params).result()
+except Exception as e:
+    out["refused"] = [type(e).__name__, str(e)]
+print(json.dumps(out))
+"""
+
+
+def test_the_tinker_sdk_binds_an_instance_through_model_path(served: Served):
+    """`<weights path>#user=<instance>`: the unmodified SDK's samples write the instance like `user` does."""
+    from tests.sdk import run_sdk_json
+
+    script = TINKER.format(url=served.url, key=ALICE, path="tinker://adapters/alice/dm@1", tell=TELL, ask=ASK)
+    out = run_sdk_json("tinker-0.38", script, timeout=300)
+    rev, memory = served.live("sdk")
+    assert rev.number == 3  # empty, then one state per sample
+    first, second = out["sdk"]
+    assert memory.tokens_written == len(TELL) + len(ASK) + 6 and memory.session == (*ASK, *second[0][:-1])
+    # the same two conversations through the OpenAI endpoint: the same answers and the same state
+    assert turn(served, "sdk-oai", TELL).tokens == first[0]
+    assert turn(served, "sdk-oai", ASK).tokens == second[0]
+    assert served.live("sdk-oai")[1].state.equal(memory.state)
+    # without #user=: read-only on an empty state, nothing committed anywhere
+    assert out["None"][1][0] == turn(served, None, ASK).tokens
+    name, message = out["refused"]
+    assert name == "BadRequestError" and "is a δ-mem instance's state" in message
