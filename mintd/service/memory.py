@@ -100,9 +100,8 @@ class Binding:
             segment = session[self.written :]
             assert self.live is not None and self.adapter is not None
             head = chain(self.live.provenance.data_fingerprint or GENESIS, segment)
-            state = MemoryState(
-                sample.memory.detach().cpu(), self.start.tokens_written + len(segment), tuple(session)
-            )
+            total = self.start.tokens_written + len(segment)
+            state = MemoryState(sample.memory.detach().cpu(), total, tuple(session), self.start.instance)
             return self.memories.commit(self.owner, self.adapter, self.weights, state, head, self.live)
         finally:
             self.release()
@@ -146,10 +145,11 @@ class Memories:
         """The request's binding: read-only on an empty state without an instance; else the instance's
         `live` state (created empty on first use), checked against the weights, under the lease."""
         if instance is None:
-            return Binding(self, owner, weights, prompt, self._empty(weights, engine))
+            return Binding(self, owner, weights, prompt, self._empty(weights, engine, ""))
         adapter = instance_adapter(weights, instance)
         self.leases.take(owner, adapter, instance)
-        binding = Binding(self, owner, weights, prompt, self._empty(weights, engine), adapter, _held=True)
+        empty = self._empty(weights, engine, f"{owner}/{adapter}")
+        binding = Binding(self, owner, weights, prompt, empty, adapter, _held=True)
         try:
             binding.live = self._live(owner, adapter, instance, weights, binding.start)
             binding.start = self.read(binding.live)
@@ -166,10 +166,10 @@ class Memories:
         except (ValueError, LookupError, OSError) as exc:
             raise ValueError(f"user: the stored state {rev.ref} is unreadable: {exc}") from None
 
-    def _empty(self, weights: Revision, engine: Engine) -> MemoryState:
+    def _empty(self, weights: Revision, engine: Engine, instance: str) -> MemoryState:
         rank = int(weights.provenance.lora_config["delta_mem"]["rank"])
         layers = int(engine.model.config.num_hidden_layers)
-        return MemoryState(torch.zeros(layers, rank, rank), 0, ())
+        return MemoryState(torch.zeros(layers, rank, rank), 0, (), instance)
 
     def _live(
         self, owner: str, adapter: str, instance: str, weights: Revision, empty: MemoryState

@@ -1,11 +1,13 @@
 """A δ-mem instance's state as the bytes of a catalog `memory` revision.
 
-Layout: the magic `MINTDMEM`, a little-endian u32 header length, a JSON header (format, layers, rank,
-tokens written in all, session length), the state (`engine/delta_mem/state.state_bytes`: fp32
+Layout: the magic `MINTDMEM`, a little-endian u32 header length, a JSON header (format, the instance,
+layers, rank, tokens written in all, session length), the state (`engine/delta_mem/state.state_bytes`: fp32
 [layers, r, r]), then the session's token ids (int32 little-endian). The session is what the instance
 has written since its conversation last started over (the prompt and the generated tokens but the last);
 serving compares a resent chat against it to write each token once, and keeping it in the revision makes
 that hold after a restart and after a rollback of `live` (the session rolls back with the state).
+The header names the instance (`owner/adapter`) so that no two instances ever share a blob: erasing one
+deletes its bytes even where another wrote the same tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class MemoryState:
     state: torch.Tensor  # [layers, r, r] fp32
     tokens_written: int  # every token written into the state since the instance began
     session: tuple[int, ...]  # the tokens written since the conversation last started over
+    instance: str  # owner/adapter of the instance it belongs to
 
     @property
     def layers(self) -> int:
@@ -41,6 +44,7 @@ class MemoryState:
 def pack_memory(memory: MemoryState) -> bytes:
     header = {
         "format": FORMAT,
+        "instance": memory.instance,
         "layers": memory.layers,
         "rank": memory.rank,
         "tokens_written": memory.tokens_written,
@@ -66,4 +70,4 @@ def read_memory(data: bytes) -> MemoryState:
         raise ValueError(f"memory state: {len(data)} bytes, the header describes {end + 4 * count}")
     state = state_from_bytes(data[start:end], layers, rank)
     session = tuple(int(t) for t in np.frombuffer(data[end:], dtype="<i4"))
-    return MemoryState(state, int(header["tokens_written"]), session)
+    return MemoryState(state, int(header["tokens_written"]), session, str(header["instance"]))
