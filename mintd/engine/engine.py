@@ -86,9 +86,12 @@ class Engine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
-        self.steps = StepEngine(self.model, self.ctx, self.slots, self.tokenizer, self.settings)
+        self.delta_ctx = DeltaMemContext()  # its hooks go on the model with the first δ-mem adapter
+        self._delta_hooked = False
+        self.steps = StepEngine(
+            self.model, self.ctx, self.slots, self.tokenizer, self.settings, self.delta_ctx
+        )
         self._dropped: set[int] = set()  # freed once no running sample uses them
-        self.delta_ctx: DeltaMemContext | None = None  # hooks installed with the first δ-mem adapter
 
     # what LoRA adapts ---------------------------------------------------------------------------
 
@@ -133,10 +136,9 @@ class Engine:
 
     def _delta_mem_model(self) -> torch.nn.Module:
         """The model, with the δ-mem hooks installed the first time (ValueError for a layout without)."""
-        if self.delta_ctx is None:
-            ctx = DeltaMemContext()
-            install_delta_mem(self.model, ctx)
-            self.delta_ctx = ctx
+        if not self._delta_hooked:
+            install_delta_mem(self.model, self.delta_ctx)
+            self._delta_hooked = True
         return self.model
 
     def _blank_delta_mem(self, spec: DeltaMemSpec | None) -> DeltaMemAdapter | None:
@@ -231,9 +233,16 @@ class Engine:
         """Raise ValueError naming the bad field; nothing runs."""
         if request.slot != BASE_SLOT and (request.slot not in self.slots or request.slot in self._dropped):
             raise ValueError(f"sampler: no adapter in slot {request.slot}")
-        if request.slot != BASE_SLOT and self.slots[request.slot].delta_mem is not None:
-            raise ValueError("sampler: sampling a delta_mem adapter is not supported yet (training only)")
         sampling.validate(request, self.vocab_size, self.max_len)
+        delta_mem = None if request.slot == BASE_SLOT else self.slots[request.slot].delta_mem
+        if delta_mem is not None and not self.steps.flat:
+            raise ValueError(
+                f"sampler: delta_mem adapters run on the flat step path, which {self.family.label} is not on"
+            )
+        sampling.validate_memory(
+            request,
+            None if delta_mem is None else (len(delta_mem.layers), delta_mem.spec.rank, delta_mem.spec.rank),
+        )
         self.steps.check(request)
 
     def forward_backward(self, groups: list[TrainGroup], forward_only: bool = False) -> list[TrainOutput]:

@@ -122,6 +122,36 @@ def validate(req: SampleRequest, vocab_size: int, max_len: int) -> None:
         raise ValueError(f"sampling_params.stop: token ids must be in [0, {vocab_size})")
 
 
+def validate_memory(req: SampleRequest, shape: tuple[int, int, int] | None) -> None:
+    """A δ-mem slot's request carries a state of the adapter's `shape` [layers, r, r]; any other slot's
+    (shape None) carries none. ValueError naming `memory`."""
+    memory = req.memory
+    if shape is None:
+        if memory is not None:
+            raise ValueError(
+                f"memory: slot {req.slot} is not a delta_mem adapter, so its requests carry no state"
+            )
+        return
+    if memory is None:
+        raise ValueError(
+            f"memory: slot {req.slot} is a delta_mem adapter: its requests need a state "
+            "(zeros for a new instance)"
+        )
+    state = memory.state
+    if tuple(state.shape) != shape or state.dtype != torch.float32:
+        raise ValueError(
+            f"memory.state: {state.dtype} {tuple(state.shape)}, expected torch.float32 {shape} "
+            "([layers, r, r])"
+        )
+    if not bool(torch.isfinite(state).all()):
+        raise ValueError("memory.state: must be finite")
+    if not 0 <= memory.written <= len(req.prompt):
+        raise ValueError(
+            f"memory.written: {memory.written}, must be in [0, {len(req.prompt)}] "
+            "(the prompt's tokens already in the state)"
+        )
+
+
 def _temperatures(rows: list[_Row], device: torch.device) -> torch.Tensor:
     return torch.tensor([r.params.temperature for r in rows], device=device)
 

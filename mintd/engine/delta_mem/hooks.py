@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mintd.engine.delta_mem.adapter import DeltaMemAdapter
-from mintd.engine.delta_mem.run import DeltaMemRun
+from mintd.engine.delta_mem.run import MemoryRun
 from mintd.engine.packed import dense_weight
 from mintd.lora_config import DeltaMemSpec
 
@@ -66,14 +66,16 @@ def create_adapter(model: nn.Module, spec: DeltaMemSpec) -> DeltaMemAdapter:
 class DeltaMemContext:
     """Shared by the hooks of one model: the runs of the batch in progress (none: the hooks do nothing).
 
-    Several runs share a batch when its rows use different δ-mem adapters; rows no run names (base or
-    LoRA-only rows) get no correction at all, so their outputs are exactly those of the model alone."""
+    Several runs share a batch when its rows use different δ-mem adapters; a run is a `DeltaMemRun`
+    (rows of a [batch, T] forward) or a `flat.FlatDeltaMemRun` (spans of the step engine's flat row).
+    Rows or tokens no run names (base or LoRA-only ones) get no correction at all, so their outputs are
+    exactly those of the model alone."""
 
     def __init__(self) -> None:
-        self.runs: tuple[DeltaMemRun, ...] = ()
+        self.runs: tuple[MemoryRun, ...] = ()
 
     @contextmanager
-    def use(self, *runs: DeltaMemRun) -> Iterator[DeltaMemRun]:
+    def use(self, *runs: MemoryRun) -> Iterator[MemoryRun]:
         """Yields the first run (the usual case is one)."""
         self.runs = runs
         try:
@@ -82,11 +84,6 @@ class DeltaMemContext:
             for run in runs:
                 run._reads.clear()
             self.runs = ()
-
-
-def _add_rows(out: torch.Tensor, run: DeltaMemRun, correction: torch.Tensor) -> torch.Tensor:
-    correction = correction.to(out.dtype)
-    return out + correction if run.rows is None else out.index_add(0, run.rows, correction)
 
 
 def install_delta_mem(model: nn.Module, ctx: DeltaMemContext) -> list[RemovableHandle]:
@@ -98,13 +95,13 @@ def install_delta_mem(model: nn.Module, ctx: DeltaMemContext) -> list[RemovableH
             for run in ctx.runs:
                 read = run.read_and_write(layer, args[0])
                 run._reads[layer] = read
-                out = _add_rows(out, run, run.adapter.layer(layer).correction(read, "q"))
+                out = run.add(out, run.adapter.layer(layer).correction(read, "q"))
             return out
 
         def on_o(module, args, out, layer=layer):
             for run in ctx.runs:
                 read = run._reads.pop(layer)
-                out = _add_rows(out, run, run.adapter.layer(layer).correction(read, "o"))
+                out = run.add(out, run.adapter.layer(layer).correction(read, "o"))
             return out
 
         handles.append(q_proj.register_forward_hook(on_q))

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from mintd.engine.delta_mem.adapter import DeltaMemAdapter
 from mintd.engine.delta_mem.scan import DEFAULT_CHUNK, chunked_scan, step
+
+
+class MemoryRun(Protocol):
+    """What the hooks need of a run: its adapter, its reads per layer (kept from the q_proj hook for the
+    o_proj hook), the scan over its tokens of the batch, and adding a correction to those tokens only."""
+
+    adapter: DeltaMemAdapter
+    _reads: dict[int, torch.Tensor]
+
+    def read_and_write(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+    def add(self, out: torch.Tensor, correction: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -44,6 +56,11 @@ class DeltaMemRun:
         toward rare, small writes."""
         mean = self._gate_sum / max(self._gate_count, 1)
         return (torch.as_tensor(mean) - target) ** 2
+
+    def add(self, out: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+        """`out` [batch, T, width] with the correction [rows, T, width] added to this run's rows only."""
+        correction = correction.to(out.dtype)
+        return out + correction if self.rows is None else out.index_add(0, self.rows, correction)
 
     def read_and_write(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Reads m [rows, T, r] of this run's rows of the batch's tokens x [batch, T, d] from the layer's

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mintd.config import EngineSettings
 from mintd.engine.adapters import AdapterSlots
+from mintd.engine.delta_mem.hooks import DeltaMemContext
 from mintd.engine.lora import LoraContext
 from mintd.engine.lora_batch import row_order
 from mintd.engine.sampling import (
@@ -41,6 +42,7 @@ class StepEngine:
         table: AdapterSlots,
         tokenizer: PreTrainedTokenizerBase,
         settings: EngineSettings,
+        delta_ctx: DeltaMemContext,
     ) -> None:
         self.table = table
         self.tokenizer = tokenizer
@@ -56,7 +58,7 @@ class StepEngine:
         # bf16/fp16 LoRA products on CPU are slow in small matmuls: compute them in float32 there
         lora_dtype = torch.float32 if param.device.type == "cpu" and param.dtype != torch.float32 else None
         self.runner: Runner = (
-            FlatRunner(model, ctx, table, self.pool, lora_dtype)
+            FlatRunner(model, ctx, table, self.pool, lora_dtype, delta_ctx)
             if self.flat
             else SequenceRunner(model, ctx, table)
         )
@@ -115,7 +117,10 @@ class StepEngine:
                 continue
             self.pending.remove(state)
             self.pool.reserve(state.reserved_blocks)
+            memory = state.request.memory
             seq = Sequence(state, -1, list(state.request.prompt))
+            if memory is not None:
+                seq.memory = memory.state.to(self.pool.device, torch.float32)
             self.runner.start(seq)
             state.sequences.append(seq)
             if state.wants_prompt_logprobs:
@@ -162,7 +167,8 @@ class StepEngine:
             return [(seq, last)]
         req = seq.request
         children = [
-            Sequence(req, i, list(seq.tokens), seq.num_cached) for i in range(req.request.num_samples)
+            Sequence(req, i, list(seq.tokens), seq.num_cached, memory=seq.memory)
+            for i in range(req.request.num_samples)
         ]
         for child in children:
             self.runner.fork(seq, child)
@@ -212,7 +218,15 @@ class StepEngine:
         self.pool.unreserve(req.reserved_blocks - req.blocks_taken)
         samples = sorted(req.finished, key=lambda s: s.sample_index)
         req.result = SampleResult(
-            [SampledSequence(s.generated, s.logprobs, s.stop_reason or "length") for s in samples],
+            [
+                SampledSequence(
+                    s.generated,
+                    s.logprobs,
+                    s.stop_reason or "length",
+                    None if s.memory is None else s.memory.to("cpu", copy=True),
+                )
+                for s in samples
+            ],
             req.prompt_logprobs if req.request.prompt_logprobs else None,
             req.topk_prompt_logprobs,
         )

@@ -10,12 +10,15 @@ kind the library defines, and slower.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from mintd.engine.adapters import AdapterSlots
+from mintd.engine.delta_mem.flat import FlatDeltaMemRun, FlatSpan
+from mintd.engine.delta_mem.hooks import DeltaMemContext
 from mintd.engine.lora import LoraContext
 from mintd.engine.lora_batch import LoraBatch
 from mintd.engine.lora_flat import FlatLoraBatch, TorchBackend, WeightCache, merge_segments
@@ -40,9 +43,11 @@ class FlatRunner:
         table: AdapterSlots,
         pool: BlockPool,
         lora_dtype: torch.dtype | None,
+        delta_ctx: DeltaMemContext,
     ) -> None:
         self.model = model
         self.ctx = ctx
+        self.delta_ctx = delta_ctx
         self.table = table
         self.pool = pool
         self.device = pool.device
@@ -73,6 +78,7 @@ class FlatRunner:
         decode_tables: list[list[int]] = []
         decode_lengths: list[int] = []
         chunks: list[Chunk] = []
+        memory: dict[int, list[tuple[Sequence, FlatSpan]]] = {}  # δ-mem slot -> its sequences' spans
         for w in work:
             table: BlockTable = w.seq.kv
             before = self.pool.reserved
@@ -82,6 +88,9 @@ class FlatRunner:
             ids.extend(w.seq.tokens[w.start : w.end])
             positions.extend(range(w.start, w.end))
             write.extend(table.rows(w.start, w.end))
+            if w.seq.memory is not None:
+                span = FlatSpan(offset, w.seq.memory_writes(w.start, w.end), w.seq.memory)
+                memory.setdefault(w.seq.slot, []).append((w.seq, span))
             keep.extend(range(offset + w.keep_from - w.start, offset + w.num_tokens))
             if w.num_tokens == 1:
                 decode_q.append(offset)
@@ -111,8 +120,15 @@ class FlatRunner:
             self.lora_dtype,
             self.device,
         )
-        logits = self._forward(self._t([ids]), self._t([positions]), cache, batch, self._t(keep))
+        runs = [
+            FlatDeltaMemRun.plan(self.table[slot].delta_mem, [span for _, span in spans], self.device)
+            for slot, spans in memory.items()
+        ]
+        logits = self._forward(self._t([ids]), self._t([positions]), cache, batch, self._t(keep), runs)
         self.weights.sweep()
+        for run, spans in zip(runs, memory.values(), strict=True):
+            for (seq, _), state in zip(spans, run.states(), strict=True):
+                seq.memory = state
         return list(logits.split([w.num_kept for w in work]))
 
     def _forward(
@@ -122,12 +138,13 @@ class FlatRunner:
         cache: StepCache,
         batch: FlatLoraBatch,
         keep: torch.Tensor,
+        runs: list[FlatDeltaMemRun],
     ) -> torch.Tensor:
         config = self.model.config
         configured = config._attn_implementation
         config._attn_implementation_internal = NAME  # this step's attention; the worker thread alone runs it
         try:
-            with self.ctx.use(batch):
+            with self.ctx.use(batch), self.delta_ctx.use(*runs) if runs else nullcontext():
                 out = self.model(
                     input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep
                 )
@@ -147,6 +164,8 @@ class SequenceRunner:
         self.device = next(model.parameters()).device
 
     def start(self, seq: Sequence) -> None:
+        if seq.memory is not None:  # Engine.check_sample refuses these first
+            raise ValueError("sampler: delta_mem adapters run on the flat step path only")
         seq.kv = DynamicCache(config=self.model.config)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:

@@ -24,6 +24,9 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)  # one per generated token
     kv: Any = None  # the runner's cache state for this sequence (a block table, or a per-sequence cache)
     stop_reason: str | None = None
+    # δ-mem: the state [layers, r, r] fp32 after the tokens already fed (num_cached); None for other slots.
+    # Replaced, never modified in place, so forked samples may start from one tensor.
+    memory: torch.Tensor | None = None
 
     @property
     def slot(self) -> int:
@@ -44,6 +47,13 @@ class Sequence:
     @property
     def prefill(self) -> bool:
         return self.sample_index < 0
+
+    def memory_writes(self, start: int, end: int) -> list[bool]:
+        """Which of positions [start, end) write the δ-mem state: prompt tokens from `written` on (the
+        ones before are already in it: they only read), generated ones if `write_generated`."""
+        memory = self.request.request.memory
+        prompt_len = self.request.prompt_len
+        return [memory.written <= p if p < prompt_len else memory.write_generated for p in range(start, end)]
 
 
 @dataclass(eq=False)

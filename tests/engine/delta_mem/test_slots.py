@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from mintd.engine.adapters import LoraSpec
 from mintd.engine.delta_mem import DeltaMemRun, DeltaMemSpec, segment_attention
 from mintd.engine.optim import AdamParams
-from mintd.engine.sampling import SampleRequest, SamplingParams
 from mintd.engine.train import Datum, TrainGroup
 from tests.engine.delta_mem.conftest import hooked
 
@@ -143,7 +142,5 @@ def test_refusals_name_the_field(engine):
     bad.inputs["segment_ids"] = torch.tensor([0.0, 0.5, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="segment_ids: must be whole numbers"):
         engine.forward_backward([TrainGroup(slot, [bad])])
-    with pytest.raises(ValueError, match="sampling a delta_mem adapter is not supported"):
-        engine.check_sample(SampleRequest(engine.snapshot(slot), [5, 6], SamplingParams(max_tokens=2)))
     with pytest.raises(ValueError, match="adapter tensors: missing delta_mem.layers.0.memory_q"):
         engine.check_adapter(LORA, {}, SPEC)
