@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def ready(x):
     """tinker 0.38 returns futures of clients (their direct use is deprecated)."""
-    return x.result() if hasattr(x, "result") else x
+    return x.result() if hasattr(x, "result") and not hasattr(x, "sample") else x
 
 
 def log(msg: str) -> None:
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--ttt-users", type=int, default=50, help="held-out users for the per-user TTT LoRA")
     parser.add_argument("--facts", type=int, default=2, help="K, facts told in session 1")
     parser.add_argument("--distractor-sessions", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=200, help="δ-mem and LoRA training steps")
+    parser.add_argument("--steps", type=int, default=1500, help="δ-mem and LoRA training steps")
     parser.add_argument("--batch", type=int, default=32, help="episodes per training step")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--adapter", default="delta_mem+lora", choices=["delta_mem", "delta_mem+lora"])
@@ -228,6 +228,19 @@ def main() -> None:
         )
         dm_losses = train(dm, task, args.steps, args.batch, args.lr, args.seed + 1, "δ-mem")
         dm.save_weights_for_sampler("dm").result()
+        probe_model = "recall-dm"
+        if dm_spec.lora:  # the LoRA part moves the logits whatever the state: probe δ-mem alone, untrained
+            probe_model = "recall-dm-only"
+            only = {"mintd.adapter": "delta_mem", "mintd.delta_mem.readout_init": "base_slice"}
+            fresh = ready(
+                service.create_lora_training_client(
+                    base_model="tiny",
+                    rank=8,
+                    seed=args.seed,
+                    user_metadata={**only, "adapter_name": probe_model},
+                )
+            )
+            fresh.save_weights_for_sampler("dm-only").result()
         timings["delta_mem_train_s"] = round(time.perf_counter() - t0, 1)
 
         t0 = time.perf_counter()
@@ -285,8 +298,8 @@ def main() -> None:
             for session in held_out[partners[i]].sessions[:-1]:
                 ask.write("recall-dm", list(session), f"x{i}")
         timings["delta_mem_write_s"] = round(time.perf_counter() - t0, 1)
-        probe = question[0]
-        bit_equal_before = ask.logprobs("recall-dm", probe) == ask.logprobs("tiny", probe)
+        probes = question[:8]
+        bit_equal_before = all(ask.logprobs(probe_model, p) == ask.logprobs("tiny", p) for p in probes)
 
     log("restarting the server")
     with server(base_dir, data_dir, args.port, args.threads) as url:
@@ -303,7 +316,9 @@ def main() -> None:
                 catalog.post(f"/adapters/recall-dm.mem.r{i}/aliases/live/rollback").raise_for_status()
             rolled.append(ask.answer("recall-dm", question[i], f"r{i}"))
         timings["delta_mem_ask_s"] = round(time.perf_counter() - t0, 1)
-        bit_equal = bit_equal_before and ask.logprobs("recall-dm", probe) == ask.logprobs("tiny", probe)
+        bit_equal = bit_equal_before and all(
+            ask.logprobs(probe_model, p) == ask.logprobs("tiny", p) for p in probes
+        )
 
     chance = config.chance
     delta_mem = exact(own, truth)
@@ -319,6 +334,9 @@ def main() -> None:
             "stage0": stage0,
             "delta_mem_parameters": dm_params,
             "lora_rank": lora_rank,
+            "empty_state_probe": "the trained δ-mem weights"
+            if not dm_spec.lora
+            else "an untrained δ-mem-only adapter (base_slice readouts): the trained one carries a LoRA",
             "delta_mem_final_train_ce": round(sum(dm_losses[-10:]) / 10, 4),
             "lora_final_train_ce": round(sum(lora_losses[-10:]) / 10, 4),
         },
