@@ -38,6 +38,7 @@ from _recall_task import Episode, Task, TaskConfig, swap_partners  # noqa: E402
 from tinker import types  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from mintd.engine.delta_mem import blank_adapter  # noqa: E402
 from mintd.engine.engine import Engine  # noqa: E402
 from mintd.lora_config import DeltaMemSpec, LoraSpec  # noqa: E402
 
@@ -157,8 +158,6 @@ def lora_parameters(engine: Engine, spec: LoraSpec) -> int:
 
 
 def delta_mem_parameters(engine: Engine, spec: DeltaMemSpec) -> int:
-    from mintd.engine.delta_mem import blank_adapter
-
     return sum(p.numel() for p in blank_adapter(engine.model, spec).parameters())
 
 
