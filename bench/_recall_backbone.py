@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,8 +62,6 @@ def prepare_backbone(
         record = json.loads(marker.read_text())
         log(f"stage 0: reusing {out_dir} (held-out in-context EM {record['held_out_em']:.3f})")
         return record
-    import time
-
     started = time.perf_counter()
     make_tiny_model(out_dir, settings["arch"], seed=0, size=settings["size"])
     tokenizer = AutoTokenizer.from_pretrained(out_dir)

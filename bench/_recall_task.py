@@ -1,6 +1,6 @@
 """The synthetic cross-session profile-recall task of the δ-mem design note (§6), as token ids.
 
-A user is a random profile (one value per attribute). Session 1 tells K of its facts ("my pet is 17.")
+A user is a random profile (one value per attribute). Session 1 tells K of its facts ("my pet 17.")
 and the assistant acknowledges; distractor sessions follow (chit-chat, optionally other people's
 facts); the last session asks for one told attribute and the answer is its value. Every session is a
 chat turn in the base's template, so the same ids are what a client writes through `/completions`.

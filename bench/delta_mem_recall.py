@@ -170,7 +170,12 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=200, help="held-out users")
     parser.add_argument("--ttt-users", type=int, default=50, help="held-out users for the per-user TTT LoRA")
     parser.add_argument("--facts", type=int, default=2, help="K, facts told in session 1")
-    parser.add_argument("--distractor-sessions", type=int, default=0)
+    parser.add_argument(
+        "--distractor-sessions", type=int, default=0, help="between session 1 and the question"
+    )
+    parser.add_argument(
+        "--other-facts", type=int, default=0, help="other people's facts per distractor session"
+    )
     parser.add_argument("--steps", type=int, default=1500, help="δ-mem and LoRA training steps")
     parser.add_argument("--batch", type=int, default=32, help="episodes per training step")
     parser.add_argument("--lr", type=float, default=5e-3)
@@ -184,10 +189,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    config = TaskConfig(facts=args.facts, distractor_sessions=args.distractor_sessions)
+    config = TaskConfig(args.facts, args.distractor_sessions, args.other_facts)
 
     log("stage 0: a base competent at the in-context task")
-    base_dir = args.workdir / f"base-k{args.facts}-d{args.distractor_sessions}"
+    base_dir = args.workdir / f"base-k{args.facts}-d{args.distractor_sessions}-o{args.other_facts}"
     settings = dict(
         arch="qwen3", size="test", seed=0, lr=1e-3, batch=32, max_steps=3000, eval_every=100, target_em=0.95
     )
