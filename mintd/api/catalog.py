@@ -122,6 +122,15 @@ def delete_revision(ref: Id, who: str = Depends(owner), cat: Catalog = Depends(c
     return revision_json(cat.delete_revision(who, ref))
 
 
+@router.delete("/adapters/{name}")
+def erase_adapter(
+    name: str, who: str = Depends(owner), svc: TinkerService = Depends(service)
+) -> dict[str, Any]:
+    """Erase an adapter: every revision tombstoned, its aliases gone, and the blobs no live revision
+    still uses deleted now (the privacy path of a δ-mem instance). The name and the audit log stay."""
+    return {"adapter": name, "erased_blobs": svc.checkpoints.erase(who, name)}
+
+
 @router.post("/adapters/{name}/import")
 async def import_archive(
     name: Id,

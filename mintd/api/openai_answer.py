@@ -95,11 +95,14 @@ class Job:
 
     async def answer(self, request: Request, who: str) -> Response:
         loop = asyncio.get_running_loop()
+        user = self.body.user
+        if user is not None and len(self.prompts) > 1:
+            raise ValueError("prompt: with `user`, one prompt per request (a δ-mem instance has one writer)")
         try:
             for prompt in self.prompts:
                 params = self._params(prompt)
                 self.gens.append(
-                    self.svc.submit(who, self.target, prompt, params, self.body.n, loop, self.top)
+                    self.svc.submit(who, self.target, prompt, params, self.body.n, loop, self.top, user)
                 )
         except Exception:
             self._cancel()
@@ -109,6 +112,10 @@ class Job:
             watcher = asyncio.ensure_future(_cancel_on_disconnect(request, self._cancel))
             try:
                 await self._collect()
+                for gen in self.gens:
+                    committed = await gen.commit()
+                    if committed is not None:
+                        headers["x-mintd-memory"] = committed.ref
             finally:
                 watcher.cancel()
                 self._cancel()
@@ -224,6 +231,8 @@ class Job:
                         yield self._delta(obj, c, piece, self._logprobs(c, j, j + 1), c.finish, include_usage)
                     elif piece or c.finish:
                         yield self._delta(obj, c, piece, None, c.finish, include_usage)
+                for gen in self.gens:
+                    await gen.commit()
             except Exception as exc:
                 if not started:
                     raise

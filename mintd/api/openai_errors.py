@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from mintd.api.auth import Unauthorized
-from mintd.catalog.errors import CatalogNotFound
+from mintd.catalog.errors import CatalogConflict, CatalogNotFound
 from mintd.service.errors import NotFound, TooMany
 from mintd.service.futures import RequestError
 
@@ -38,6 +38,7 @@ _MEANINGS = {
     400: "a parameter is missing, wrong or not supported; `error.param` names it",
     401: "missing, unknown or expired API key (send `Authorization: Bearer <key>`)",
     404: "no such model for this caller (another owner's adapters look missing)",
+    409: "a δ-mem instance is being written by another request, or its state belongs to other weights",
     429: "the base model's queue is full; retry after the Retry-After header's seconds",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -103,6 +104,8 @@ def error_response(exc: Exception) -> JSONResponse:
         )
     if isinstance(exc, NotFound | CatalogNotFound):
         return openai_error(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, CatalogConflict):
+        return openai_error(409, str(exc), "invalid_request_error", _param(str(exc)), "conflict")
     if isinstance(exc, TooMany):
         return openai_error(
             429,

@@ -27,7 +27,6 @@ _NOOP: dict[str, Callable[[Any], bool]] = {
     "tool_choice": lambda v: v in (None, "none"),
     "parallel_tool_calls": lambda v: True,  # meaningless without tools
     "response_format": lambda v: v in (None, {"type": "text"}),
-    "user": lambda v: True,  # a label for the caller's own records
     "store": lambda v: v in (None, False),
     "metadata": lambda v: not v,
 }
@@ -59,6 +58,11 @@ class _Request(BaseModel):
     ignore_eos: bool = Field(False, description="extension: generate max_tokens tokens, EOS or not")
     return_tokens_as_token_ids: bool = Field(
         False, description="extension: logprobs name tokens as `token_id:<id>` rather than their text"
+    )
+    user: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = Field(
+        None,
+        description="the end user: for a δ-mem model, the memory instance the request reads and writes "
+        "(see README, serving δ-mem); for any other model a label, unused",
     )
 
     @model_validator(mode="before")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, exists, func, insert, literal_column, select
+from sqlalchemy import Connection, Row, bindparam, delete, exists, func, insert, literal_column, select
 
 from mintd.catalog import aliases, bulk, refs, validate, writes
 from mintd.catalog import queries as q
@@ -339,6 +339,36 @@ class Catalog:
             writes.update_lifecycle(conn, [row.id], deleted_at=now)
             _audit_revision(conn, row, now, actor, "revision.delete")
             return q.revision_from_row(conn.execute(q.BY_ID, {"owner": owner, "id": row.id}).one())
+
+    def delete_adapter(self, owner: str, name: str, *, actor: str | None = None) -> list[str]:
+        """Erase an adapter's content: tombstone every live revision and drop its aliases with their move
+        history (the privacy path of a δ-mem instance, whose states encode what a user wrote). Returns
+        the content hashes it tombstoned; the caller deletes the blobs no live revision still uses. The
+        name, its numbering and the audit log stay."""
+        owner, actor = _who(owner, actor)
+        validate.name(name, "name")
+        now = self._clock()
+        al = q.aliases.c
+        with self.db.write() as conn:
+            arow = _adapter_row(conn, owner, name)
+            held = select(al.id).where(al.adapter_id == arow.id)
+            conn.execute(delete(q.moves).where(q.moves.c.alias_id.in_(held)))
+            conn.execute(delete(q.aliases).where(al.adapter_id == arow.id))
+            live = select(q.r.id, q.r.content_hash).where(q.r.adapter_id == arow.id, q.r.deleted_at.is_(None))
+            rows = conn.execute(live).all()
+            if rows:
+                writes.update_lifecycle(conn, [row.id for row in rows], deleted_at=now)
+            writes.audit(
+                conn,
+                at=now,
+                owner_id=arow.owner_id,
+                adapter_id=arow.id,
+                actor=actor,
+                action="adapter.delete",
+                subject=f"{owner}/{name}",
+                revisions=len(rows),
+            )
+        return sorted({row.content_hash for row in rows})
 
     # evaluations ------------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 ShortText = String(512)
 
-KINDS = ("sampler", "state", "external")
+KINDS = ("sampler", "state", "external", "memory")
 MOVES = ("promote", "rollback")
 REVISION_LIFECYCLE_COLUMNS = frozenset({"expires_at", "deleted_at"})
 HAS_TTL = text("expires_at IS NOT NULL")

@@ -15,6 +15,7 @@ class RevisionKind(StrEnum):
     SAMPLER = "sampler"  # Tinker save_weights_for_sampler: adapter weights only
     STATE = "state"  # Tinker save_state / save_weights: weights plus optimizer state, resumable
     EXTERNAL = "external"  # imported from outside (e.g. a Hugging Face PEFT folder)
+    MEMORY = "memory"  # a δ-mem instance's state, committed by serving (service/memory)
 
 
 @dataclass(frozen=True, slots=True)

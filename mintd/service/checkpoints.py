@@ -84,6 +84,18 @@ class Checkpoints:
                 owner, adapter, sha, kind, provenance=provenance, size_bytes=len(data), **revision
             )
 
+    def erase(self, owner: str, adapter: str) -> list[str]:
+        """Delete an adapter's content (the privacy path, e.g. a δ-mem instance): tombstone its revisions,
+        drop its aliases, and delete at once the blobs no live revision (of any owner) still uses; the
+        hashes deleted."""
+        erased = []
+        for sha in self.catalog.delete_adapter(owner, adapter):
+            with self.catalog.claim_blob(sha) as free:
+                if free and self.blobs.exists(sha):
+                    self.blobs.delete(sha)
+                    erased.append(sha)
+        return erased
+
     def read(self, rev: Revision, field: str = "path") -> PackedAdapter:
         """The revision's packed adapter, memory-mapped from its blob with every checksum verified."""
         try:

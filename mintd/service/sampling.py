@@ -4,6 +4,7 @@ revision, a run's snapshot, or none for the base) and the worker admits it once 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from mintd.catalog import Revision
@@ -12,11 +13,14 @@ from mintd.engine.adapters import BASE_SLOT
 from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
 from mintd.service.errors import Busy
 from mintd.service.futures import Future
+from mintd.service.memory import USER_SUFFIX, Binding, is_delta_mem, refuse_state
 from mintd.service.scheduler import Priority, SampleOp
 from mintd.service.sessions import Sampler
 
 if TYPE_CHECKING:
     from mintd.service.tinker import BaseModelHandle
+
+log = logging.getLogger(__name__)
 
 
 class Sampling:
@@ -28,12 +32,18 @@ class Sampling:
         self.session(session_id, owner, live=True)
         sampler_id = f"{session_id}:sample:{seq}"
         if model_path is not None:  # any ref: tinker:// path, name@N, name:alias (pinned here)
-            rev = self.revision(owner, model_path, "model_path")
+            ref, _, instance = model_path.partition(USER_SUFFIX)  # ref#user=<instance>: a δ-mem instance
+            rev = self.revision(owner, ref, "model_path")
+            refuse_state(rev, "model_path")
+            if instance and not is_delta_mem(rev):
+                raise ValueError(
+                    f"model_path: {USER_SUFFIX} binds a δ-mem instance, and {rev.ref} is not δ-mem"
+                )
             handle = self.base_of(rev, "model_path")
             backlog = handle.worker.residency.load_backlog(rev)
             if backlog is not None and backlog < self.settings.max_load_queue:  # likely sampled soon
                 handle.worker.residency.prefetch(rev, Priority.INTERACTIVE)
-            sampler = Sampler(sampler_id, owner, session_id, handle.name, model_path, rev)
+            sampler = Sampler(sampler_id, owner, session_id, handle.name, model_path, rev, instance or None)
         else:
             handle = self.base(base_model)
             sampler = Sampler(sampler_id, owner, session_id, handle.name, None)
@@ -66,12 +76,25 @@ class Sampling:
         handle.engine.steps.check(request)  # fits the KV cache at all (reads only its fixed size)
         sequence_ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(num_samples)]
         key = ("sample", sampler_id, seq_id)
+        memory: Binding | None = None
         if isinstance(sampler.adapter, Revision) and not self.futures.known(key):
             admit_cold(handle, sampler.adapter, self.settings.max_load_queue, "model_path")
+            if is_delta_mem(sampler.adapter):
+                if sampler.instance is not None and num_samples != 1:
+                    raise ValueError("num_samples: a δ-mem instance writes one continuation; use 1")
+                memory = self.memories.bind(owner, sampler.adapter, handle.engine, sampler.instance, tokens)
+                request.memory = memory.input()
         fut, created = self.futures.create("Sample", owner, key, sampler.session_id)
+        if memory is not None:  # the lease ends with the sample, however it ends
+            self.futures.on_done(fut, lambda _: memory.release())
         if created:
 
             def finish(result: SampleResult) -> SampleResult:
+                if memory is not None:  # on the engine thread, so the next sample sees the new state
+                    try:
+                        memory.commit(result)
+                    except Exception:  # noqa: BLE001 - the sample stands; `live` keeps the state before it
+                        log.exception("δ-mem commit failed for %s", sampler.instance)
                 if record_stability_info:
                     self.sequences.record(sampler.session_id, sequence_ids, tokens, result.sequences)
                 if prompt_logprobs_last_n is not None and result.prompt_logprobs is not None:

@@ -35,6 +35,7 @@ from mintd.engine.sampling import SampleRequest, SampleResult, SamplingParams
 from mintd.engine.stream import TokenEvent, TokenStream
 from mintd.service.errors import Busy
 from mintd.service.futures import Future, FutureStore
+from mintd.service.memory import Binding, is_delta_mem, refuse_state
 from mintd.service.metrics import Metrics
 from mintd.service.sampling import admit_cold
 from mintd.service.scheduler import SampleOp
@@ -130,10 +131,13 @@ class _Stream(TokenStream):
 class Generation:
     """One admitted request: its tokens as they come (`events`), and its end (`result`)."""
 
-    def __init__(self, future: Future, stream: _Stream, futures: FutureStore) -> None:
+    def __init__(
+        self, future: Future, stream: _Stream, futures: FutureStore, memory: Binding | None = None
+    ) -> None:
         self.future = future
         self.stream = stream
         self._futures = futures
+        self.memory = memory  # a δ-mem request's instance binding: committed after the result
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Each token event, in the order the engine made them; raises RequestError if the request fails
@@ -165,9 +169,19 @@ class Generation:
         return self.future.result
 
     def cancel(self) -> None:
-        """The reader is gone: the engine drops the rows at its next step."""
+        """The reader is gone: the engine drops the rows at its next step (an instance it was writing
+        keeps its last committed state)."""
         self.stream.cancel()
         self.stream.settle()
+        if self.memory is not None:
+            self.memory.release()
+
+    async def commit(self) -> Revision | None:
+        """After the result: a δ-mem instance's new state as its `live` revision (None: nothing to commit)."""
+        if self.memory is None or not self.memory.writes:
+            return None
+        result = await self.result()
+        return await asyncio.to_thread(self.memory.commit, result)
 
     async def _watch(self) -> None:
         await self._futures.wait(self.future, 86400)
@@ -185,6 +199,7 @@ class Serving:
         }
         self._pending = dict.fromkeys(service.models, 0)
         self._lock = threading.Lock()
+        self.memories = service.memories
 
     # models -------------------------------------------------------------------------------------
 
@@ -193,6 +208,7 @@ class Serving:
         if model in self.service.models:
             return Target(self.service.models[model], None)
         rev = self.service.revision(owner, model, "model")
+        refuse_state(rev, "model")
         return Target(self.service.base_of(rev, "model"), rev)
 
     def models(self, owner: str, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
@@ -230,16 +246,29 @@ class Serving:
         n: int,
         loop: asyncio.AbstractEventLoop,
         score_top: int | None = None,
+        user: str | None = None,
     ) -> Generation:
         """Admit one prompt (n rows) on the target's base model, or raise ValueError naming the bad
         field, or Busy when the base model holds `max_pending_rows` already. With `score_top`, every
-        token comes scored (its logprob at temperature 1 and that many alternatives)."""
+        token comes scored (its logprob at temperature 1 and that many alternatives). For a δ-mem
+        target, `user` names the instance it reads and writes (none: read-only on an empty state)."""
         handle = target.handle
         request = SampleRequest(BASE_SLOT, prompt, params, n)
         sampling.validate(request, handle.engine.vocab_size, handle.engine.max_len)
         if target.revision is not None:
             admit_cold(handle, target.revision, self.settings.max_load_queue, "model")
-        self._admit(handle.name, n)
+        memory = None
+        if target.revision is not None and is_delta_mem(target.revision):
+            if user is not None and n != 1:
+                raise ValueError("n: a δ-mem instance (`user`) writes one continuation; use n = 1")
+            memory = self.memories.bind(owner, target.revision, handle.engine, user, prompt)
+            request.memory = memory.input()
+        try:
+            self._admit(handle.name, n)
+        except Exception:
+            if memory is not None:
+                memory.release()
+            raise
         request.stream = stream = _Stream(loop, n, handle.name, self, score_top)
         self.metrics.prompt_tokens.labels(handle.name).inc(len(prompt))
         future = Future(f"oai-{secrets.token_urlsafe(12)}", "OpenAI", owner)
@@ -247,7 +276,7 @@ class Serving:
         # adapter keep their order, and one waiting on a cold load or on room holds up no other adapter's.
         queue = f"openai:{owner}:{target.served}"
         handle.worker.submit_sample(future, SampleOp(request, _same, queue, target.revision))
-        return Generation(future, stream, self.service.futures)
+        return Generation(future, stream, self.service.futures, memory)
 
     def _admit(self, model: str, rows: int) -> None:
         cap = self.settings.max_pending_rows

@@ -73,6 +73,7 @@ class Sampler:
     # what it samples: the base (None), the revision model_path resolved to when the sampler was made,
     # or a training run's snapshot (which the run owns and frees)
     adapter: Revision | SnapshotKey | None = None
+    instance: str | None = None  # a δ-mem instance its samples read and write (`#user=` in model_path)
 
     @property
     def ephemeral(self) -> bool:

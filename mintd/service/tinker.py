@@ -37,6 +37,7 @@ from mintd.service.checkpoints import (
 from mintd.service.errors import Gone, NotFound
 from mintd.service.evaluation import EvaluationRuns
 from mintd.service.futures import Future, FutureStore
+from mintd.service.memory import Memories
 from mintd.service.provenance import SequenceRecords
 from mintd.service.runs import RunElsewhere, RunRecords
 from mintd.service.sampling import Sampling
@@ -81,6 +82,7 @@ class TinkerService(Training, Sampling):
             for name, e in models.items()
         }
         self.catalog = checkpoints.catalog
+        self.memories = Memories(checkpoints)
         self.runs = runs
         self.futures = futures
         quotas = Quotas(

@@ -512,6 +512,56 @@ def test_bulk_numbers_after_existing_and_checks_like_single(alice: Catalog) -> N
         alice.get_adapter("alice", "bulk")
 
 
+def test_delete_adapter_tombstones_everything_and_drops_aliases(cat: Catalog, clock: Clock) -> None:
+    save(cat, "alice", "inst", 1, kind="memory")
+    save(cat, "alice", "inst", 2, kind="memory", parents=["inst@1"])
+    cat.promote("alice", "inst", "live", 1)
+    cat.promote("alice", "inst", "live", 2)
+    cat.rollback("alice", "inst", "live")
+    save(cat, "bob", "inst", 1, kind="memory")
+    with pytest.raises(CatalogNotFound):  # another owner's adapter: not found, nothing touched
+        cat.delete_adapter("bob", "other")
+    hashes = cat.delete_adapter("alice", "inst")
+    assert hashes == sorted(sha(f"alice/inst/{i}") for i in (1, 2))
+    for ref in ("inst@1", "inst@2", "inst:live", "inst"):
+        with pytest.raises(CatalogNotFound):
+            cat.resolve("alice", ref)
+    assert cat.show("alice", "inst").aliases == ()
+    assert cat.referenced_hashes(hashes) == set()
+    assert cat.resolve("bob", "inst").kind == "memory"  # bob's adapter of the same name is untouched
+    assert cat.audit("alice", adapter="inst", limit=1)[0].action == "adapter.delete"
+    assert cat.delete_adapter("alice", "inst") == []  # again: nothing left to tombstone
+    rev = save(cat, "alice", "inst", 3, kind="memory")  # the name lives on, numbering continues
+    assert rev.number == 3
+
+
+def test_memory_kind_migrates_from_an_older_database(tmp_path: Path) -> None:
+    """0002 -> 0003 on SQLite rebuilds `revisions` with the wider kind check, keeping rows and the check."""
+    from alembic import command
+
+    from mintd.catalog.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = CatalogDB(url, migrate=False)
+    with old.write() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+    before = save(Catalog(old), "erin", "pol", 1)
+    with pytest.raises(Exception, match="CHECK constraint"), old.write() as conn:
+        conn.exec_driver_sql("UPDATE revisions SET kind = 'memory'")
+    old.dispose()
+    db = CatalogDB(url)
+    cat = Catalog(db)
+    assert cat.resolve("erin", "pol@1") == before
+    assert save(cat, "erin", "pol", 2, kind="memory").kind == "memory"
+    with pytest.raises(Exception, match="CHECK constraint"), db.write() as conn:
+        conn.exec_driver_sql("UPDATE revisions SET kind = 'bogus'")
+    with db.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
+    db.dispose()
+
+
 # schema and concurrency ---------------------------------------------------------------------------------
 
 
@@ -524,7 +574,7 @@ def test_migrations_build_the_schema_and_rerun_as_no_ops(tmp_path: Path) -> None
         assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
         version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
     first.dispose()
-    assert version == "0002"
+    assert version == "0003"
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}

@@ -115,7 +115,7 @@ def _start_together(url: str, count: int) -> list[CatalogDB]:
 def test_replicas_starting_together_on_an_empty_database_migrate_once(pg_url: str) -> None:
     dbs = _start_together(pg_url, 8)  # before the advisory lock: UniqueViolation on alembic_version
     with dbs[0].engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0002"]
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0003"]
         assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
     numbers = run_writers(
         8,
@@ -140,7 +140,7 @@ def test_replicas_starting_together_on_an_older_database_upgrade_it_once(pg_url:
     old.dispose()
     dbs = _start_together(pg_url, 6)
     with dbs[0].engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
         assert compare_metadata(MigrationContext.configure(conn), models.Base.metadata) == []
     cat = Catalog(dbs[0])
     assert cat.resolve("erin", "pol@1") == before
