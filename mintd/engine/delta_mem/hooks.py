@@ -9,12 +9,11 @@ q_norm and RoPE) and keeps m for the o_proj hook, which adds s·U_o m to the att
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from mintd.engine.delta_mem.adapter import DeltaMemAdapter
 from mintd.engine.delta_mem.run import MemoryRun
@@ -64,31 +63,38 @@ def create_adapter(model: nn.Module, spec: DeltaMemSpec) -> DeltaMemAdapter:
 
 
 class DeltaMemContext:
-    """Shared by the hooks of one model: the runs of the batch in progress (none: the hooks do nothing).
+    """The δ-mem hooks of one model and the runs of the forward in progress.
 
-    Several runs share a batch when its rows use different δ-mem adapters; a run is a `DeltaMemRun`
-    (rows of a [batch, T] forward) or a `flat.FlatDeltaMemRun` (spans of the step engine's flat row).
-    Rows or tokens no run names (base or LoRA-only ones) get no correction at all, so their outputs are
-    exactly those of the model alone."""
+    The hooks are on the model only inside `use` (registered on entry, removed on exit): a forward
+    without δ-mem rows, e.g. a step-engine batch of base and LoRA rows, runs the model's modules with no
+    hook at all, not even an empty loop. Several runs share a batch when its rows use different δ-mem
+    adapters; a run is a `DeltaMemRun` (rows of a [batch, T] forward) or a `flat.FlatDeltaMemRun`
+    (spans of the step engine's flat row). Rows or tokens no run names (base or LoRA-only ones) get no
+    correction at all, so their outputs are exactly those of the model alone."""
 
     def __init__(self) -> None:
         self.runs: tuple[MemoryRun, ...] = ()
+        self._hooks: list[tuple[nn.Module, Callable]] = []  # (q_proj or o_proj, its hook)
 
     @contextmanager
     def use(self, *runs: MemoryRun) -> Iterator[MemoryRun]:
         """Yields the first run (the usual case is one)."""
+        if not self._hooks:
+            raise ValueError("delta_mem: install_delta_mem(model, ctx) first")
         self.runs = runs
+        handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
         try:
             yield runs[0]
         finally:
+            for handle in handles:
+                handle.remove()
             for run in runs:
                 run._reads.clear()
             self.runs = ()
 
 
-def install_delta_mem(model: nn.Module, ctx: DeltaMemContext) -> list[RemovableHandle]:
-    """Hook every attention layer's q_proj and o_proj; the handles remove the hooks again."""
-    handles = []
+def install_delta_mem(model: nn.Module, ctx: DeltaMemContext) -> None:
+    """Give `ctx` the hooks of every attention layer's q_proj and o_proj (they run inside `ctx.use`)."""
     for layer, (q_proj, o_proj) in enumerate(attention_projections(model)):
 
         def on_q(module, args, out, layer=layer):
@@ -104,6 +110,4 @@ def install_delta_mem(model: nn.Module, ctx: DeltaMemContext) -> list[RemovableH
                 out = run.add(out, run.adapter.layer(layer).correction(read, "o"))
             return out
 
-        handles.append(q_proj.register_forward_hook(on_q))
-        handles.append(o_proj.register_forward_hook(on_o))
-    return handles
+        ctx._hooks += [(q_proj, on_q), (o_proj, on_o)]

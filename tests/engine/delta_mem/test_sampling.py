@@ -3,6 +3,8 @@ and decode, beside base and LoRA rows of the same flat batch, and hands it back 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -104,11 +106,14 @@ def test_an_empty_read_only_state_samples_the_base_bit_for_bit(engine: Engine) -
     assert written.sequences[0].logprobs != got.sequences[0].logprobs
 
 
-@pytest.mark.parametrize("step_tokens", [256, 5])
-def test_the_end_state_is_a_direct_run_over_what_was_fed(qwen3_dir, step_tokens: int) -> None:
+@pytest.mark.parametrize(
+    ("arch", "step_tokens"), [("qwen3", 256), ("qwen3", 5), ("llama", 5), ("qwen3-moe", 5)]
+)
+def test_the_end_state_is_a_direct_run_over_what_was_fed(tiny_model_dir, arch: str, step_tokens: int) -> None:
     """Greedy and n = 3 sampled children (each its own state); step_tokens 5 splits the prompt over
     three steps, beside the children of the other request decoding."""
-    engine = Engine(qwen3_dir, EngineSettings(step_tokens=step_tokens))
+    model_dir = tiny_model_dir(arch)
+    engine = Engine(model_dir, EngineSettings(step_tokens=step_tokens))
     slot = delta_slot(engine)
     start = random_state(engine, slot, 0)
     greedy = request(slot, PROMPT, 6, MemoryInput(start))
@@ -118,7 +123,7 @@ def test_the_end_state_is_a_direct_run_over_what_was_fed(qwen3_dir, step_tokens:
     for req, result in zip((greedy, sampled), results, strict=True):
         for sample in result.sequences:
             tokens = fed(req.prompt, sample)
-            want = direct_state(engine, slot, qwen3_dir, start, tokens, [True] * len(tokens))
+            want = direct_state(engine, slot, model_dir, start, tokens, [True] * len(tokens))
             torch.testing.assert_close(sample.memory, want, rtol=1e-5, atol=1e-5)
             assert sample.memory.device.type == "cpu" and sample.memory.dtype == torch.float32
 
@@ -258,3 +263,24 @@ def test_a_cancelled_or_aborted_request_leaves_nothing_behind(engine: Engine) ->
     assert not other.sequences and not engine.steps.running
     pool = engine.steps.pool
     assert pool.free_blocks == pool.num_blocks and pool.reserved == 0
+
+
+def test_a_batch_without_delta_mem_rows_runs_no_hook(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hooks are on the model only while δ-mem rows run: a base or LoRA batch pays nothing for them."""
+    slot, lora = delta_slot(engine), lora_slot(engine, 2)
+    entered: list[int] = []
+    real = engine.delta_ctx.use
+
+    @contextmanager
+    def spy(*runs):
+        entered.append(len(runs))
+        with real(*runs) as run:
+            assert all(m._forward_hooks for m, _ in engine.delta_ctx._hooks), "hooked while in use"
+            yield run
+
+    monkeypatch.setattr(engine.delta_ctx, "use", spy)
+    engine.sample([request(BASE_SLOT, PROMPT, 4), request(lora, PROMPT, 4)])
+    assert entered == []
+    engine.sample([request(slot, PROMPT, 4, MemoryInput(empty(engine, slot))), request(lora, PROMPT, 4)])
+    assert entered == [1] * 4, "one run in each of the four steps"
+    assert not any(m._forward_hooks for m in engine.model.modules())
