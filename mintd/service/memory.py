@@ -120,12 +120,12 @@ class Leases:
         self._held: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def take(self, owner: str, adapter: str, instance: str) -> None:
+    def take(self, owner: str, adapter: str, instance: str, field_name: str = "user") -> None:
         with self._lock:
             if (owner, adapter) in self._held:
                 raise CatalogConflict(
-                    f"user: δ-mem instance {instance!r} is being written by another request; one writer per "
-                    "instance, retry when it has finished"
+                    f"{field_name}: δ-mem instance {instance!r} is being written by another request; one "
+                    "writer per instance, retry when it has finished"
                 )
             self._held.add((owner, adapter))
 
@@ -238,3 +238,12 @@ class Memories:
         )
         self.catalog.promote(owner, adapter, LIVE, rev.number)
         return rev
+
+    def erase(self, owner: str, adapter: str) -> list[str]:
+        """`Checkpoints.erase` under the instance's lease, so that no request in flight commits a state
+        into it afterwards (409 while one writes)."""
+        self.leases.take(owner, adapter, adapter, "name")
+        try:
+            return self.checkpoints.erase(owner, adapter)
+        finally:
+            self.leases.release(owner, adapter)

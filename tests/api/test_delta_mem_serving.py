@@ -272,6 +272,8 @@ def test_one_writer_per_instance(served: Served):
     with pytest.raises(openai.ConflictError, match="being written by another request"):
         turn(served, "solo", ASK)
     assert turn(served, "other", ASK).committed is not None  # other instances are not held up
+    erase = served.catalog().delete("/adapters/dm.mem.solo")  # nor erased under a writer
+    assert erase.status_code == 400 and "being written by another request" in erase.json()["detail"]
     long.close()  # the writer goes away: nothing committed, the lease released
     deadline = time.monotonic() + 60
     while True:
