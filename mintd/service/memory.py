@@ -236,7 +236,10 @@ class Memories:
             parents=parents,
             metadata=metadata,
         )
-        self.catalog.promote(owner, adapter, LIVE, rev.number)
+        # `live` moves only from the state this one was written on: a writer on another replica that
+        # moved it first leaves this state as a sibling revision, visible in the lineage, not live
+        expect = None if previous is None else previous.number
+        self.catalog.promote(owner, adapter, LIVE, rev.number, expect=expect)
         return rev
 
     def erase(self, owner: str, adapter: str) -> list[str]:
