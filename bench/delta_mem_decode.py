@@ -2,11 +2,11 @@
 
 One flat batch of `--rows` sequences decoding `--tokens` greedy tokens each (prompts of 8 tokens,
 prefilled in the step before the clock starts). Configurations: `base_plain` (an engine that never saw
-a δ-mem adapter: no hooks on the model), `base` (the same batch on an engine whose model carries the
-δ-mem hooks: what a batch without δ-mem rows pays for them), `lora`, `delta_mem`, `delta_mem_lora`
+a δ-mem adapter), `base` (the same batch on an engine holding δ-mem adapters, whose hooks are bound to
+its model: what a batch without δ-mem rows pays for them), `lora`, `delta_mem`, `delta_mem_lora`
 (δ-mem with a LoRA on the same slot) and `mixed` (a quarter of the rows each: base, LoRA, δ-mem,
-δ-mem+LoRA). Figures: decode tokens per second (median of `--repeats` runs after one warm-up run), and
-ratios against `base`.
+δ-mem+LoRA). Figures: decode tokens per second (median of `--repeats` rounds, after a warm-up round, run
+round robin over the configurations), and ratios against `base`.
 
 Prints exactly one JSON line to stdout.
     python bench/delta_mem_decode.py [--size test] [--rows 8] [--tokens 64] [--repeats 5] [--threads 2]
@@ -64,9 +64,14 @@ def decode_tokens_per_s(engine: Engine, slots: list[int], tokens: int) -> float:
     return len(slots) * (tokens - 1) / (time.perf_counter() - t0)
 
 
-def median(engine: Engine, slots: list[int], tokens: int, repeats: int) -> float:
-    runs = [decode_tokens_per_s(engine, slots, tokens) for _ in range(repeats + 1)][1:]
-    return round(statistics.median(runs), 1)
+def medians(configs: dict[str, tuple[Engine, list[int]]], tokens: int, repeats: int) -> dict[str, float]:
+    """Round robin over the configurations (one warm-up round first), so drift in a shared machine's
+    load spreads over all of them alike."""
+    runs: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats + 1):
+        for name, (engine, slots) in configs.items():
+            runs[name].append(decode_tokens_per_s(engine, slots, tokens))
+    return {name: round(statistics.median(r[1:]), 1) for name, r in runs.items()}
 
 
 def main() -> None:
@@ -81,22 +86,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model(Path(tmp) / "model", "qwen3", size=args.size)
         plain = Engine(model_dir)
-        base_plain = median(plain, [BASE_SLOT] * args.rows, args.tokens, args.repeats)
-        del plain
         engine = Engine(model_dir)
         lora = frozen(engine, False, True, 1)
         memory = frozen(engine, True, False, 2)
         both = frozen(engine, True, True, 3)
         quarter = args.rows // 4
         configs = {
-            "base": [BASE_SLOT] * args.rows,
-            "lora": [lora] * args.rows,
-            "delta_mem": [memory] * args.rows,
-            "delta_mem_lora": [both] * args.rows,
-            "mixed": [BASE_SLOT] * quarter + [lora] * quarter + [memory] * quarter + [both] * quarter,
+            "base_plain": (plain, [BASE_SLOT] * args.rows),
+            "base": (engine, [BASE_SLOT] * args.rows),
+            "lora": (engine, [lora] * args.rows),
+            "delta_mem": (engine, [memory] * args.rows),
+            "delta_mem_lora": (engine, [both] * args.rows),
+            "mixed": (
+                engine,
+                [BASE_SLOT] * quarter + [lora] * quarter + [memory] * quarter + [both] * quarter,
+            ),
         }
-        figures = {"base_plain": base_plain}
-        figures |= {name: median(engine, slots, args.tokens, args.repeats) for name, slots in configs.items()}
+        figures = medians(configs, args.tokens, args.repeats)
     print(
         json.dumps(
             {

@@ -66,11 +66,11 @@ class FlatDeltaMemRun:
             adapter,
             torch.tensor(decode_at, dtype=torch.long, device=device),
             torch.tensor([spans[i].writes for i in decode], dtype=torch.bool, device=device).view(-1, 1),
-            _per_layer([spans[i].state for i in decode], adapter),
+            _per_layer([spans[i].state for i in decode], adapter, device),
             gather,
             torch.tensor(writes, dtype=torch.bool, device=device).view(len(prefill), longest),
             None if padding is None else padding[1],
-            _per_layer([spans[i].state for i in prefill], adapter),
+            _per_layer([spans[i].state for i in prefill], adapter, device),
             torch.tensor(decode_at + positions, dtype=torch.long, device=device),
             torch.tensor([rank[i] for i in range(len(spans))], dtype=torch.long, device=device),
         )
@@ -108,7 +108,11 @@ class FlatDeltaMemRun:
         return torch.stack(layers, dim=1)[self.order]
 
 
-def _per_layer(states: list[torch.Tensor], adapter: DeltaMemAdapter) -> list[torch.Tensor]:
+def _per_layer(
+    states: list[torch.Tensor], adapter: DeltaMemAdapter, device: torch.device
+) -> list[torch.Tensor]:
     """Per layer [rows, r, r] from the rows' states [layers, r, r]."""
-    stacked = torch.stack(states).float() if states else adapter.empty_state(0)
-    return list(stacked.unbind(1))
+    if not states:
+        r = adapter.spec.rank
+        return [torch.zeros(0, r, r, device=device) for _ in adapter.layers]
+    return list(torch.stack(states).unbind(1))

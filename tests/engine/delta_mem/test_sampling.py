@@ -110,17 +110,18 @@ def test_an_empty_read_only_state_samples_the_base_bit_for_bit(engine: Engine) -
     ("arch", "step_tokens"), [("qwen3", 256), ("qwen3", 5), ("llama", 5), ("qwen3-moe", 5)]
 )
 def test_the_end_state_is_a_direct_run_over_what_was_fed(tiny_model_dir, arch: str, step_tokens: int) -> None:
-    """Greedy and n = 3 sampled children (each its own state); step_tokens 5 splits the prompt over
-    three steps, beside the children of the other request decoding."""
+    """Greedy, n = 3 sampled children (each its own state) and a one-token prompt (a prefill span that
+    takes the decode step); step_tokens 5 splits the prompt over steps, beside others decoding."""
     model_dir = tiny_model_dir(arch)
     engine = Engine(model_dir, EngineSettings(step_tokens=step_tokens))
     slot = delta_slot(engine)
     start = random_state(engine, slot, 0)
     greedy = request(slot, PROMPT, 6, MemoryInput(start))
     sampled = request(slot, PROMPT[:7], 5, MemoryInput(start), n=3, temperature=1.0, seed=4)
-    results = engine.sample([greedy, sampled])
+    single = request(slot, PROMPT[3:4], 4, MemoryInput(start))
+    results = engine.sample([greedy, sampled, single])
     assert len({tuple(s.tokens) for s in results[1].sequences}) > 1, "the children differ"
-    for req, result in zip((greedy, sampled), results, strict=True):
+    for req, result in zip((greedy, sampled, single), results, strict=True):
         for sample in result.sequences:
             tokens = fed(req.prompt, sample)
             want = direct_state(engine, slot, model_dir, start, tokens, [True] * len(tokens))
