@@ -127,8 +127,9 @@ def erase_adapter(
     name: str, who: str = Depends(owner), svc: TinkerService = Depends(service)
 ) -> dict[str, Any]:
     """Erase an adapter: every revision tombstoned, its aliases gone, and the blobs no live revision
-    still uses deleted now (the privacy path of a δ-mem instance). The name and the audit log stay."""
-    return {"adapter": name, "erased_blobs": svc.checkpoints.erase(who, name)}
+    still uses deleted now (the privacy path of a δ-mem instance; refused while a request writes it).
+    The name and the audit log stay."""
+    return {"adapter": name, "erased_blobs": svc.memories.erase(who, name)}
 
 
 @router.post("/adapters/{name}/import")

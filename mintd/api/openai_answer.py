@@ -8,6 +8,7 @@ that revision), so logprobs stream with their tokens.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import time
@@ -23,6 +24,7 @@ from mintd.api.openai_errors import error_response
 from mintd.api.openai_wire import ChatRequest, CompletionRequest, usage
 from mintd.engine.sampling import SamplingParams
 from mintd.engine.stream import TokenEvent
+from mintd.service.memory import is_delta_mem
 from mintd.service.serving import Generation, Serving, Target
 from mintd.service.text import TextAssembler
 
@@ -95,15 +97,17 @@ class Job:
 
     async def answer(self, request: Request, who: str) -> Response:
         loop = asyncio.get_running_loop()
-        user = self.body.user
-        if user is not None and len(self.prompts) > 1:
+        user, read_only = self.body.user, _read_only(request)
+        if user is not None and not read_only and len(self.prompts) > 1:
             raise ValueError("prompt: with `user`, one prompt per request (a δ-mem instance has one writer)")
+        submit = functools.partial(self.svc.submit, who, self.target)
         try:
             for prompt in self.prompts:
-                params = self._params(prompt)
-                self.gens.append(
-                    self.svc.submit(who, self.target, prompt, params, self.body.n, loop, self.top, user)
-                )
+                args = (prompt, self._params(prompt), self.body.n, loop, self.top, user, read_only)
+                if self.target.revision is not None and is_delta_mem(self.target.revision):
+                    self.gens.append(await asyncio.to_thread(submit, *args))  # binding: catalog, blob
+                else:
+                    self.gens.append(submit(*args))
         except Exception:
             self._cancel()
             raise
@@ -273,6 +277,14 @@ class Job:
         if include_usage:
             chunk["usage"] = None
         return _event(chunk)
+
+
+def _read_only(request: Request) -> bool:
+    """`x-mintd-memory: read-only`: a δ-mem instance named by `user` is read, not written."""
+    mode = request.headers.get("x-mintd-memory")
+    if mode not in (None, "read-only"):
+        raise ValueError(f"x-mintd-memory: {mode!r}; the one value is 'read-only'")
+    return mode == "read-only"
 
 
 def _event(payload: dict[str, Any]) -> bytes:

@@ -109,6 +109,15 @@ def promote(
     return Alias(alias, owner, adapter_name, rev.number, rev.id, now)
 
 
+def expect(conn: Connection, *, adapter: Row, alias: str, number: int) -> None:
+    """CatalogConflict unless `alias` of `adapter` points at revision `number` now (its row locked)."""
+    current = _current(conn, adapter[0], alias)
+    now_at = None if current is None else _number(conn, current.revision_id)
+    if now_at != number:
+        where = "does not exist" if now_at is None else f"points at @{now_at}"
+        raise CatalogConflict(f"alias: {adapter[3]}:{alias} {where}, not @{number} as expected; it moved")
+
+
 def rollback(conn: Connection, *, owner: str, adapter: Row, alias: str, now: float, actor: str) -> Alias:
     adapter_id, adapter_name = adapter[0], adapter[3]
     current = _current(conn, adapter_id, alias)

@@ -432,13 +432,16 @@ class Catalog:
         ref: str | int,
         *,
         gate: Gate | None = None,
+        expect: int | None = None,
         actor: str | None = None,
     ) -> Alias:
         """Point `adapter:alias` at a revision of that adapter (the alias is created on first promote).
 
         `ref` may be relative to the adapter (`3`, `@3`, `:canary`) or a full ref. With a gate, some
-        evaluation of the target must reach the threshold, else CatalogConflict. Promoting to the
-        current target changes and records nothing.
+        evaluation of the target must reach the threshold, else CatalogConflict. With `expect` (a
+        revision number), the alias must point there now, else CatalogConflict: a compare-and-swap for
+        writers on several replicas (a δ-mem instance's `live`). Promoting to the current target changes
+        and records nothing.
         """
         owner, actor = _who(owner, actor)
         validate.name(adapter, "adapter")
@@ -451,6 +454,8 @@ class Catalog:
         with self.db.write() as conn:
             arow = _adapter_row(conn, owner, adapter)
             row = q.find_revision(conn, owner, parsed, now, target, lock=True)
+            if expect is not None:
+                aliases.expect(conn, adapter=arow, alias=alias, number=validate.count(expect, "expect"))
             return aliases.promote(
                 conn, owner=owner, adapter=arow, alias=alias, target=row, gate=gate, now=now, actor=actor
             )

@@ -5,7 +5,8 @@ states (store/memory) and whose alias `live` names the newest committed one. Its
 empty state (parents: the weights revision); each later one has parents (previous state, weights),
 provenance naming the weights (ref and content hash), the state's digest and the head of the transcript
 hash chain (`data_fingerprint`), and metadata `{instance, weights}`. Rolling `live` back forgets what
-was written since; deleting the instance (`erase`) tombstones its revisions and deletes their blobs.
+was written since; erasing the instance (`Checkpoints.erase`) tombstones its revisions and deletes
+their blobs. A read-only binding reads the `live` state and writes, commits and holds nothing.
 
 A state is bound to the weights revision that wrote it: a request whose `model` resolves to any other
 revision is refused (409), whatever the names say. One writer per instance (a lease held from admission
@@ -119,12 +120,12 @@ class Leases:
         self._held: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def take(self, owner: str, adapter: str, instance: str) -> None:
+    def take(self, owner: str, adapter: str, instance: str, field_name: str = "user") -> None:
         with self._lock:
             if (owner, adapter) in self._held:
                 raise CatalogConflict(
-                    f"user: δ-mem instance {instance!r} is being written by another request; one writer per "
-                    "instance, retry when it has finished"
+                    f"{field_name}: δ-mem instance {instance!r} is being written by another request; one "
+                    "writer per instance, retry when it has finished"
                 )
             self._held.add((owner, adapter))
 
@@ -140,18 +141,29 @@ class Memories:
         self.leases = Leases()
 
     def bind(
-        self, owner: str, weights: Revision, engine: Engine, instance: str | None, prompt: list[int]
+        self,
+        owner: str,
+        weights: Revision,
+        engine: Engine,
+        instance: str | None,
+        prompt: list[int],
+        read_only: bool = False,
     ) -> Binding:
         """The request's binding: read-only on an empty state without an instance; else the instance's
-        `live` state (created empty on first use), checked against the weights, under the lease."""
+        `live` state (created empty on first use), checked against the weights, under the lease. With
+        `read_only`, the instance's `live` state (empty if none) is read, nothing written or created."""
         if instance is None:
             return Binding(self, owner, weights, prompt, self._empty(weights, engine, ""))
         adapter = instance_adapter(weights, instance)
-        self.leases.take(owner, adapter, instance)
         empty = self._empty(weights, engine, f"{owner}/{adapter}")
+        if read_only:
+            live = self._live(owner, adapter, instance, weights)
+            return Binding(self, owner, weights, prompt, empty if live is None else self.read(live))
+        self.leases.take(owner, adapter, instance)
         binding = Binding(self, owner, weights, prompt, empty, adapter, _held=True)
         try:
-            binding.live = self._live(owner, adapter, instance, weights, binding.start)
+            live = self._live(owner, adapter, instance, weights)
+            binding.live = live or self.commit(owner, adapter, weights, empty, GENESIS, None)
             binding.start = self.read(binding.live)
             session = list(binding.start.session)
             binding.written = len(session) if session and prompt[: len(session)] == session else 0
@@ -171,15 +183,13 @@ class Memories:
         layers = int(engine.model.config.num_hidden_layers)
         return MemoryState(torch.zeros(layers, rank, rank), 0, (), instance)
 
-    def _live(
-        self, owner: str, adapter: str, instance: str, weights: Revision, empty: MemoryState
-    ) -> Revision:
-        """The instance's `live` state revision, checked to belong to `weights`; the empty state on first
+    def _live(self, owner: str, adapter: str, instance: str, weights: Revision) -> Revision | None:
+        """The instance's `live` state revision, checked to belong to `weights`; None before its first
         use (or after an erase)."""
         try:
             live = self.catalog.resolve(owner, f"{adapter}:{LIVE}", field="user")
         except CatalogNotFound:
-            return self.commit(owner, adapter, weights, empty, GENESIS, None)
+            return None
         if live.metadata.get("weights") != weights.ref:
             raise CatalogConflict(
                 f"user: δ-mem instance {instance!r} holds a state written under "
@@ -226,5 +236,17 @@ class Memories:
             parents=parents,
             metadata=metadata,
         )
-        self.catalog.promote(owner, adapter, LIVE, rev.number)
+        # `live` moves only from the state this one was written on: a writer on another replica that
+        # moved it first leaves this state as a sibling revision, visible in the lineage, not live
+        expect = None if previous is None else previous.number
+        self.catalog.promote(owner, adapter, LIVE, rev.number, expect=expect)
         return rev
+
+    def erase(self, owner: str, adapter: str) -> list[str]:
+        """`Checkpoints.erase` under the instance's lease, so that no request in flight commits a state
+        into it afterwards (409 while one writes)."""
+        self.leases.take(owner, adapter, adapter, "name")
+        try:
+            return self.checkpoints.erase(owner, adapter)
+        finally:
+            self.leases.release(owner, adapter)

@@ -247,11 +247,14 @@ class Serving:
         loop: asyncio.AbstractEventLoop,
         score_top: int | None = None,
         user: str | None = None,
+        read_only: bool = False,
     ) -> Generation:
         """Admit one prompt (n rows) on the target's base model, or raise ValueError naming the bad
         field, or Busy when the base model holds `max_pending_rows` already. With `score_top`, every
         token comes scored (its logprob at temperature 1 and that many alternatives). For a δ-mem
-        target, `user` names the instance it reads and writes (none: read-only on an empty state)."""
+        target, `user` names the instance it reads and writes (none: read-only on an empty state);
+        `read_only` reads the instance's state without writing it. The binding reads the catalog and a
+        blob: call it off the event loop."""
         handle = target.handle
         request = SampleRequest(BASE_SLOT, prompt, params, n)
         sampling.validate(request, handle.engine.vocab_size, handle.engine.max_len)
@@ -259,9 +262,9 @@ class Serving:
             admit_cold(handle, target.revision, self.settings.max_load_queue, "model")
         memory = None
         if target.revision is not None and is_delta_mem(target.revision):
-            if user is not None and n != 1:
+            if user is not None and not read_only and n != 1:
                 raise ValueError("n: a δ-mem instance (`user`) writes one continuation; use n = 1")
-            memory = self.memories.bind(owner, target.revision, handle.engine, user, prompt)
+            memory = self.memories.bind(owner, target.revision, handle.engine, user, prompt, read_only)
             request.memory = memory.input()
         try:
             self._admit(handle.name, n)

@@ -240,6 +240,21 @@ def test_another_owner_can_neither_see_nor_use_an_instance(served: Served):
     assert served.live("tom")[0].number == 2
 
 
+def test_read_only_reads_the_live_state_and_keeps_nothing(served: Served):
+    turn(served, "ro", TELL)
+    live = served.live("ro")[0]
+    read = {"extra_headers": {"x-mintd-memory": "read-only"}}
+    looked = turn(served, "ro", ASK, **read)
+    assert looked.committed is None and served.live("ro")[0] == live
+    assert turn(served, "ro", ASK, **read).logprobs == looked.logprobs
+    assert looked.logprobs != turn(served, None, ASK).logprobs  # the state is read
+    # an instance that does not exist reads as empty and is not created
+    assert turn(served, "nobody", ASK, **read).logprobs == turn(served, None, ASK).logprobs
+    assert served.catalog().get("/resolve", params={"ref": "dm.mem.nobody"}).status_code == 404
+    with pytest.raises(openai.BadRequestError, match="x-mintd-memory: 'write'"):
+        turn(served, "ro", ASK, extra_headers={"x-mintd-memory": "write"})
+
+
 def test_one_writer_per_instance(served: Served):
     turn(served, "solo", TELL)
     live = served.live("solo")[0]
@@ -257,6 +272,8 @@ def test_one_writer_per_instance(served: Served):
     with pytest.raises(openai.ConflictError, match="being written by another request"):
         turn(served, "solo", ASK)
     assert turn(served, "other", ASK).committed is not None  # other instances are not held up
+    erase = served.catalog().delete("/adapters/dm.mem.solo")  # nor erased under a writer
+    assert erase.status_code == 400 and "being written by another request" in erase.json()["detail"]
     long.close()  # the writer goes away: nothing committed, the lease released
     deadline = time.monotonic() + 60
     while True:

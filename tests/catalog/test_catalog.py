@@ -512,6 +512,20 @@ def test_bulk_numbers_after_existing_and_checks_like_single(alice: Catalog) -> N
         alice.get_adapter("alice", "bulk")
 
 
+def test_promote_with_expect_is_a_compare_and_swap(cat: Catalog) -> None:
+    for i in (1, 2, 3):
+        save(cat, "alice", "inst", i, kind="memory")
+    with pytest.raises(CatalogConflict, match=r"^alias: inst:live does not exist, not @1"):
+        cat.promote("alice", "inst", "live", 2, expect=1)
+    cat.promote("alice", "inst", "live", 1)
+    assert cat.promote("alice", "inst", "live", 2, expect=1).number == 2
+    with pytest.raises(CatalogConflict, match=r"^alias: inst:live points at @2, not @1 as expected"):
+        cat.promote("alice", "inst", "live", 3, expect=1)  # another writer moved it first
+    assert cat.resolve("alice", "inst:live").number == 2
+    with pytest.raises(ValueError, match="^expect: "):
+        cat.promote("alice", "inst", "live", 3, expect=-1)
+
+
 def test_delete_adapter_tombstones_everything_and_drops_aliases(cat: Catalog, clock: Clock) -> None:
     save(cat, "alice", "inst", 1, kind="memory")
     save(cat, "alice", "inst", 2, kind="memory", parents=["inst@1"])
