@@ -191,12 +191,14 @@ def main() -> None:
     started = time.perf_counter()
     config = TaskConfig(args.facts, args.distractor_sessions, args.other_facts)
 
+    # stage 0 reads facts when they are visible: told and asked with nothing between (the design's "facts
+    # and question in one segment"); distractor sessions are for what is under test, not the backbone
     log("stage 0: a base competent at the in-context task")
-    base_dir = args.workdir / f"base-k{args.facts}-d{args.distractor_sessions}-o{args.other_facts}"
+    base_dir = args.workdir / f"base-k{args.facts}"
     settings = dict(
         arch="qwen3", size="test", seed=0, lr=1e-3, batch=32, max_steps=3000, eval_every=100, target_em=0.95
     )
-    stage0 = prepare_backbone(base_dir, lambda tok: Task(tok, config), settings, log)
+    stage0 = prepare_backbone(base_dir, lambda tok: Task(tok, TaskConfig(args.facts)), settings, log)
     timings["stage0_s"] = round(time.perf_counter() - started, 1)
     task = Task(AutoTokenizer.from_pretrained(base_dir), config)
     held_out = task.episodes(args.users, seed=10**9 + args.seed)

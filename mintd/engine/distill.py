@@ -120,7 +120,7 @@ def reverse_kl(
         slots = [s for _ in batch for s in (group.slot, group.reference_slot)]
         tokens = [t for i in batch for t in (group.data[i].student, group.data[i].reference)]
         order = row_order(slots, table)
-        logits = padded_forward(
+        logits, _ = padded_forward(
             model, ctx, table, [slots[k] for k in order], [tokens[k].to(device) for k in order], pad_id
         )
         where = {k: pos for pos, k in enumerate(order)}

@@ -22,9 +22,10 @@ def padded_forward(
     pad_id: int,
     segments: list[torch.Tensor | None] | None = None,
     delta_ctx: DeltaMemContext | None = None,
-) -> torch.Tensor:
-    """float32 logits [rows, max_len, vocab]; rows must already be in `row_order`. Right padding, so
-    every row's positions start at 0 exactly as when it runs alone.
+) -> tuple[torch.Tensor, list[DeltaMemRun]]:
+    """float32 logits [rows, max_len, vocab], and the δ-mem runs (their rows' states and write gates
+    after the forward); rows must already be in `row_order`. Right padding, so every row's positions
+    start at 0 exactly as when it runs alone.
 
     `segments`: per row, None or its tokens' segment ids (sessions of an episode): attention is cut by
     segment and positions restart at each. Rows on a δ-mem slot run from an empty state through the
@@ -41,7 +42,7 @@ def padded_forward(
     if segments is not None and any(s is not None for s in segments):
         attention = _segment_attention(model, segments, mask.bool())
     with ctx.use(LoraBatch(slots, table, device)), delta_ctx.use(*runs) if runs else nullcontext():
-        return model(input_ids=input_ids, **attention, use_cache=False).logits.float()
+        return model(input_ids=input_ids, **attention, use_cache=False).logits.float(), runs
 
 
 def _delta_mem_runs(

@@ -105,9 +105,19 @@ def stable_reinforce(lp: torch.Tensor, inputs: Inputs, config: Config) -> torch.
     return (mask * (-weight * adv * lp + kl_coeff * (q - lp))).sum()
 
 
+# δ-mem's optional write-sparsity regulariser (any loss): weight · (mean write gate − target)² per datum
+WRITE_SPARSITY = "delta_mem_write_sparsity"
+WRITE_SPARSITY_TARGET = "delta_mem_write_sparsity_target"
+
+
 def check_config(config: Config) -> None:
     """ValueError naming the bad `loss_fn_config` key, for the keys a loss reads."""
-    for key in ("kl_coeff", "is_cap", "beta"):
+    target = config.get(WRITE_SPARSITY_TARGET)
+    if target is not None and not 0 <= target <= 1:
+        raise ValueError(
+            f"loss_fn_config.{WRITE_SPARSITY_TARGET}: a write gate's mean, in [0, 1] (got {target})"
+        )
+    for key in ("kl_coeff", "is_cap", "beta", WRITE_SPARSITY):
         value = config.get(key)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ValueError(f"loss_fn_config.{key}: must be a finite number >= 0 (got {value})")

@@ -13,11 +13,11 @@ import torch
 from transformers import PreTrainedModel
 
 from mintd.engine.adapters import BASE_SLOT, AdapterSlots
-from mintd.engine.delta_mem import DeltaMemContext
+from mintd.engine.delta_mem import DeltaMemContext, DeltaMemRun
 from mintd.engine.forward import padded_forward, target_logprobs
 from mintd.engine.lora import LoraContext
 from mintd.engine.lora_batch import row_order
-from mintd.engine.losses import check_config, get_loss
+from mintd.engine.losses import WRITE_SPARSITY, WRITE_SPARSITY_TARGET, check_config, get_loss
 
 # A per-token loss_fn_input no loss reads: the session each token belongs to. Attention is cut by
 # session (and positions restart), a δ-mem state flows on through the row.
@@ -120,6 +120,25 @@ def _micro_batches(order: list[int], lengths: list[int], budget: int) -> list[li
     return batches
 
 
+def _write_sparsity(
+    slots: list[int], runs: list[DeltaMemRun], groups: list[TrainGroup]
+) -> list[torch.Tensor | float]:
+    """Each row's δ-mem write-sparsity term, weight · (its mean write gate − target)², from its group's
+    `loss_fn_config` (`delta_mem_write_sparsity`, the weight, default 0: off; and
+    `delta_mem_write_sparsity_target`, default 0); 0.0 for rows without δ-mem or the term."""
+    terms: list[torch.Tensor | float] = [0.0] * len(slots)
+    for run in runs:
+        penalty = None
+        for j, row in enumerate(run.rows.tolist()):
+            config = groups[row].loss_config
+            weight = config.get(WRITE_SPARSITY, 0.0)
+            if weight:
+                if penalty is None:
+                    penalty = run.write_sparsity(config.get(WRITE_SPARSITY_TARGET, 0.0))
+                terms[row] = weight * penalty[j]
+    return terms
+
+
 def forward_backward(
     model: PreTrainedModel,
     ctx: LoraContext,
@@ -139,7 +158,7 @@ def forward_backward(
     losses = [0.0] * len(groups)
     for batch in _micro_batches(row_order(slots, table), lengths, micro_batch_tokens):
         with torch.set_grad_enabled(not forward_only):
-            logits = padded_forward(
+            logits, runs = padded_forward(
                 model,
                 ctx,
                 table,
@@ -152,10 +171,11 @@ def forward_backward(
             total = None
             batch_inputs = [{k: v.to(device) for k, v in rows[i][1].inputs.items()} for i in batch]
             batch_lps = target_logprobs(logits, [inputs["target_tokens"] for inputs in batch_inputs])
-            for i, inputs, lp in zip(batch, batch_inputs, batch_lps, strict=True):
+            sparsity = _write_sparsity([slots[i] for i in batch], runs, [groups[rows[i][0]] for i in batch])
+            for i, inputs, lp, extra in zip(batch, batch_inputs, batch_lps, sparsity, strict=True):
                 gi = rows[i][0]
                 group = groups[gi]
-                loss = get_loss(group.loss_fn)[0](lp, inputs, group.loss_config)
+                loss = get_loss(group.loss_fn)[0](lp, inputs, group.loss_config) + extra
                 logprobs[i] = lp.detach().cpu()
                 losses[gi] += loss.item()
                 total = loss if total is None else total + loss

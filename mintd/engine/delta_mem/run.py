@@ -38,8 +38,9 @@ class DeltaMemRun:
     write_mask: torch.Tensor | None = None  # [batch, T] for the next call; None: every token writes
     chunk: int = DEFAULT_CHUNK
     _reads: dict[int, torch.Tensor] = field(default_factory=dict)
-    _gate_sum: torch.Tensor | float = 0.0  # Σβ over every written token, layer and state row so far
-    _gate_count: int = 0
+    # per row: Σβ over every written token, layer and state row so far, and how many gates that is
+    _gate_sum: torch.Tensor | float = 0.0
+    _gate_count: torch.Tensor | int = 0
 
     @classmethod
     def start(cls, adapter: DeltaMemAdapter, state: torch.Tensor, **kwargs) -> DeltaMemRun:
@@ -51,11 +52,12 @@ class DeltaMemRun:
         return torch.stack(self.states, dim=1)
 
     def write_sparsity(self, target: float) -> torch.Tensor:
-        """The release's optional regulariser, (mean β − target)², the mean over every gate this run's
-        writes used (all layers, written tokens, state rows): weighted and added to the loss, it pushes
-        toward rare, small writes."""
-        mean = self._gate_sum / max(self._gate_count, 1)
-        return (torch.as_tensor(mean) - target) ** 2
+        """The release's optional regulariser per row [rows], (mean β − target)², the mean over every
+        gate the row's writes used (all layers, written tokens, state rows): weighted and added to the
+        loss, it pushes toward rare, small writes. Per row, so a datum's term does not depend on which
+        others share its batch."""
+        mean = torch.as_tensor(self._gate_sum) / torch.clamp(torch.as_tensor(self._gate_count), min=1)
+        return (mean - target) ** 2
 
     def add(self, out: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
         """`out` [batch, T, width] with the correction [rows, T, width] added to this run's rows only."""
@@ -79,9 +81,9 @@ class DeltaMemRun:
         if not self.writes:
             return torch.einsum("bik,btk->bti", state, weights.memory_query(x))
         q, k, v, beta = weights.memory_inputs(x, write)
-        self._gate_sum = self._gate_sum + beta.sum()
-        written = beta.shape[0] * beta.shape[1] if write is None else int(write.sum())
-        self._gate_count += written * beta.shape[2]
+        self._gate_sum = self._gate_sum + beta.sum(dim=(1, 2))
+        written = write.sum(dim=1) if write is not None else torch.full((len(beta),), beta.shape[1])
+        self._gate_count = self._gate_count + written.to(beta.device) * beta.shape[2]
         if x.shape[1] == 1:  # decode: the one-token step of the same update
             read, self.states[layer] = step(state, q[:, 0], k[:, 0], v[:, 0], beta[:, 0])
             return read.unsqueeze(1)

@@ -167,10 +167,10 @@ def test_write_sparsity_is_the_mean_gate_of_the_written_tokens(qwen3_dir):
     write[1, 6:] = False
     with ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(2), write_mask=write)) as run:
         model(input_ids=ids)
-        penalty = run.write_sparsity(target=0.05)
-    (gate_grad,) = torch.autograd.grad(penalty, adapter.layer(0).gate_bias)
+        penalty = run.write_sparsity(target=0.05)  # per row: row 1 wrote 6 tokens, row 0 all 10
+    (gate_grad,) = torch.autograd.grad(penalty.sum(), adapter.layer(0).gate_bias)
     fresh_gate = torch.sigmoid(torch.tensor(-1.5))  # gate weights start at zero: β is the bias alone
-    assert torch.allclose(penalty, (fresh_gate - 0.05) ** 2)
+    assert penalty.shape == (2,) and torch.allclose(penalty, (fresh_gate - 0.05) ** 2)
     assert (gate_grad > 0).all()  # descending it lowers the write gates
 
 

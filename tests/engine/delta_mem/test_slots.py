@@ -144,3 +144,24 @@ def test_refusals_name_the_field(engine):
         engine.forward_backward([TrainGroup(slot, [bad])])
     with pytest.raises(ValueError, match="adapter tensors: missing delta_mem.layers.0.memory_q"):
         engine.check_adapter(LORA, {}, SPEC)
+
+
+def test_write_sparsity_adds_weight_times_each_episodes_term(engine, qwen3_dir):
+    slot = engine.create_adapter(LORA, SPEC)
+    config = {"delta_mem_write_sparsity": 2.0, "delta_mem_write_sparsity_target": 0.1}
+    plain = engine.forward_backward([TrainGroup(slot, EPISODES)], forward_only=True)[0].loss
+    group = TrainGroup(slot, EPISODES, loss_config=config)
+    regular = engine.forward_backward([group], forward_only=True)[0].loss
+    model, ctx, _ = hooked(qwen3_dir)
+    adapter = engine.slots[slot].delta_mem
+    expected = 0.0
+    for d in EPISODES:  # each episode alone: its term does not depend on its batch
+        ids, segments = d.tokens[None], d.inputs["segment_ids"].long()[None]
+        mask, positions = segment_attention(segments, torch.ones_like(ids, dtype=torch.bool), torch.float32)
+        with torch.no_grad(), ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(1))) as run:
+            model(input_ids=ids, attention_mask=mask, position_ids=positions)
+            expected += 2.0 * float(run.write_sparsity(0.1)[0])
+    assert expected > 0 and regular - plain == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="loss_fn_config.delta_mem_write_sparsity_target"):
+        bad = {"delta_mem_write_sparsity_target": 1.5}
+        engine.forward_backward([TrainGroup(slot, EPISODES, loss_config=bad)])
