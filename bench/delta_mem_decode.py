@@ -29,21 +29,14 @@ import torch  # noqa: E402
 from mintd.engine.adapters import BASE_SLOT, LoraSpec  # noqa: E402
 from mintd.engine.engine import Engine  # noqa: E402
 from mintd.engine.sampling import MemoryInput, SampleRequest, SamplingParams  # noqa: E402
-from mintd.engine.tiny import make_tiny_model  # noqa: E402
+from mintd.engine.tiny import frozen_random, make_tiny_model  # noqa: E402
 from mintd.lora_config import DeltaMemSpec  # noqa: E402
 
 
 def frozen(engine: Engine, delta_mem: bool, lora: bool, seed: int) -> int:
     """A frozen adapter with non-zero LoRA B (when it has a LoRA) and δ-mem weights that write."""
     spec = DeltaMemSpec(readout_init="base_slice", seed=seed, lora=lora) if delta_mem else None
-    slot = engine.create_adapter(LoraSpec(rank=8, seed=seed), spec)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, b in engine.slots[slot].weights.values():
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
-    snapshot = engine.snapshot(slot)
-    engine.drop(slot)
-    return snapshot
+    return frozen_random(engine, engine.create_adapter(LoraSpec(rank=8, seed=seed), spec), seed)
 
 
 def decode_tokens_per_s(engine: Engine, slots: list[int], tokens: int) -> float:

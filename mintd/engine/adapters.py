@@ -141,17 +141,6 @@ class AdapterSlots:
             )
         return list(expected)
 
-    def load(
-        self,
-        spec: LoraSpec,
-        tensors: dict[str, torch.Tensor],
-        trainable: bool = True,
-        copy: bool = True,
-        delta_mem: DeltaMemAdapter | None = None,
-    ) -> int:
-        """Import flat tensors (as produced by `Adapter.state_dict`) into a new slot: `build`, then `add`."""
-        return self.add(self.build(spec, tensors, trainable, copy, delta_mem))
-
     def build(
         self,
         spec: LoraSpec,
@@ -160,9 +149,10 @@ class AdapterSlots:
         copy: bool = True,
         delta_mem: DeltaMemAdapter | None = None,
     ) -> Adapter:
-        """An adapter of flat tensors, shapes checked, for `add`; `delta_mem`, a δ-mem adapter of the
-        right shapes, takes the `delta_mem.` tensors (copied). Reads no slot, so any thread may call it
-        (the loader thread builds frozen adapters that need no copy, and the engine thread only adds them).
+        """An adapter of flat tensors (as `Adapter.state_dict` makes them), shapes checked, for `add`;
+        `delta_mem`, a δ-mem adapter of the right shapes, takes the `delta_mem.` tensors (copied). Reads
+        no slot, so any thread may call it (the loader thread builds frozen adapters that need no copy,
+        and the engine thread only adds them).
 
         By default each tensor is copied (float32 for a trainable slot, `frozen_dtype` for a frozen
         one), so the slot owns its memory whatever the caller does next. `copy=False` adopts the tensors

@@ -210,10 +210,11 @@ class Engine:
         delta_mem: DeltaMemSpec | None = None,
     ) -> int:
         """Load flat tensors into a new slot; optimizer entries, when present, restore the optimizer.
-        `copy=False`: adopt the LoRA tensors without cloning (see `AdapterSlots.load`)."""
+        `copy=False`: adopt the LoRA tensors without cloning (see `AdapterSlots.build`)."""
         weights = {k: v for k, v in tensors.items() if is_weight(k)}
         blank = self._blank_delta_mem(delta_mem)
-        slot = self.slots.load(spec, weights, trainable=trainable, copy=copy, delta_mem=blank)
+        adapter = self.slots.build(spec, weights, trainable=trainable, copy=copy, delta_mem=blank)
+        slot = self.slots.add(adapter)
         if trainable:
             try:
                 self._attach_optimizer(slot).load_state_dict(tensors)

@@ -283,3 +283,15 @@ def random_adapter(
         tensors[f"{target.name}.lora_A"] = torch.randn(a_shape, generator=gen) * 0.05
         tensors[f"{target.name}.lora_B"] = torch.randn(b_shape, generator=gen) * 0.05
     return spec, tensors
+
+
+def frozen_random(engine: Engine, slot: int, seed: int) -> int:
+    """A frozen copy (snapshot) of trainable `slot` with random LoRA B matrices, `slot` dropped: a fresh
+    adapter's B is zero, so it would answer exactly as the base (tests and benchmarks of mixed batches)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, b in engine.slots[slot].weights.values():
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
+    frozen = engine.snapshot(slot)
+    engine.drop(slot)
+    return frozen

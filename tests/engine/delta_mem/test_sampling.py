@@ -15,6 +15,7 @@ from mintd.engine.delta_mem.state import state_bytes, state_from_bytes
 from mintd.engine.engine import Engine
 from mintd.engine.sampling import MemoryInput, SampledSequence, SampleRequest, SamplingParams
 from mintd.engine.stream import TokenStream
+from mintd.engine.tiny import frozen_random
 from tests.engine.delta_mem.conftest import hooked
 
 SPEC = DeltaMemSpec(readout_init="base_slice", seed=1)
@@ -32,22 +33,11 @@ def delta_slot(engine: Engine, seed: int = 1, lora: bool = False) -> int:
             layer.gate_weight.copy_(torch.randn(layer.gate_weight.shape, generator=gen) * 0.1)
             layer.read_q.mul_(20)
             layer.read_o.mul_(20)
-    return frozen_with_lora(engine, slot, seed)
+    return frozen_random(engine, slot, seed)
 
 
 def lora_slot(engine: Engine, seed: int) -> int:
-    return frozen_with_lora(engine, engine.create_adapter(LoraSpec(rank=4, seed=seed)), seed)
-
-
-def frozen_with_lora(engine: Engine, slot: int, seed: int) -> int:
-    """A frozen copy of `slot` with random LoRA B matrices (a fresh LoRA would equal the base)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, b in engine.slots[slot].weights.values():
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
-    frozen = engine.snapshot(slot)
-    engine.drop(slot)
-    return frozen
+    return frozen_random(engine, engine.create_adapter(LoraSpec(rank=4, seed=seed)), seed)
 
 
 def empty(engine: Engine, slot: int) -> torch.Tensor:

@@ -4,24 +4,17 @@ overtakes a long one; n samples share one prefill; the paged cache gives every b
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
 from mintd.engine.engine import Engine
 from mintd.engine.sampling import SampleRequest, SamplingParams
 from mintd.engine.step.sequence import RequestState
+from mintd.engine.tiny import frozen_random
 
 
 def _adapter(engine: Engine, rank: int, seed: int) -> int:
     """A frozen adapter with non-zero B (a fresh one would equal the base)."""
-    slot = engine.create_adapter(LoraSpec(rank=rank, seed=seed))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, b in engine.slots[slot].weights.values():
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
-    frozen = engine.snapshot(slot)
-    engine.drop(slot)
-    return frozen
+    return frozen_random(engine, engine.create_adapter(LoraSpec(rank=rank, seed=seed)), seed)
 
 
 def _greedy(slot: int, prompt: list[int], max_tokens: int, n: int = 1, **kw) -> SampleRequest:
