@@ -9,6 +9,12 @@ from mintd.engine.forward import padded_forward
 from mintd.engine.optim import AdamParams
 
 
+def logits_of(engine, slot: int, tokens: torch.Tensor) -> torch.Tensor:
+    """One row's logits, run alone."""
+    logits, _ = padded_forward(engine.model, engine.ctx, engine.slots, [slot], [tokens], engine.pad_id)
+    return logits[0]
+
+
 def randomized(engine, slot: int, seed: int) -> int:
     gen = torch.Generator().manual_seed(seed)
     for _, b in engine.slots[slot].weights.values():
@@ -33,12 +39,8 @@ def reference_kl(engine, student: int, reference: int, data, temperature: float)
     with torch.no_grad():
         for d in data:
             n = len(d.targets)
-            s = padded_forward(engine.model, engine.ctx, engine.slots, [student], [d.student], engine.pad_id)[
-                0
-            ]
-            r = padded_forward(
-                engine.model, engine.ctx, engine.slots, [reference], [d.reference], engine.pad_id
-            )[0]
+            s = logits_of(engine, student, d.student)
+            r = logits_of(engine, reference, d.reference)
             ls = torch.log_softmax(s[-n:].double() / temperature, -1)
             lr = torch.log_softmax(r[-n:].double() / temperature, -1)
             losses.append((d.weights.double() * (ls.exp() * (ls - lr)).sum(-1)).tolist())

@@ -67,7 +67,7 @@ def test_composes_with_lora_on_the_same_projections(qwen3_dir):
     rows = list(tokens(2, 10, seed=2))
 
     def logits(slot_id: int) -> torch.Tensor:
-        return padded_forward(engine.model, engine.ctx, engine.slots, [slot_id] * 2, rows, engine.pad_id)
+        return padded_forward(engine.model, engine.ctx, engine.slots, [slot_id] * 2, rows, engine.pad_id)[0]
 
     lora = logits(slot)
     with ctx.use(DeltaMemRun.start(adapter, adapter.empty_state(2), writes=False)):
@@ -189,7 +189,7 @@ def test_mixed_batch_of_memory_lora_and_base_rows(qwen3_dir):
     start_a, start_b = random_state(memory_a, 1, seed=13) * 0.1, random_state(memory_b, 1, seed=14) * 0.1
 
     def forward(slot_ids, batch_rows):
-        return padded_forward(engine.model, engine.ctx, engine.slots, slot_ids, batch_rows, engine.pad_id)
+        return padded_forward(engine.model, engine.ctx, engine.slots, slot_ids, batch_rows, engine.pad_id)[0]
 
     without = forward(slots, rows)
     run_a = DeltaMemRun.start(memory_a, start_a, rows=torch.tensor([1]))

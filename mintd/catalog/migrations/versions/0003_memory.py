@@ -7,6 +7,7 @@ Create Date: 2026-12-05
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
@@ -16,9 +17,13 @@ depends_on: str | Sequence[str] | None = None
 
 
 def _kinds(kinds: str) -> None:
+    # On SQLite batch mode rebuilds the table from its reflection, which cannot see an expression index
+    # (it would be lost, with a warning): drop it first and make it again after
+    op.drop_index("ix_revisions_content_hash_prefix", table_name="revisions")
     with op.batch_alter_table("revisions") as batch:
         batch.drop_constraint(op.f("ck_revisions_kind"), type_="check")
         batch.create_check_constraint(op.f("ck_revisions_kind"), f"kind IN ({kinds})")
+    op.create_index("ix_revisions_content_hash_prefix", "revisions", [sa.text("substr(content_hash, 1, 8)")])
 
 
 def upgrade() -> None:
