@@ -87,7 +87,6 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self.delta_ctx = DeltaMemContext()  # its hooks go on the model with the first δ-mem adapter
-        self._delta_hooked = False
         self.steps = StepEngine(
             self.model, self.ctx, self.slots, self.tokenizer, self.settings, self.delta_ctx
         )
@@ -136,9 +135,8 @@ class Engine:
 
     def _delta_mem_model(self) -> torch.nn.Module:
         """The model, with the δ-mem hooks installed the first time (ValueError for a layout without)."""
-        if not self._delta_hooked:
+        if not self.delta_ctx.installed:
             install_delta_mem(self.model, self.delta_ctx)
-            self._delta_hooked = True
         return self.model
 
     def _blank_delta_mem(self, spec: DeltaMemSpec | None) -> DeltaMemAdapter | None:

@@ -76,10 +76,15 @@ class DeltaMemContext:
         self.runs: tuple[MemoryRun, ...] = ()
         self._hooks: list[tuple[nn.Module, Callable]] = []  # (q_proj or o_proj, its hook)
 
+    @property
+    def installed(self) -> bool:
+        """Whether `install_delta_mem` gave it a model's hooks."""
+        return bool(self._hooks)
+
     @contextmanager
     def use(self, *runs: MemoryRun) -> Iterator[MemoryRun]:
         """Yields the first run (the usual case is one)."""
-        if not self._hooks:
+        if not self.installed:
             raise ValueError("delta_mem: install_delta_mem(model, ctx) first")
         self.runs = runs
         handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
