@@ -88,6 +88,27 @@ def test_micro_batches_equal_one_full_batch(engine, loss_fn):
         torch.testing.assert_close(p_micro, p_full, rtol=1e-5, atol=1e-6)
 
 
+def test_merged_runs_use_micro_batches_no_larger_than_alone(engine):
+    """Several runs' groups in one call (the scheduler merges them) run in micro-batches no larger than
+    the largest group alone: merging never raises peak memory. Each group's loss equals its solo loss."""
+    batch = data(engine)
+    slots = [engine.create_adapter(LoraSpec(rank=4, seed=s)) for s in (0, 1, 2)]
+    groups = [TrainGroup(slots[0], batch[:2]), TrainGroup(slots[1], batch), TrainGroup(slots[2], batch[3:])]
+    alone = len(batch) * max(len(d.tokens) for d in batch)  # the largest group, padded
+    solo = [engine.forward_backward([g], forward_only=True)[0].loss for g in groups]
+    shapes = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        merged = engine.forward_backward(groups, forward_only=True)
+    finally:
+        hook.remove()
+    assert engine.settings.micro_batch_tokens > 3 * alone  # the budget alone would allow one forward
+    assert len(shapes) > 1 and all(rows * width <= alone for rows, width in shapes)
+    assert [o.loss for o in merged] == pytest.approx(solo, rel=1e-5)
+
+
 def test_forward_only_leaves_no_gradient(engine):
     slot = engine.create_adapter(LoraSpec(rank=4, seed=0))
     out = engine.forward_backward([TrainGroup(slot, data(engine))], forward_only=True)[0]
