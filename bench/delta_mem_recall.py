@@ -272,6 +272,8 @@ def main() -> None:
     held_out = task.episodes(args.users, seed=10**9 + args.seed)
     partners = swap_partners(held_out)
     truth = [e.value for e in held_out]
+    # what the partner's state should say to i's question: the partner's value of the attribute i asks
+    partner_truth = [held_out[j].facts[e.asked] for e, j in zip(held_out, partners, strict=True)]
 
     engine = Engine(base_dir)
     dm_spec = DeltaMemSpec(
@@ -409,7 +411,7 @@ def main() -> None:
         "delta_mem": delta_mem,
         "delta_mem_empty": empty_acc,
         "delta_mem_swapped_true": exact(swapped, truth),
-        "delta_mem_swapped_other": exact(swapped, [held_out[j].value for j in partners]),
+        "delta_mem_swapped_other": exact(swapped, partner_truth),
         "delta_mem_rolled_back": rolled_back,
         "state_bytes_per_user": state_bytes,
         "empty_state_bit_equal": bit_equal,
