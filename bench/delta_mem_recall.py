@@ -1,15 +1,20 @@
-"""Cross-session recall with δ-mem (issue 16, design note §6): facts told in session 1, asked in the
-last session without them in context, the server restarted between writing and asking.
+"""Cross-session recall with δ-mem (issue 16, design note §6): facts told in session 1, a distractor
+session (chit-chat), then a question in the last session without the facts in context; the server
+restarted between writing and asking.
 
 Stages (progress on stderr, one JSON line on stdout):
-0. the tiny base fully fine-tuned offline on the in-context version (cached under --workdir);
+0. the tiny base fully fine-tuned offline on the in-context version, facts then question (cached under
+   --workdir);
 1. a real `mintd serve` over it; through the official tinker SDK: δ-mem weights trained on segmented
    episodes (cross_entropy on the answer), a LoRA baseline on the same episodes (rank so its parameter
    count ≥ δ-mem's), and a per-user test-time-trained LoRA (k steps on session 1);
 2. through `/v1/completions` (greedy, token ids, exact match on the value): base query-only, base with
-   the full history; session 1 written into each held-out user's instance (`user`), the server
-   restarted, then asked from `live`, from an empty state, from another user's state, and after `live`
+   the full history; every session but the question written into each held-out user's instance
+   (`user`), the server restarted, then asked from `live`, from an empty state, from another user's
+   state (scored on the true value and on that user's value of the asked attribute), and after `live`
    was rolled back to before session 1.
+
+--skip-baselines leaves out the LoRA baseline and the TTT LoRA (and their keys), for iterating on δ-mem.
 """
 
 from __future__ import annotations
@@ -225,7 +230,7 @@ def main() -> None:
     parser.add_argument("--ttt-users", type=int, default=50, help="held-out users for the per-user TTT LoRA")
     parser.add_argument("--facts", type=int, default=2, help="K, facts told in session 1")
     parser.add_argument(
-        "--distractor-sessions", type=int, default=0, help="between session 1 and the question"
+        "--distractor-sessions", type=int, default=1, help="between session 1 and the question"
     )
     parser.add_argument(
         "--other-facts", type=int, default=0, help="other people's facts per distractor session"
@@ -234,7 +239,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="episodes per training step")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--lr-schedule", default="constant", choices=["constant", "linear"])
-    parser.add_argument("--state-rank", type=int, default=8, help="δ-mem state rank r (state r × r a layer)")
+    parser.add_argument("--state-rank", type=int, default=16, help="δ-mem state rank r (state r × r a layer)")
     parser.add_argument(
         "--write-sparsity",
         type=float,
