@@ -220,12 +220,14 @@ def ttt_lora(
     }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mintd-recall"), help="stage 0 cache, data")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
     parser.add_argument("--users", type=int, default=200, help="held-out users")
     parser.add_argument("--ttt-users", type=int, default=50, help="held-out users for the per-user TTT LoRA")
     parser.add_argument("--facts", type=int, default=2, help="K, facts told in session 1")
@@ -237,8 +239,10 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=1500, help="δ-mem and LoRA training steps")
     parser.add_argument("--batch", type=int, default=32, help="episodes per training step")
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "linear"])
+    parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (δ-mem and LoRA)")
+    parser.add_argument(
+        "--lr-schedule", default="constant", choices=["constant", "linear"], help="linear: decays to 0"
+    )
     parser.add_argument("--state-rank", type=int, default=16, help="δ-mem state rank r (state r × r a layer)")
     parser.add_argument(
         "--write-sparsity",
@@ -246,18 +250,25 @@ def main() -> None:
         default=0.0,
         help="weight of δ-mem's write-sparsity regulariser, (mean write gate − target)² (0: off)",
     )
-    parser.add_argument("--write-sparsity-target", type=float, default=0.0)
+    parser.add_argument("--write-sparsity-target", type=float, default=0.0, help="its target mean gate")
     parser.add_argument(
         "--skip-baselines",
         action="store_true",
         help="for iterating on δ-mem only: no LoRA baseline and no TTT LoRA (their keys are left out)",
     )
-    parser.add_argument("--adapter", default="delta_mem+lora", choices=["delta_mem", "delta_mem+lora"])
+    parser.add_argument(
+        "--adapter",
+        default="delta_mem+lora",
+        choices=["delta_mem", "delta_mem+lora"],
+        help="+lora: with a rank-8 LoRA on the unembedding",
+    )
     parser.add_argument("--ttt-steps", type=int, default=8, help="k: updates on session 1 per TTT user")
-    parser.add_argument("--ttt-rank", type=int, default=1)
-    parser.add_argument("--ttt-lr", type=float, default=1e-2)
-    parser.add_argument("--port", type=int, default=18471)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ttt-rank", type=int, default=1, help="the per-user LoRA's rank")
+    parser.add_argument("--ttt-lr", type=float, default=1e-2, help="the per-user LoRA's Adam learning rate")
+    parser.add_argument("--port", type=int, default=18471, help="for the bench's own `mintd serve`")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="held-out users, training users and adapter init (not stage 0)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     timings: dict[str, float] = {}
