@@ -1,15 +1,20 @@
-"""Cross-session recall with δ-mem (issue 16, design note §6): facts told in session 1, asked in the
-last session without them in context, the server restarted between writing and asking.
+"""Cross-session recall with δ-mem (issue 16, design note §6): facts told in session 1, a distractor
+session (chit-chat), then a question in the last session without the facts in context; the server
+restarted between writing and asking.
 
 Stages (progress on stderr, one JSON line on stdout):
-0. the tiny base fully fine-tuned offline on the in-context version (cached under --workdir);
+0. the tiny base fully fine-tuned offline on the in-context version, facts then question (cached under
+   --workdir);
 1. a real `mintd serve` over it; through the official tinker SDK: δ-mem weights trained on segmented
    episodes (cross_entropy on the answer), a LoRA baseline on the same episodes (rank so its parameter
    count ≥ δ-mem's), and a per-user test-time-trained LoRA (k steps on session 1);
 2. through `/v1/completions` (greedy, token ids, exact match on the value): base query-only, base with
-   the full history; session 1 written into each held-out user's instance (`user`), the server
-   restarted, then asked from `live`, from an empty state, from another user's state, and after `live`
+   the full history; every session but the question written into each held-out user's instance
+   (`user`), the server restarted, then asked from `live`, from an empty state, from another user's
+   state (scored on the true value and on that user's value of the asked attribute), and after `live`
    was rolled back to before session 1.
+
+--skip-baselines leaves out the LoRA baseline and the TTT LoRA (and their keys), for iterating on δ-mem.
 """
 
 from __future__ import annotations
@@ -94,13 +99,23 @@ def episode_datum(e: Episode) -> types.Datum:
     return datum(tokens, weights, e.segment_ids())
 
 
-def train(client, task: Task, steps: int, batch: int, lr: float, seed: int, name: str) -> list[float]:
-    """`steps` Adam steps on fresh random users (seeds below the held-out ones); mean answer CE per step."""
-    adam = types.AdamParams(learning_rate=lr)
+def train(
+    client,
+    task: Task,
+    args: argparse.Namespace,
+    seed: int,
+    name: str,
+    loss_fn_config: dict[str, float] | None = None,
+) -> list[float]:
+    """`args.steps` Adam steps on fresh random users (seeds below the held-out ones), the learning rate
+    constant or decaying linearly to 0; mean loss per answer token per step."""
+    steps, batch = args.steps, args.batch
     losses = []
     for step in range(steps):
+        decay = 1 - step / steps if args.lr_schedule == "linear" else 1.0
+        adam = types.AdamParams(learning_rate=args.lr * decay)
         episodes = task.episodes(batch, seed * 1_000_003 + step)
-        fb = client.forward_backward([episode_datum(e) for e in episodes], "cross_entropy")
+        fb = client.forward_backward([episode_datum(e) for e in episodes], "cross_entropy", loss_fn_config)
         client.optim_step(adam).result()
         losses.append(fb.result().metrics["loss:sum"] / (batch * 2))
         if (step + 1) % max(steps // 5, 1) == 0:
@@ -161,30 +176,99 @@ def delta_mem_parameters(engine: Engine, spec: DeltaMemSpec) -> int:
     return sum(p.numel() for p in blank_adapter(engine.model, spec).parameters())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def lora_baseline(
+    service, ask: Ask, task: Task, args: argparse.Namespace, rank: int, question: list, truth: list[str]
+) -> tuple[float, float]:
+    """A plain LoRA trained on the same episodes as δ-mem: its accuracy on the questions alone (it has
+    no per-user state) and its final train CE."""
+    log(f"training the LoRA baseline (rank {rank})")
+    lora = ready(
+        service.create_lora_training_client(
+            base_model="tiny", rank=rank, seed=args.seed, user_metadata={"adapter_name": "recall-lora"}
+        )
     )
+    losses = train(lora, task, args, args.seed + 1, "LoRA")
+    lora.save_weights_for_sampler("lora").result()
+    accuracy = exact([ask.answer("recall-lora", q) for q in question], truth)
+    return accuracy, round(sum(losses[-10:]) / 10, 4)
+
+
+def ttt_lora(
+    service, task: Task, args: argparse.Namespace, held_out: list[Episode], question: list, truth: list[str]
+) -> dict[str, float]:
+    """A fresh LoRA per user, `args.ttt_steps` Adam steps of CE on its session 1, then its question."""
+    log(f"per-user TTT LoRA: {args.ttt_users} users, {args.ttt_steps} steps each")
+    answers, update_s = [], []
+    adam = types.AdamParams(learning_rate=args.ttt_lr)
+    for i, e in enumerate(held_out[: args.ttt_users]):
+        client = ready(service.create_lora_training_client(base_model="tiny", rank=args.ttt_rank, seed=i))
+        told = list(e.sessions[0])
+        session = [datum(told, [1.0] * len(told), None)]
+        for _ in range(args.ttt_steps):
+            u0 = time.perf_counter()
+            client.forward_backward(session, "cross_entropy").result()
+            client.optim_step(adam).result()
+            update_s.append(time.perf_counter() - u0)
+        sampler = ready(client.save_weights_and_get_sampling_client(f"ttt{i}"))
+        out = sampler.sample(
+            types.ModelInput.from_ints(question[i]), 1, types.SamplingParams(max_tokens=2, temperature=0.0)
+        ).result()
+        answers.append(task.decode_value(list(out.sequences[0].tokens)))
+    return {
+        "ttt_lora": exact(answers, truth[: args.ttt_users]),
+        "ttt_lora_ms_per_update": round(1000 * sum(update_s) / len(update_s), 2),
+    }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mintd-recall"), help="stage 0 cache, data")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
     parser.add_argument("--users", type=int, default=200, help="held-out users")
     parser.add_argument("--ttt-users", type=int, default=50, help="held-out users for the per-user TTT LoRA")
     parser.add_argument("--facts", type=int, default=2, help="K, facts told in session 1")
     parser.add_argument(
-        "--distractor-sessions", type=int, default=0, help="between session 1 and the question"
+        "--distractor-sessions", type=int, default=1, help="between session 1 and the question"
     )
     parser.add_argument(
         "--other-facts", type=int, default=0, help="other people's facts per distractor session"
     )
     parser.add_argument("--steps", type=int, default=1500, help="δ-mem and LoRA training steps")
     parser.add_argument("--batch", type=int, default=32, help="episodes per training step")
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--adapter", default="delta_mem+lora", choices=["delta_mem", "delta_mem+lora"])
+    parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (δ-mem and LoRA)")
+    parser.add_argument(
+        "--lr-schedule", default="constant", choices=["constant", "linear"], help="linear: decays to 0"
+    )
+    parser.add_argument("--state-rank", type=int, default=16, help="δ-mem state rank r (state r × r a layer)")
+    parser.add_argument(
+        "--write-sparsity",
+        type=float,
+        default=0.0,
+        help="weight of δ-mem's write-sparsity regulariser, (mean write gate − target)² (0: off)",
+    )
+    parser.add_argument("--write-sparsity-target", type=float, default=0.0, help="its target mean gate")
+    parser.add_argument(
+        "--skip-baselines",
+        action="store_true",
+        help="for iterating on δ-mem only: no LoRA baseline and no TTT LoRA (their keys are left out)",
+    )
+    parser.add_argument(
+        "--adapter",
+        default="delta_mem+lora",
+        choices=["delta_mem", "delta_mem+lora"],
+        help="+lora: with a rank-8 LoRA on the unembedding",
+    )
     parser.add_argument("--ttt-steps", type=int, default=8, help="k: updates on session 1 per TTT user")
-    parser.add_argument("--ttt-rank", type=int, default=1)
-    parser.add_argument("--ttt-lr", type=float, default=1e-2)
-    parser.add_argument("--port", type=int, default=18471)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ttt-rank", type=int, default=1, help="the per-user LoRA's rank")
+    parser.add_argument("--ttt-lr", type=float, default=1e-2, help="the per-user LoRA's Adam learning rate")
+    parser.add_argument("--port", type=int, default=18471, help="for the bench's own `mintd serve`")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="held-out users, training users and adapter init (not stage 0)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     timings: dict[str, float] = {}
@@ -204,9 +288,13 @@ def main() -> None:
     held_out = task.episodes(args.users, seed=10**9 + args.seed)
     partners = swap_partners(held_out)
     truth = [e.value for e in held_out]
+    # what the partner's state should say to i's question: the partner's value of the attribute i asks
+    partner_truth = [held_out[j].facts[e.asked] for e, j in zip(held_out, partners, strict=True)]
 
     engine = Engine(base_dir)
-    dm_spec = DeltaMemSpec(readout_init="base_slice", seed=args.seed, lora=args.adapter == "delta_mem+lora")
+    dm_spec = DeltaMemSpec(
+        rank=args.state_rank, readout_init="base_slice", seed=args.seed, lora=args.adapter == "delta_mem+lora"
+    )
     dm_lora = LoraSpec(rank=8, seed=args.seed, train_mlp=False, train_attn=False)
     dm_params = delta_mem_parameters(engine, dm_spec) + (
         lora_parameters(engine, dm_lora) if dm_spec.lora else 0
@@ -221,7 +309,8 @@ def main() -> None:
         service = tinker.ServiceClient(base_url=url, api_key=KEY)
         t0 = time.perf_counter()
         log(f"training δ-mem ({args.adapter}, {dm_params} parameters)")
-        metadata = {"mintd.adapter": args.adapter, "mintd.delta_mem.readout_init": "base_slice"}
+        readout = {"mintd.delta_mem.readout_init": "base_slice", "mintd.delta_mem.rank": str(args.state_rank)}
+        metadata = {"mintd.adapter": args.adapter, **readout}
         dm = ready(
             service.create_lora_training_client(
                 base_model="tiny",
@@ -232,12 +321,16 @@ def main() -> None:
                 user_metadata={**metadata, "adapter_name": "recall-dm"},
             )
         )
-        dm_losses = train(dm, task, args.steps, args.batch, args.lr, args.seed + 1, "δ-mem")
+        sparsity = {
+            "delta_mem_write_sparsity": args.write_sparsity,
+            "delta_mem_write_sparsity_target": args.write_sparsity_target,
+        }
+        dm_losses = train(dm, task, args, args.seed + 1, "δ-mem", sparsity if args.write_sparsity else None)
         dm.save_weights_for_sampler("dm").result()
         probe_model = "recall-dm"
         if dm_spec.lora:  # the LoRA part moves the logits whatever the state: probe δ-mem alone, untrained
             probe_model = "recall-dm-only"
-            only = {"mintd.adapter": "delta_mem", "mintd.delta_mem.readout_init": "base_slice"}
+            only = {"mintd.adapter": "delta_mem", **readout}
             fresh = ready(
                 service.create_lora_training_client(
                     base_model="tiny",
@@ -249,51 +342,30 @@ def main() -> None:
             fresh.save_weights_for_sampler("dm-only").result()
         timings["delta_mem_train_s"] = round(time.perf_counter() - t0, 1)
 
-        t0 = time.perf_counter()
-        log(f"training the LoRA baseline (rank {lora_rank})")
-        lora = ready(
-            service.create_lora_training_client(
-                base_model="tiny",
-                rank=lora_rank,
-                seed=args.seed,
-                user_metadata={"adapter_name": "recall-lora"},
-            )
-        )
-        lora_losses = train(lora, task, args.steps, args.batch, args.lr, args.seed + 1, "LoRA")
-        lora.save_weights_for_sampler("lora").result()
-        timings["lora_train_s"] = round(time.perf_counter() - t0, 1)
-
         ask = Ask(url, task)
+        question = [list(e.sessions[-1]) for e in held_out]
+        lora_acc: dict = {}  # the LoRA baseline's keys (none with --skip-baselines)
+        ttt: dict = {}
+        lora_ce: dict = {}
+        if not args.skip_baselines:
+            t0 = time.perf_counter()
+            accuracy, ce = lora_baseline(service, ask, task, args, lora_rank, question, truth)
+            lora_acc, lora_ce = {"lora": accuracy}, {"lora_final_train_ce": ce}
+            timings["lora_train_s"] = round(time.perf_counter() - t0, 1)
+
         t0 = time.perf_counter()
         log("base: query only and full history")
-        question = [list(e.sessions[-1]) for e in held_out]
         base_query_only = exact([ask.answer("tiny", q) for q in question], truth)
         base_full = exact([ask.answer("tiny", e.full_context()) for e in held_out], truth)
-        lora_acc = exact([ask.answer("recall-lora", q) for q in question], truth)
         timings["baselines_s"] = round(time.perf_counter() - t0, 1)
 
-        t0 = time.perf_counter()
-        log(f"per-user TTT LoRA: {args.ttt_users} users, {args.ttt_steps} steps each")
-        ttt_answers, update_s = [], []
-        adam = types.AdamParams(learning_rate=args.ttt_lr)
-        for i, e in enumerate(held_out[: args.ttt_users]):
-            client = ready(service.create_lora_training_client(base_model="tiny", rank=args.ttt_rank, seed=i))
-            told = list(e.sessions[0])
-            session = [datum(told, [1.0] * len(told), None)]
-            for _ in range(args.ttt_steps):
-                u0 = time.perf_counter()
-                client.forward_backward(session, "cross_entropy").result()
-                client.optim_step(adam).result()
-                update_s.append(time.perf_counter() - u0)
-            sampler = ready(client.save_weights_and_get_sampling_client(f"ttt{i}"))
-            out = sampler.sample(
-                types.ModelInput.from_ints(question[i]),
-                1,
-                types.SamplingParams(max_tokens=2, temperature=0.0),
-            ).result()
-            ttt_answers.append(task.decode_value(list(out.sequences[0].tokens)))
-        ttt_acc = exact(ttt_answers, truth[: args.ttt_users])
-        timings["ttt_s"] = round(time.perf_counter() - t0, 1)
+        if not args.skip_baselines:
+            t0 = time.perf_counter()
+            ttt = {
+                **ttt_lora(service, task, args, held_out, question, truth),
+                "ttt_lora_bytes_per_user": ttt_bytes,
+            }
+            timings["ttt_s"] = round(time.perf_counter() - t0, 1)
 
         t0 = time.perf_counter()
         log("δ-mem: writing session 1 into each user's instance (and the swap and rollback instances)")
@@ -344,20 +416,18 @@ def main() -> None:
             if not dm_spec.lora
             else "an untrained δ-mem-only adapter (base_slice readouts): the trained one carries a LoRA",
             "delta_mem_final_train_ce": round(sum(dm_losses[-10:]) / 10, 4),
-            "lora_final_train_ce": round(sum(lora_losses[-10:]) / 10, 4),
+            **lora_ce,
         },
         "n_users": len(held_out),
         "chance": chance,
         "base_query_only": base_query_only,
         "base_full_context": base_full,
-        "lora": lora_acc,
-        "ttt_lora": ttt_acc,
-        "ttt_lora_ms_per_update": round(1000 * sum(update_s) / len(update_s), 2),
-        "ttt_lora_bytes_per_user": ttt_bytes,
+        **lora_acc,
+        **ttt,
         "delta_mem": delta_mem,
         "delta_mem_empty": empty_acc,
         "delta_mem_swapped_true": exact(swapped, truth),
-        "delta_mem_swapped_other": exact(swapped, [held_out[j].value for j in partners]),
+        "delta_mem_swapped_other": exact(swapped, partner_truth),
         "delta_mem_rolled_back": rolled_back,
         "state_bytes_per_user": state_bytes,
         "empty_state_bit_equal": bit_equal,
