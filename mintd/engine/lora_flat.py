@@ -5,8 +5,9 @@ of each slot are contiguous and slots of one rank and target set are adjacent (v
 mapping, Punica's segments). Each such group costs one shrink and one expand per layer for each length
 its segments have (decodes are one token, prompt chunks longer), whatever its number of adapters, and
 nothing is padded to a larger rank or a longer segment. Every adapter's weights sit in a row of a bank
-per group key, so a group's stack is one `index_select` per target even when its composition changes
-every step (requests joining and leaving under serving load); nothing is copied per row: the n samples
+per group key, kept so that a group's stack is a view of the bank (its rows consecutive, in order):
+nothing is copied per step while the composition holds, and the bank is rewritten once when it
+changes (requests joining and leaving under serving load); nothing is copied per row: the n samples
 of one prompt are one segment of one adapter.
 
 The math sits behind `LoraBackend`; `TorchBackend` is plain torch (CPU and CUDA). A fused kernel
@@ -90,6 +91,8 @@ class _Bank:
         self.free: list[int] = []  # rows given back; rows 0 .. len(rows) + len(free) - 1 exist
         self.used: set[int] = set()  # slots a step ran since the last sweep
         self.fresh: set[int] = set()  # trainable slots written since the last sweep
+        self.moved = False  # whether this step rewrote the bank (`stack_index`)
+        self.version = 0  # counts those rewrites
 
     def place(self, slot: int, table: AdapterSlots, dtype: torch.dtype) -> int:
         adapter = table[slot]
@@ -123,42 +126,73 @@ class _Bank:
                 bank[0][row] = a
                 bank[1][row] = b.t() * scale
 
+    def stack_index(self, slots: tuple[int, ...]) -> slice | torch.Tensor:
+        """Where the placed `slots`' weights are, in order: a slice (a view of the bank) when their rows
+        are consecutive, as they are when the same adapters run step after step. When they are not, the
+        bank is rewritten once with them first (stacking them at each call instead would copy them at
+        every step, for every target); a second composition of one step that needs that gets an index
+        (two such would otherwise move the bank back and forth at every layer)."""
+        rows = [self.rows[s] for s in slots]
+        if rows != list(range(rows[0], rows[0] + len(rows))):
+            if self.moved:
+                return torch.tensor(rows, device=next(iter(self.tensors.values()))[0].device)
+            self._move_first(rows)
+            rows = list(range(len(rows)))
+        return slice(rows[0], rows[0] + len(rows))
+
+    def _move_first(self, rows: list[int]) -> None:
+        """Rewrites the bank with `rows` first, in order, and the other held rows after (no free rows)."""
+        chosen = set(rows)
+        order = rows + sorted(r for r in self.rows.values() if r not in chosen)
+        index = torch.tensor(order, device=next(iter(self.tensors.values()))[0].device)
+        self.tensors = {
+            n: (a.index_select(0, index), b.index_select(0, index)) for n, (a, b) in self.tensors.items()
+        }
+        new_row = {old: new for new, old in enumerate(order)}
+        self.rows = {slot: new_row[row] for slot, row in self.rows.items()}
+        self.free = []
+        self.moved = True
+        self.version += 1
+
     def sweep(self) -> None:
         for slot in [s for s in self.rows if s not in self.used]:
             self.free.append(self.rows.pop(slot))
-        self.used, self.fresh = set(), set()
+        self.used, self.fresh, self.moved = set(), set(), False
 
 
 class WeightCache:
     """Weights ready for the backend, in the compute dtype: (Aᵀ, Bᵀ·scale) per slot, kept in a bank per
-    group key and dtype, so stacking a step's composition of adapters is one `index_select` per target,
-    however often the composition changes (under serving load requests join and leave nearly every
-    step). Frozen adapters (sampling snapshots, loaded revisions) are written into the bank once and
-    kept while steps run them; a trainable adapter is written again at each step; an adapter no step
-    ran since the previous `sweep` gives its row back (and an empty bank its memory)."""
+    group key and dtype, so a step's composition of adapters is a view of the bank (their rows kept
+    consecutive and in order, see `_Bank.stack_index`), however often the composition changes (under
+    serving load requests join and leave nearly every step). Frozen adapters (sampling snapshots,
+    loaded revisions) are written into the bank once and kept while steps run them; a trainable adapter is
+    written again at each step; an adapter no step ran since the previous `sweep` gives its row back (and
+    an empty bank its memory)."""
 
     def __init__(self, table: AdapterSlots) -> None:
         self.table = table
         self._banks: dict[tuple, _Bank] = {}
-        self._rows: dict[tuple, tuple[_Bank, torch.Tensor | int]] = {}  # this step's compositions
+        # this step's compositions: their bank, its version then, where their rows are
+        self._rows: dict[tuple, tuple[_Bank, int, slice | torch.Tensor | int]] = {}
 
     def get(self, name: str, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         bank, rows = self._placed(slots, dtype)
         a, b = bank.tensors[name]
         if isinstance(rows, int):
             return a[rows].t(), b[rows]
+        if isinstance(rows, slice):
+            return a[rows].transpose(1, 2), b[rows]
         return a.index_select(0, rows).transpose(1, 2), b.index_select(0, rows)
 
-    def _placed(self, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[_Bank, torch.Tensor | int]:
+    def _placed(self, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[_Bank, slice | torch.Tensor | int]:
         key = (slots, dtype)
-        if key not in self._rows:
+        placed = self._rows.get(key)
+        if placed is None or placed[1] != placed[0].version:  # new, or its bank's rows moved since
             bank = self._banks.setdefault((group_key(slots[0], self.table), dtype), _Bank())
             rows = [bank.place(s, self.table, dtype) for s in slots]
-            self._rows[key] = (
-                bank,
-                rows[0] if len(rows) == 1 else torch.tensor(rows, device=self.table.device),
-            )
-        return self._rows[key]
+            index = rows[0] if len(rows) == 1 else bank.stack_index(slots)
+            self._rows[key] = placed = (bank, bank.version, index)
+        return placed[0], placed[2]
 
     def sweep(self) -> None:
         """The step is over: rows of adapters it did not run are given back."""

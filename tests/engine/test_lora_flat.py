@@ -81,6 +81,35 @@ def test_bank_rows_are_kept_while_steps_run_their_adapter_and_given_back_after(e
     assert not weights._banks, "a step that runs no adapter frees the bank"
 
 
+def test_a_composition_reads_its_weights_as_a_view_of_the_bank_once_its_rows_are_in_order(engine) -> None:
+    a, b, c, d = (_frozen(engine, 4, seed) for seed in (1, 2, 3, 4))
+    name = next(iter(engine.slots[a].weights))
+    target = engine.slots.targets[name]
+    x = torch.randn(1, 3, target.in_features)
+    y = torch.randn(1, 3, target.out_features)
+    weights = WeightCache(engine.slots)
+    weights.get(name, (c, b), torch.float32)  # rows c 0, b 1
+    weights.sweep()
+    (bank,) = weights._banks.values()
+    # a joins, in row order before b and c: the bank is rewritten once with (a, b, c) first, in order
+    got = _delta(engine, weights, [a, b, c], [1, 1, 1], name, x, y)
+    torch.testing.assert_close(got, _reference(engine, name, [a, b, c], x, y))
+    assert [bank.rows[s] for s in (a, b, c)] == [0, 1, 2]
+    stacked_a, stacked_b = weights.get(name, (a, b, c), torch.float32)
+    assert stacked_a._base is bank.tensors[name][0] and stacked_b._base is bank.tensors[name][1]
+    # a second composition of the same bank in the same step, out of order: an index (a copy), and the
+    # first keeps its view
+    weights.get(name, (d, a), torch.float32)
+    assert weights.get(name, (a, b, c), torch.float32)[1]._base is bank.tensors[name][1]
+    got = _delta(engine, weights, [d, a], [1, 1], name, x[:, :2], y[:, :2])
+    torch.testing.assert_close(got, _reference(engine, name, [d, a], x[:, :2], y[:, :2]))
+    weights.sweep()
+    # the next step runs (a, b, c) again: no move, the same view
+    version = bank.version
+    weights.get(name, (a, b, c), torch.float32)
+    assert bank.version == version
+
+
 def test_trainable_adapters_are_written_again_each_step(engine) -> None:
     live = engine.create_adapter(LoraSpec(rank=4, seed=0))
     name = next(iter(engine.slots[live].weights))
