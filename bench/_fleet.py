@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,7 +23,7 @@ from mintd.config import ServeSettings  # noqa: E402
 from mintd.engine.sampling import SamplingParams  # noqa: E402
 from mintd.engine.tiny import make_tiny_model, random_adapter  # noqa: E402
 from mintd.server import build_app, freeze_startup_heap  # noqa: E402
-from mintd.service.futures import Future  # noqa: E402
+from mintd.service.futures import Future, FutureStore  # noqa: E402
 from mintd.service.tinker import TinkerService  # noqa: E402
 from mintd.store.packed import pack  # noqa: E402
 
@@ -32,6 +33,18 @@ PROMPT = [5, 17, 33, 2]
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def wait_for(futures: FutureStore, fut: Future, timeout: float = 600.0) -> Any:
+    """`fut`'s result once it is resolved; raises its error. Woken by the resolving thread, never
+    polling: a benchmark's pollers would take the GIL, and the cores, from the engine they measure."""
+    done = threading.Event()
+    futures.on_done(fut, lambda _: done.set())
+    if not done.wait(timeout):
+        raise TimeoutError(f"{fut.request_id} did not finish in {timeout}s")
+    if fut.error is not None:
+        raise RuntimeError(str(fut.error))
+    return fut.result
 
 
 def rss_mb() -> float:
@@ -97,14 +110,7 @@ class Client:
         return fut
 
     def wait(self, fut: Future, timeout: float = 600.0) -> None:
-        """Until `fut` is resolved; raises its error. Woken by the resolving thread, never polling: a
-        benchmark's pollers would take the GIL from the engine thread they measure."""
-        done = threading.Event()
-        self.service.futures.on_done(fut, lambda _: done.set())
-        if not done.wait(timeout):
-            raise TimeoutError(f"{fut.request_id} did not finish in {timeout}s")
-        if fut.error is not None:
-            raise RuntimeError(str(fut.error))
+        wait_for(self.service.futures, fut, timeout)
 
     def sample(self, ref: str) -> float:
         """Seconds from submitting a sample of `ref` to its answer."""

@@ -45,6 +45,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from mintd.engine.delta_mem import blank_adapter  # noqa: E402
 from mintd.engine.engine import Engine  # noqa: E402
+from mintd.engine.losses import WRITE_SPARSITY, WRITE_SPARSITY_TARGET  # noqa: E402
 from mintd.lora_config import DeltaMemSpec, LoraSpec  # noqa: E402
 
 KEY = "tml-recall"
@@ -321,10 +322,7 @@ def main() -> None:
                 user_metadata={**metadata, "adapter_name": "recall-dm"},
             )
         )
-        sparsity = {
-            "delta_mem_write_sparsity": args.write_sparsity,
-            "delta_mem_write_sparsity_target": args.write_sparsity_target,
-        }
+        sparsity = {WRITE_SPARSITY: args.write_sparsity, WRITE_SPARSITY_TARGET: args.write_sparsity_target}
         dm_losses = train(dm, task, args, args.seed + 1, "δ-mem", sparsity if args.write_sparsity else None)
         dm.save_weights_for_sampler("dm").result()
         probe_model = "recall-dm"

@@ -38,6 +38,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
 import torch  # noqa: E402
+from _fleet import wait_for  # noqa: E402
 
 from mintd.catalog import Revision  # noqa: E402
 from mintd.config import ServeSettings  # noqa: E402
@@ -48,7 +49,7 @@ from mintd.engine.sampling import SampleRequest, SamplingParams  # noqa: E402
 from mintd.engine.tiny import make_tiny_model  # noqa: E402
 from mintd.engine.train import Datum, TrainGroup  # noqa: E402
 from mintd.residency import Residency, RunKey  # noqa: E402
-from mintd.service.futures import Future, FutureStore  # noqa: E402
+from mintd.service.futures import FutureStore  # noqa: E402
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp  # noqa: E402
 from mintd.store.packed import PackedAdapter  # noqa: E402
 
@@ -83,17 +84,6 @@ class PeakRss:
         return self.peak
 
 
-def wait(futures: FutureStore, fut: Future) -> object:
-    """Blocks until the engine resolves `fut`: a wake-up, not polling (four pollers waking every
-    millisecond take the cores from the engine's OpenMP threads)."""
-    done = threading.Event()
-    futures.on_done(fut, lambda _: done.set())
-    done.wait()
-    if fut.error is not None:
-        raise RuntimeError(str(fut.error))
-    return fut.result
-
-
 class Policy:
     def __init__(self, worker: EngineWorker, futures: FutureStore, index: int, args: argparse.Namespace):
         self.worker, self.futures, self.index, self.args = worker, futures, index, args
@@ -118,7 +108,7 @@ class Policy:
         self.seq += 1
         fut, _ = self.futures.create(type(op).__name__, "bench", (self.name, self.seq))
         self.worker.submit_run_op(self.name, self.seq, fut, op)
-        return wait(self.futures, fut)
+        return wait_for(self.futures, fut)
 
     def iteration(self, it: int) -> float:
         snap = self._run_op(CallOp(lambda e: e.snapshot(self.slot)))
@@ -129,7 +119,7 @@ class Policy:
             request = SampleRequest(snap, prompt, params, num_samples=SAMPLES)
             self.worker.submit_sample(fut, SampleOp(request, lambda r: r, f"{self.name}-{i}"))
             futs.append(fut)
-        results = [wait(self.futures, f) for f in futs]
+        results = [wait_for(self.futures, f) for f in futs]
         self.worker.post(lambda e: e.drop(snap))
         data = []
         for prompt, result in zip(self.prompts, results, strict=True):

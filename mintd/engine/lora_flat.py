@@ -126,6 +126,10 @@ class _Bank:
                 bank[0][row] = a
                 bank[1][row] = b.t() * scale
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values()))[0].device
+
     def stack_index(self, slots: tuple[int, ...]) -> slice | torch.Tensor:
         """Where the placed `slots`' weights are, in order: a slice (a view of the bank) when their rows
         are consecutive, as they are when the same adapters run step after step. When they are not, the
@@ -135,7 +139,7 @@ class _Bank:
         rows = [self.rows[s] for s in slots]
         if rows != list(range(rows[0], rows[0] + len(rows))):
             if self.moved:
-                return torch.tensor(rows, device=next(iter(self.tensors.values()))[0].device)
+                return torch.tensor(rows, device=self.device)
             self._move_first(rows)
             rows = list(range(len(rows)))
         return slice(rows[0], rows[0] + len(rows))
@@ -144,7 +148,7 @@ class _Bank:
         """Rewrites the bank with `rows` first, in order, and the other held rows after (no free rows)."""
         chosen = set(rows)
         order = rows + sorted(r for r in self.rows.values() if r not in chosen)
-        index = torch.tensor(order, device=next(iter(self.tensors.values()))[0].device)
+        index = torch.tensor(order, device=self.device)
         self.tensors = {
             n: (a.index_select(0, index), b.index_select(0, index)) for n, (a, b) in self.tensors.items()
         }

@@ -129,13 +129,11 @@ def merged_budget(groups: list[TrainGroup], micro_batch_tokens: int) -> int:
     return min(micro_batch_tokens, alone)
 
 
-def _write_sparsity(
-    slots: list[int], runs: list[DeltaMemRun], groups: list[TrainGroup]
-) -> list[torch.Tensor | float]:
+def _write_sparsity(runs: list[DeltaMemRun], groups: list[TrainGroup]) -> list[torch.Tensor | float]:
     """Each row's δ-mem write-sparsity term, weight · (its mean write gate − target)², from its group's
-    `loss_fn_config` (`delta_mem_write_sparsity`, the weight, default 0: off; and
-    `delta_mem_write_sparsity_target`, default 0); 0.0 for rows without δ-mem or the term."""
-    terms: list[torch.Tensor | float] = [0.0] * len(slots)
+    (`groups`: one per row) `loss_fn_config` (`delta_mem_write_sparsity`, the weight, default 0: off;
+    and `delta_mem_write_sparsity_target`, default 0); 0.0 for rows without δ-mem or the term."""
+    terms: list[torch.Tensor | float] = [0.0] * len(groups)
     for run in runs:
         penalty = None
         for j, row in enumerate(run.rows.tolist()):
@@ -181,7 +179,7 @@ def forward_backward(
             total = None
             batch_inputs = [{k: v.to(device) for k, v in rows[i][1].inputs.items()} for i in batch]
             batch_lps = target_logprobs(logits, [inputs["target_tokens"] for inputs in batch_inputs])
-            sparsity = _write_sparsity([slots[i] for i in batch], runs, [groups[rows[i][0]] for i in batch])
+            sparsity = _write_sparsity(runs, [groups[rows[i][0]] for i in batch])
             for i, inputs, lp, extra in zip(batch, batch_inputs, batch_lps, sparsity, strict=True):
                 gi = rows[i][0]
                 group = groups[gi]
