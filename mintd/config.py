@@ -76,6 +76,13 @@ class ServeSettings(BaseSettings):
     )
     max_sample_rows: int = Field(64, ge=1, description="rows decoded together in one engine batch")
     max_train_tokens: int = Field(65536, ge=1, description="tokens merged into one forward_backward call")
+    heap_trim_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="how often (at most) each engine worker hands the memory the C allocator kept after "
+        "frees back to the OS, between rounds (glibc; ~tens of ms each on a large heap). 0 turns it off; "
+        "without it resident memory grows under long training",
+    )
     max_pending_rows: int = Field(
         256,
         ge=1,

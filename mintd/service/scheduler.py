@@ -38,6 +38,7 @@ from mintd.engine.step.sequence import RequestState
 from mintd.engine.train import TrainGroup, TrainOutput
 from mintd.residency import AdapterKey, Residency, RunKey, Wait
 from mintd.service.futures import Future, FutureStore, RequestError
+from mintd.service.heap import HeapTrimmer
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class SchedulerLimits:
     max_train_tokens: int = 65536  # per merged forward_backward call
     max_sample_rows: int = 64  # samples decoding together in the step engine
     seq_gap_timeout_s: float = 300.0
+    heap_trim_interval_s: float = 10.0  # how often freed heap memory goes back to the OS (0: never)
 
 
 class EngineWorker:
@@ -147,6 +149,7 @@ class EngineWorker:
         self._direct: deque[tuple[Future, CallOp]] = deque()
         self._live: dict[RequestState, tuple[Future, SampleOp]] = {}  # admitted, not finished
         self._stop = False
+        self.heap = HeapTrimmer(limits.heap_trim_interval_s)
         residency.set_wake(self._wake)
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -288,6 +291,7 @@ class EngineWorker:
         self._admit(work.samples)
         if self._live:
             self._step()
+        self.heap.maybe_trim()
 
     def _has_work(self) -> bool:
         return (

@@ -72,6 +72,7 @@ class TinkerService(Training, Sampling):
             max_train_tokens=settings.max_train_tokens,
             max_sample_rows=settings.max_sample_rows,
             seq_gap_timeout_s=settings.seq_gap_timeout_s,
+            heap_trim_interval_s=settings.heap_trim_interval_s,
         )
         self.checkpoints = checkpoints
         self.settings = settings

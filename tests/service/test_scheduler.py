@@ -303,3 +303,13 @@ def test_requests_waiting_on_cold_loads_are_not_looked_at_every_step(
         assert [r.sequences[0].tokens for r in results[:2]] == [a[0].sequences[0].tokens for a in alone]
     finally:
         worker.stop()
+
+
+def test_the_worker_trims_the_heap_between_rounds(engine: Engine, futures: FutureStore) -> None:
+    worker = make_worker(engine, futures, SchedulerLimits(heap_trim_interval_s=1e-9), "trim")
+    try:
+        new_run(worker, "r")
+        wait_done(submit(worker, futures, "r", 1, train_op("r", [], 0)))
+        assert worker.heap.trims >= 1
+    finally:
+        worker.stop()
