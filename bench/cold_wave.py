@@ -110,12 +110,15 @@ def main() -> None:
         default=0.7,
         help="wave arrival rate, as a share of the room beside the hot traffic",
     )
+    parser.add_argument(
+        "--size", choices=("test", "small"), default="test", help="tiny model preset (mintd.engine.tiny)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="mintd-coldwave-"))
-    service = fleet.start(work)
+    service = fleet.start(work, args.size)
     hot = fleet.add_adapters(service, 8, "hot", (8,), seed=1)
     warm = fleet.add_adapters(service, args.wave, "warm", tuple(range(1, 9)), seed=2)
     cold = fleet.add_adapters(service, args.wave * args.repeats, "cold", tuple(range(1, 9)), seed=3)
@@ -159,6 +162,7 @@ def main() -> None:
             {
                 "bench": "cold_wave",
                 "threads": args.threads,
+                "size": args.size,
                 "wave": args.wave,
                 "repeats": args.repeats,
                 "load": args.load,

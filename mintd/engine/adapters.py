@@ -66,6 +66,7 @@ class AdapterSlots:
         self.frozen_dtype = frozen_dtype
         self._slots: dict[int, Adapter] = {}
         self._next = BASE_SLOT + 1
+        self._expected: dict[tuple, tuple[list[str], dict[str, tuple[int, ...]]]] = {}  # lora_shapes'
 
     def __getitem__(self, slot: int) -> Adapter:
         try:
@@ -124,22 +125,31 @@ class AdapterSlots:
         model's shapes, and `delta_mem`'s parameters if given (ValueError naming the first mismatch).
         Reads no slot, so any thread may call it."""
         _check_delta_mem(tensors, delta_mem)
-        targets = self.targets_for(spec) if _has_lora(delta_mem) else []
-        expected = {t.name: t for t in targets}
-        _check_shapes(
-            tensors,
-            {
-                f"{name}.{suffix}": shape
-                for name, target in expected.items()
-                for suffix, shape in zip(("lora_A", "lora_B"), target.shapes(spec.rank), strict=True)
-            },
-        )
-        extra = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".lora_A", ".lora_B"))} - set(expected)
-        if extra:
-            raise ValueError(
-                f"adapter tensors: unknown target {sorted(extra)[0]} for this base model / config"
-            )
-        return list(expected)
+        names, shapes = self.lora_shapes(spec) if _has_lora(delta_mem) else ([], {})
+        _check_shapes(tensors, shapes)
+        delta_mem_count = 0 if delta_mem is None else sum(1 for _ in delta_mem.parameters())
+        if len(tensors) != len(shapes) + delta_mem_count:  # more than expected: find what
+            lora = {k.rpartition(".")[0] for k in tensors if k.endswith((".lora_A", ".lora_B"))}
+            if extra := lora - set(names):
+                raise ValueError(
+                    f"adapter tensors: unknown target {sorted(extra)[0]} for this base model / config"
+                )
+        return names
+
+    def lora_shapes(self, spec: LoraSpec) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+        """The targets `spec` adapts on this base model, and `<target>.lora_A` / `.lora_B` -> shape. The
+        same for all adapters of one target set and rank, so made once (each cold load checks against it)."""
+        key = (spec.target_set, spec.rank)
+        if key not in self._expected:
+            targets = self.targets_for(spec)
+            shapes = {
+                f"{t.name}.{suffix}": shape
+                for t in targets
+                for suffix, shape in zip(("lora_A", "lora_B"), t.shapes(spec.rank), strict=True)
+            }
+            self._expected[key] = [t.name for t in targets], shapes
+        names, shapes = self._expected[key]
+        return list(names), shapes
 
     def build(
         self,

@@ -33,9 +33,10 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -410,10 +411,13 @@ def refuse_peft(header: PackedHeader) -> None:
 # unchanged file again skips re-hashing it. Any write to a file changes its mtime, so it is hashed again.
 _VERIFIED: dict[tuple[int, int, int, int], str] = {}
 _MAX_VERIFIED = 1 << 16
-# The newest parsed headers by their sha256 (checked on every read): a blob read again soon (a reload
-# after an eviction) is not parsed again. Few: a header of a many-target adapter is tens of kilobytes.
-_HEADERS: dict[bytes, PackedHeader] = {}
-_MAX_HEADERS = 256
+# Parsed headers by layout: a header's text less its buffer checksum, which is all that differs between
+# adapters of one spec on one base. A cold load of a thousand distinct adapters of a few specs parses a
+# few headers, not a thousand (on a small model the parse was half of a cold load's work, run under the
+# GIL beside the engine's steps). Few: a header of a many-target adapter is tens of kilobytes.
+_LAYOUTS: dict[bytes, PackedHeader] = {}
+_MAX_LAYOUTS = 256
+_BUFFER_SHA = re.compile(rb'"sha256"\s*:\s*"([0-9a-f]{64})"')
 
 
 def _map(source: Source) -> tuple[memoryview, str, tuple[int, int, int, int] | None]:
@@ -434,6 +438,26 @@ def _map(source: Source) -> tuple[memoryview, str, tuple[int, int, int, int] | N
         raise ValueError(f"{path}: cannot read packed adapter ({e})") from None
 
 
+def _header(text: bytes, where: str) -> PackedHeader:
+    """The parsed header (checksummed already). Texts equal but for the one buffer checksum they hold
+    parse to equal headers but for that checksum, so a layout seen before is not parsed again."""
+    found = _BUFFER_SHA.findall(text)
+    layout = _BUFFER_SHA.sub(b"", text) if len(found) == 1 and text.count(b'"sha256"') == 1 else None
+    header = _LAYOUTS.get(layout) if layout is not None else None
+    if header is not None:
+        return replace(header, sha256=found[0].decode())
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: header is not valid JSON ({e})") from None
+    header = _parse_header(raw, where)
+    if layout is not None:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            del _LAYOUTS[next(iter(_LAYOUTS))]  # the oldest
+        _LAYOUTS[layout] = header
+    return header
+
+
 def read_packed(source: Source, verify: bool = True) -> PackedAdapter:
     """Parse and memory-map a packed adapter. The header is always checked against its sha256; the
     buffer too unless `verify=False` (for a content-addressed blob whose name was verified already),
@@ -452,16 +476,7 @@ def read_packed(source: Source, verify: bool = True) -> PackedAdapter:
     text = data[_PREAMBLE.size : end]
     if hashlib.sha256(text).digest() != header_sha:
         raise ValueError(f"{where}: header checksum mismatch (corrupt file)")
-    header = _HEADERS.get(header_sha)
-    if header is None:  # equal header bytes parse to an equal header
-        try:
-            raw = json.loads(bytes(text))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{where}: header is not valid JSON ({e})") from None
-        header = _parse_header(raw, where)
-        if len(_HEADERS) >= _MAX_HEADERS:
-            del _HEADERS[next(iter(_HEADERS))]  # the oldest
-        _HEADERS[header_sha] = header
+    header = _header(bytes(text), where)
     start = _align(end)
     if start + header.buffer_nbytes > len(data):
         raise ValueError(

@@ -236,6 +236,20 @@ def test_a_file_is_verified_once_until_it_changes(qwen3, tmp_path):
         read_packed(path)
 
 
+def test_adapters_of_one_layout_keep_their_own_checksums_and_values(qwen3):
+    """The second read of a layout takes the parsed header of the first; it must still carry its own
+    buffer checksum (so its corruption is caught) and give its own values."""
+    first, second = (_packed(qwen3, LoraSpec(rank=4, alpha=16, seed=s)) for s in (1, 2))
+    a = read_packed(first)
+    b = read_packed(second)
+    assert b.header.sha256 != a.header.sha256
+    assert b.header.sha256 == hashlib.sha256(second[_buffer_start(second) :]).hexdigest()
+    assert b.header.weights == a.header.weights
+    assert any(not torch.equal(b.tensors[k], a.tensors[k]) for k in a.tensors)
+    with pytest.raises(ValueError, match="buffer checksum mismatch"):
+        read_packed(_flip(second, len(second) - 1))
+
+
 def test_corrupt_header_byte_fails_its_checksum(qwen3):
     data = _packed(qwen3)
     with pytest.raises(ValueError, match="header checksum mismatch"):
