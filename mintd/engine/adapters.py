@@ -33,7 +33,8 @@ class Adapter:
         if self.delta_mem is not None:
             self.params += list(self.delta_mem.parameters())
         for t in self.params:
-            t.requires_grad_(self.trainable)
+            if t.requires_grad != self.trainable:  # a torch call each, so only where needed (cold loads)
+                t.requires_grad_(self.trainable)
 
     @property
     def nbytes(self) -> int:
@@ -172,7 +173,9 @@ class AdapterSlots:
         dtype = torch.float32 if trainable else self.frozen_dtype
 
         def own(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(self.device, dtype, copy=True) if copy else t.detach()
+            if copy:
+                return t.detach().to(self.device, dtype, copy=True)
+            return t.detach() if t.requires_grad else t  # a view with no autograd history is kept as is
 
         weights = {
             name: (own(tensors[f"{name}.lora_A"]), own(tensors[f"{name}.lora_B"]))
