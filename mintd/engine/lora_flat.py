@@ -2,16 +2,17 @@
 
 The step engine lays a step's tokens out as one flat batch ([1, tokens, features]) in which the tokens
 of each slot are contiguous and slots of one rank and target set are adjacent (vLLM's token → LoRA
-mapping, Punica's segments). Each such group costs one shrink and one expand per layer for each length
-its segments have (decodes are one token, prompt chunks longer), whatever its number of adapters, and
-nothing is padded to a larger rank or a longer segment. Every adapter's weights sit in a row of a bank
+mapping, Punica's segments), and a group's slots go by their tokens in the step. Each such group costs
+one shrink and one expand per layer for its decodes and one per block of prompt chunks (`Run`),
+whatever its number of adapters; nothing is padded to a larger rank or a longer segment, and nothing is
+gathered: tokens and weights are views. Every adapter's weights sit in a row of a bank
 per group key, kept so that a group's stack is a view of the bank (its rows consecutive, in order):
 nothing is copied per step while the composition holds, and the bank is rewritten once when it
 changes (requests joining and leaving under serving load); nothing is copied per row: the n samples
 of one prompt are one segment of one adapter.
 
 The math sits behind `LoraBackend`; `TorchBackend` is plain torch (CPU and CUDA). A fused kernel
-(SGMV/BGMV style) would be another backend with the same `delta`.
+(SGMV/BGMV style) would be another backend with the same `add_delta`.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ class SegmentGroup:
     slots: tuple[int, ...]
     lengths: tuple[int, ...]  # tokens per slot, in order
     targets: frozenset[str]
-    # the runs of equal lengths (decodes of one token each, prompt chunks of their own lengths):
-    # padding them all to the longest would multiply a step's LoRA work by its chunk size. The step
-    # orders a group's slots by length (`lora_batch.row_order`), so each length is one run.
+    # the runs of equal lengths (decodes of one token each) and blocks of prompt chunks of their own
+    # lengths: padding them all to the longest would multiply a step's LoRA work by its chunk size. The
+    # step orders a group's slots by length (`lora_batch.row_order`), so each length is one run.
     runs: tuple[Run, ...]
 
 
@@ -76,8 +77,9 @@ class LoraBackend(Protocol):
 
 
 class TorchBackend:
-    """Segment GEMMs with torch: plain matmuls for one adapter, two `bmm` per run of equal-length
-    segments for stacked weights, over views of the flat tokens and of the weights (nothing gathered)."""
+    """Segment GEMMs with torch: plain matmuls for one adapter; for stacked weights two `bmm` per run
+    of equal-length segments, two matmuls per block run, over views of the flat tokens and of the
+    weights (nothing gathered)."""
 
     def add_delta(
         self,
