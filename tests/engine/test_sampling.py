@@ -132,28 +132,3 @@ def test_greedy_reports_the_models_own_logprobs(engine):
         BASE_SLOT, [5, 6, 7, *greedy.tokens], SamplingParams(max_tokens=1), prompt_logprobs=True
     )
     assert abs(engine.sample([request])[0].prompt_logprobs[-1] - greedy.logprobs[0]) < 1e-4
-
-
-def test_choose_draws_each_token_with_its_probability_and_never_a_filtered_one():
-    from types import SimpleNamespace
-
-    from mintd.engine.sampling import choose
-
-    # per row: probabilities 0.1 / 0.2 / 0.3 / 0.4 at temperature 1, and the same with top_k=3 (the 0.1
-    # token filtered out, the rest renormalised)
-    logits = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().repeat(2, 1)
-    draws = 20_000
-    rows = [
-        SimpleNamespace(params=SamplingParams(), generator=torch.Generator().manual_seed(0)),
-        SimpleNamespace(params=SamplingParams(top_k=3), generator=torch.Generator().manual_seed(1)),
-    ]
-    counts = torch.zeros(2, 4)
-    for _ in range(draws):
-        picked = choose(logits, rows)
-        counts[0, picked[0]] += 1
-        counts[1, picked[1]] += 1
-    freq = counts / draws
-    # four standard deviations of a binomial frequency at p <= 0.5 and 20,000 draws: 0.0141
-    torch.testing.assert_close(freq[0], torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.0141, rtol=0)
-    torch.testing.assert_close(freq[1, 1:], torch.tensor([2, 3, 4]) / 9, atol=0.0141, rtol=0)
-    assert counts[1, 0] == 0
