@@ -75,6 +75,15 @@ class ServeSettings(BaseSettings):
         300.0, gt=0, description="a run whose next seq_id never comes fails after"
     )
     max_sample_rows: int = Field(64, ge=1, description="rows decoded together in one engine batch")
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads each engine op may use (torch intra-op); 0: OMP_NUM_THREADS when set, "
+        "else on machines of up to 4 cores one fewer than the cores, above that torch's default. The "
+        "event loop, adapter loader and clients need a core: every small op's parallel region otherwise "
+        "waits for a descheduled thread (on 2 cores, bench/serve_load.py at 4-12 req/s: inter-token "
+        "latency p50 0.021-0.133 s with 1 thread vs 0.049-0.143 s with 2, and more goodput at each rate)",
+    )
     max_train_tokens: int = Field(65536, ge=1, description="tokens merged into one forward_backward call")
     heap_trim_interval_s: float = Field(
         10.0,

@@ -81,15 +81,23 @@ def segment_bmm(
     return out.view(-1, out.shape[-1])[scatter]
 
 
-def row_order(slots: list[int], table: AdapterSlots) -> list[int]:
-    """Permutation of rows that puts rows of the same group (and the same slot) next to each other."""
+def row_order(slots: list[int], table: AdapterSlots, tokens: list[int] | None = None) -> list[int]:
+    """Permutation of rows that puts rows of the same group (and the same slot) next to each other.
+
+    With `tokens` (each row's tokens in a flat step), a group's slots go by their step's token count,
+    so segments of equal length (decodes, chunks alike) are adjacent and each length is one run of
+    views for `lora_flat` rather than a gather of tokens and weights at every layer."""
+    per_slot: dict[int, int] = {}
+    if tokens is not None:
+        for s, n in zip(slots, tokens, strict=True):
+            per_slot[s] = per_slot.get(s, 0) + n
 
     def key(i: int) -> tuple:
         s = slots[i]
         if s == BASE_SLOT or not table[s].weights:
-            return (0, 0, ((), ()), s)
+            return (0, 0, ((), ()), 0, s)
         spec = table[s].spec
-        return (1, spec.rank, spec.target_set, s)
+        return (1, spec.rank, spec.target_set, per_slot.get(s, 0), s)
 
     return sorted(range(len(slots)), key=key)
 

@@ -2,16 +2,17 @@
 
 The step engine lays a step's tokens out as one flat batch ([1, tokens, features]) in which the tokens
 of each slot are contiguous and slots of one rank and target set are adjacent (vLLM's token → LoRA
-mapping, Punica's segments). Each such group costs one shrink and one expand per layer for each length
-its segments have (decodes are one token, prompt chunks longer), whatever its number of adapters, and
-nothing is padded to a larger rank or a longer segment. Every adapter's weights sit in a row of a bank
+mapping, Punica's segments), and a group's slots go by their tokens in the step. Each such group costs
+one shrink and one expand per layer for its decodes and one per block of prompt chunks (`Run`),
+whatever its number of adapters; nothing is padded to a larger rank or a longer segment, and nothing is
+gathered: tokens and weights are views. Every adapter's weights sit in a row of a bank
 per group key, kept so that a group's stack is a view of the bank (its rows consecutive, in order):
 nothing is copied per step while the composition holds, and the bank is rewritten once when it
 changes (requests joining and leaving under serving load); nothing is copied per row: the n samples
 of one prompt are one segment of one adapter.
 
 The math sits behind `LoraBackend`; `TorchBackend` is plain torch (CPU and CUDA). A fused kernel
-(SGMV/BGMV style) would be another backend with the same `delta`.
+(SGMV/BGMV style) would be another backend with the same `add_delta`.
 """
 
 from __future__ import annotations
@@ -22,17 +23,28 @@ from typing import Protocol
 import torch
 
 from mintd.engine.adapters import BASE_SLOT, AdapterSlots
-from mintd.engine.lora_batch import expert_delta, group_key, segment_bmm
+from mintd.engine.lora_batch import expert_delta, group_key
+
+# at most this many A rows (segments x rank) in one block run (see `Run`): prompt chunks of 4 to 8
+# adapters of rank 8 took 0.67-0.72x the time of one product pair per chunk (bf16 model, 2 cores)
+BLOCK_COLUMNS = 64
 
 
 @dataclass(frozen=True)
-class Bucket:
-    """A group's segments of one length: one `bmm` over [segments, length, in]. `segments` are their
-    places among the group's slots, `tokens` their tokens' offsets in the group."""
+class Run:
+    """Consecutive segments [first, last) among the group's slots, tokens [start, end) among its tokens.
+
+    Without a `mask`, segments of one `length`: one `bmm` pair over views of the tokens ([segments,
+    length, in]) and of the stacked weights. With one, single segments of differing lengths (prompt
+    chunks): one product pair over their A rows side by side ([tokens, in] @ [in, segments · r]), each
+    token keeping its own segment's r columns (`mask`), instead of a product pair per chunk."""
 
     length: int
-    segments: torch.Tensor
-    tokens: torch.Tensor
+    first: int
+    last: int
+    start: int
+    end: int
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -44,48 +56,64 @@ class SegmentGroup:
     slots: tuple[int, ...]
     lengths: tuple[int, ...]  # tokens per slot, in order
     targets: frozenset[str]
-    # when lengths differ, the segments by length (decodes of one token each, prompt chunks of their
-    # own lengths): padding them all to the longest would multiply a step's LoRA work by its chunk size
-    buckets: tuple[Bucket, ...] = ()
+    # the runs of equal lengths (decodes of one token each) and blocks of prompt chunks of their own
+    # lengths: padding them all to the longest would multiply a step's LoRA work by its chunk size. The
+    # step orders a group's slots by length (`lora_batch.row_order`), so each length is one run.
+    runs: tuple[Run, ...]
 
 
 class LoraBackend(Protocol):
-    def delta(
-        self, x: torch.Tensor, group: SegmentGroup, weights: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        """scale · (x Aᵀ) Bᵀ for the group's tokens `x` [tokens, in], each with its own slot's weights:
-        (Aᵀ [in, r], Bᵀ [r, out]) for one slot, the same stacked ([slots, in, r], [slots, r, out]) for
-        several."""
+    def add_delta(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        group: SegmentGroup,
+        weights: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """y += scale · (x Aᵀ) Bᵀ for the group's tokens `x` [tokens, in] and outputs `y` [tokens, out],
+        each with its own slot's weights: (Aᵀ [in, r] in x's dtype, Bᵀ [r, out] in y's) for one slot,
+        the same stacked ([slots, in, r], [slots, r, out]) for several."""
         ...
 
 
 class TorchBackend:
-    """Segment GEMMs with torch: plain matmuls for one adapter, two `bmm` per bucket of equal-length
-    segments for stacked weights (over a view of the flat tokens when every segment has the same
-    length, the usual decode and GRPO case)."""
+    """Segment GEMMs with torch: plain matmuls for one adapter; for stacked weights two `bmm` per run
+    of equal-length segments, two matmuls per block run, over views of the flat tokens and of the
+    weights (nothing gathered)."""
 
-    def delta(
-        self, x: torch.Tensor, group: SegmentGroup, weights: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
+    def add_delta(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        group: SegmentGroup,
+        weights: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        # the expand accumulates into y in y's dtype: a [tokens, out] delta in the compute dtype, cast
+        # and added, cost more than the products themselves (bf16 on CPU: 2.3x the expand's time)
         a_t, b_t = weights
         if a_t.dim() == 2:
-            return (x @ a_t) @ b_t
-        if not group.buckets:
-            return segment_bmm(x, a_t, b_t, None)
-        out = x.new_empty(len(x), b_t.shape[-1])
-        for bucket in group.buckets:
-            xs = x.index_select(0, bucket.tokens).view(len(bucket.segments), bucket.length, -1)
-            a, b = a_t.index_select(0, bucket.segments), b_t.index_select(0, bucket.segments)
-            out.index_copy_(0, bucket.tokens, torch.bmm(torch.bmm(xs, a), b).view(-1, out.shape[-1]))
-        return out
+            y.addmm_((x @ a_t).to(y.dtype), b_t)
+            return
+        for run in group.runs:
+            xs, ys = x[run.start : run.end], y[run.start : run.end]
+            a, b = a_t[run.first : run.last], b_t[run.first : run.last]
+            if run.mask is not None:
+                shrunk = (xs @ a.transpose(1, 2).reshape(-1, xs.shape[-1]).t()).mul_(run.mask)
+                ys.addmm_(shrunk.to(y.dtype), b.reshape(-1, b.shape[-1]))
+                continue
+            k = run.last - run.first
+            shrunk = torch.bmm(xs.view(k, run.length, -1), a)
+            ys.view(k, run.length, -1).baddbmm_(shrunk.to(y.dtype), b)
 
 
 class _Bank:
-    """One tensor per target holding every slot's A ([rows, r, in]) and Bᵀ·scale ([rows, r, out]) of
-    one group key, in one dtype; a slot's row is written when it first runs (a trainable slot's again
-    at each step, its weights change) and given back once a step runs without it."""
+    """One tensor per target holding every slot's A ([rows, r, in], in the compute dtype) and Bᵀ·scale
+    ([rows, r, out], in the outputs' dtype) of one group key; a slot's row is written when it first
+    runs (a trainable slot's again at each step, its weights change) and given back once a step runs
+    without it."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+        self.dtypes = dtypes  # A's, B's
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rows: dict[int, int] = {}  # slot -> row
         self.free: list[int] = []  # rows given back; rows 0 .. len(rows) + len(free) - 1 exist
@@ -94,7 +122,7 @@ class _Bank:
         self.moved = False  # whether this step rewrote the bank (`stack_index`)
         self.version = 0  # counts those rewrites
 
-    def place(self, slot: int, table: AdapterSlots, dtype: torch.dtype) -> int:
+    def place(self, slot: int, table: AdapterSlots) -> int:
         adapter = table[slot]
         row = self.rows.get(slot)
         write = row is None or (adapter.trainable and slot not in self.fresh)
@@ -102,12 +130,12 @@ class _Bank:
             row = self.free.pop() if self.free else len(self.rows)
             self.rows[slot] = row
         if write:
-            self._write(row, adapter.weights, adapter.spec.scale, dtype)
+            self._write(row, adapter.weights, adapter.spec.scale)
             self.fresh.add(slot)
         self.used.add(slot)
         return row
 
-    def _write(self, row: int, weights: dict, scale: float, dtype: torch.dtype) -> None:
+    def _write(self, row: int, weights: dict, scale: float) -> None:
         with torch.no_grad():
             for name, (a, b) in weights.items():
                 if a.dim() != 2:  # an MoE's per-expert weights: expert_delta reads the table's
@@ -116,8 +144,8 @@ class _Bank:
                 if bank is None or len(bank[0]) <= row:
                     rows = max(row + 1, 2 * len(bank[0]) if bank else 4)
                     grown = (
-                        a.new_empty((rows, *a.shape), dtype=dtype),
-                        b.new_empty((rows, *b.t().shape), dtype=dtype),
+                        a.new_empty((rows, *a.shape), dtype=self.dtypes[0]),
+                        b.new_empty((rows, *b.t().shape), dtype=self.dtypes[1]),
                     )
                     if bank is not None:
                         grown[0][: len(bank[0])] = bank[0]
@@ -165,13 +193,13 @@ class _Bank:
 
 
 class WeightCache:
-    """Weights ready for the backend, in the compute dtype: (Aᵀ, Bᵀ·scale) per slot, kept in a bank per
-    group key and dtype, so a step's composition of adapters is a view of the bank (their rows kept
-    consecutive and in order, see `_Bank.stack_index`), however often the composition changes (under
-    serving load requests join and leave nearly every step). Frozen adapters (sampling snapshots,
-    loaded revisions) are written into the bank once and kept while steps run them; a trainable adapter is
-    written again at each step; an adapter no step ran since the previous `sweep` gives its row back (and
-    an empty bank its memory)."""
+    """Weights ready for the backend: (Aᵀ, Bᵀ·scale) per slot, A in the compute dtype and B in the
+    outputs' (`dtypes`), kept in a bank per group key and dtypes, so a step's composition of adapters
+    is a view of the bank (their rows kept consecutive and in order, see `_Bank.stack_index`), however
+    often the composition changes (under serving load requests join and leave nearly every step).
+    Frozen adapters (sampling snapshots, loaded revisions) are written into the bank once and kept
+    while steps run them; a trainable adapter is written again at each step; an adapter no step ran
+    since the previous `sweep` gives its row back (and an empty bank its memory)."""
 
     def __init__(self, table: AdapterSlots) -> None:
         self.table = table
@@ -179,8 +207,10 @@ class WeightCache:
         # this step's compositions: their bank, its version then, where their rows are
         self._rows: dict[tuple, tuple[_Bank, int, slice | torch.Tensor | int]] = {}
 
-    def get(self, name: str, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        bank, rows = self._placed(slots, dtype)
+    def get(
+        self, name: str, slots: tuple[int, ...], dtypes: tuple[torch.dtype, torch.dtype]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bank, rows = self._placed(slots, dtypes)
         a, b = bank.tensors[name]
         if isinstance(rows, int):
             return a[rows].t(), b[rows]
@@ -188,12 +218,17 @@ class WeightCache:
             return a[rows].transpose(1, 2), b[rows]
         return a.index_select(0, rows).transpose(1, 2), b.index_select(0, rows)
 
-    def _placed(self, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[_Bank, slice | torch.Tensor | int]:
-        key = (slots, dtype)
+    def _placed(
+        self, slots: tuple[int, ...], dtypes: tuple[torch.dtype, torch.dtype]
+    ) -> tuple[_Bank, slice | torch.Tensor | int]:
+        key = (slots, dtypes)
         placed = self._rows.get(key)
         if placed is None or placed[1] != placed[0].version:  # new, or its bank's rows moved since
-            bank = self._banks.setdefault((group_key(slots[0], self.table), dtype), _Bank())
-            rows = [bank.place(s, self.table, dtype) for s in slots]
+            bank_key = (group_key(slots[0], self.table), dtypes)
+            bank = self._banks.get(bank_key)
+            if bank is None:
+                bank = self._banks[bank_key] = _Bank(dtypes)
+            rows = [bank.place(s, self.table) for s in slots]
             index = rows[0] if len(rows) == 1 else bank.stack_index(slots)
             self._rows[key] = placed = (bank, bank.version, index)
         return placed[0], placed[2]
@@ -242,32 +277,57 @@ def plan_groups(
 
 
 def _group(
-    start: int, end: int, slots: tuple[int, ...], lengths: tuple[int, ...], table: AdapterSlots, device
+    start: int,
+    end: int,
+    slots: tuple[int, ...],
+    lengths: tuple[int, ...],
+    table: AdapterSlots,
+    device: torch.device,
 ) -> SegmentGroup:
     targets = frozenset(table[slots[0]].weights)
     if len(slots) != len(set(slots)):
         raise ValueError("flat LoRA batch: a slot's tokens must be contiguous")
-    return SegmentGroup(start, end, slots, lengths, targets, _buckets(lengths, device))
-
-
-def _buckets(lengths: tuple[int, ...], device: torch.device) -> tuple[Bucket, ...]:
-    """The segments by length; none when all are equal (the flat tokens already are that layout)."""
-    if len(set(lengths)) == 1:
-        return ()
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    by_length: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        by_length.setdefault(n, []).append(i)
-    return tuple(
-        Bucket(
-            n,
-            torch.tensor(segments, device=device),
-            torch.tensor([t for i in segments for t in range(offsets[i], offsets[i] + n)], device=device),
-        )
-        for n, segments in by_length.items()
+    return SegmentGroup(
+        start, end, slots, lengths, targets, _runs(lengths, table[slots[0]].spec.rank, device)
     )
+
+
+def _runs(lengths: tuple[int, ...], rank: int, device: torch.device) -> tuple[Run, ...]:
+    """The maximal runs of consecutive segments of equal length; then the segments of short runs
+    longer than one token (prompt chunks, or an adapter's few decodes together) are joined into block
+    runs of up to `BLOCK_COLUMNS` A rows."""
+    runs: list[Run] = []
+    first, start = 0, 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or lengths[i] != lengths[first]:
+            end = start + lengths[first] * (i - first)
+            runs.append(Run(lengths[first], first, i, start, end))
+            first, start = i, end
+    out: list[Run] = []
+    block: list[Run] = []  # single segments
+    for run in runs:
+        if run.length == 1 or (run.last - run.first) * rank >= BLOCK_COLUMNS:
+            out.extend([_joined(block, rank, device), run] if block else [run])
+            block = []
+            continue
+        for i in range(run.first, run.last):
+            if (len(block) + 1) * rank > BLOCK_COLUMNS:
+                out.append(_joined(block, rank, device))
+                block = []
+            at = run.start + (i - run.first) * run.length
+            block.append(Run(run.length, i, i + 1, at, at + run.length))
+    return (*out, _joined(block, rank, device)) if block else tuple(out)
+
+
+def _joined(segments: list[Run], rank: int, device: torch.device) -> Run:
+    """Consecutive single `segments` as one block run (a lone one stays itself)."""
+    if len(segments) == 1:
+        return segments[0]
+    start, end = segments[0].start, segments[-1].end
+    mask = torch.zeros(end - start, len(segments) * rank, dtype=torch.bool, device=device)
+    for i, seg in enumerate(segments):
+        mask[seg.start - start : seg.end - start, i * rank : (i + 1) * rank] = True
+    return Run(0, segments[0].first, segments[-1].last, start, end, mask)
 
 
 class FlatLoraBatch:
@@ -295,13 +355,13 @@ class FlatLoraBatch:
 
     def add_linear_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        dtypes = (self.compute_dtype or x.dtype, y.dtype)
         for group in self._plans[len(x2)]:
             if name not in group.targets:
                 continue
-            xs = x2[group.start : group.end]
-            dtype = self.compute_dtype or xs.dtype
-            delta = self.backend.delta(xs.to(dtype), group, self.weights.get(name, group.slots, dtype))
-            y2[group.start : group.end] += delta.to(y2.dtype)
+            xs = x2[group.start : group.end].to(dtypes[0])
+            weights = self.weights.get(name, group.slots, dtypes)
+            self.backend.add_delta(xs, y2[group.start : group.end], group, weights)
         return y
 
     def token_slots(self, num_tokens: int) -> torch.Tensor:

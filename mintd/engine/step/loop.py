@@ -143,7 +143,9 @@ class StepEngine:
         if not self.running:
             return []
         work = schedule(self.running, self.settings.step_tokens)
-        work = [work[i] for i in row_order([w.seq.slot for w in work], self.table)]
+        work = [
+            work[i] for i in row_order([w.seq.slot for w in work], self.table, [w.num_tokens for w in work])
+        ]
         with torch.no_grad():
             logits = self.runner.run(work)
             due: list[tuple[Sequence, torch.Tensor]] = []
