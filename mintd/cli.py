@@ -4,7 +4,6 @@ Heavy imports (torch, transformers) happen inside the commands that need them, s
 `mintd --help` stays instant.
 """
 
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -231,7 +230,7 @@ def serve(
     from pydantic import ValidationError
 
     from mintd.config import BlobSettings, CatalogSettings, ServeSettings
-    from mintd.server import build_app, engine_threads, freeze_startup_heap
+    from mintd.server import build_app, freeze_startup_heap
 
     given = {
         "replica_id": replica_id,
@@ -249,9 +248,8 @@ def serve(
     except ValidationError as exc:
         err = exc.errors()[0]
         raise typer.BadParameter(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
-    threads = engine_threads(settings, os.environ, len(os.sched_getaffinity(0)))
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if settings.intra_op_threads:
+        torch.set_num_threads(settings.intra_op_threads)
     try:
         models = _parse_models(model)
         app_, _ = build_app(models, settings, api_key or [], catalog_settings=catalog, blob_settings=blobs)

@@ -7,7 +7,6 @@ import ipaddress
 import secrets
 import socket
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 
 import uvicorn
@@ -103,16 +102,6 @@ def freeze_startup_heap() -> None:
     never in a process that builds and drops servers (what is frozen is never collected)."""
     gc.collect()
     gc.freeze()
-
-
-def engine_threads(settings: ServeSettings, environ: Mapping[str, str], cores: int) -> int | None:
-    """The intra-op threads a serving process sets (`ServeSettings.intra_op_threads`), or None to leave
-    torch's own choice."""
-    if settings.intra_op_threads:
-        return settings.intra_op_threads
-    if environ.get("OMP_NUM_THREADS") or cores > 4:
-        return None
-    return max(cores - 1, 1)
 
 
 def replica_info(settings: ServeSettings) -> ReplicaInfo:

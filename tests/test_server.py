@@ -3,7 +3,7 @@
 import pytest
 
 from mintd.config import ServeSettings
-from mintd.server import build_app, engine_threads, is_loopback, parse_keys
+from mintd.server import build_app, is_loopback, parse_keys
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.4", "example.com"])
@@ -52,13 +52,3 @@ def test_blob_url_folder_and_catalog_url_are_used(qwen3_dir, tmp_path):
     service.close()
     assert (tmp_path / "shared" / "cat.db").is_file() and (tmp_path / "bytes").is_dir()
     assert not (tmp_path / "d" / "blobs").exists()
-
-
-def test_serving_leaves_a_core_to_the_event_loop_on_small_machines():
-    auto = ServeSettings()
-    assert engine_threads(auto, {}, 2) == 1
-    assert engine_threads(auto, {}, 4) == 3
-    assert engine_threads(auto, {}, 1) == 1
-    assert engine_threads(auto, {}, 16) is None, "torch's default on larger machines"
-    assert engine_threads(auto, {"OMP_NUM_THREADS": "2"}, 2) is None, "an explicit OMP_NUM_THREADS stands"
-    assert engine_threads(ServeSettings(intra_op_threads=2), {"OMP_NUM_THREADS": "1"}, 2) == 2
