@@ -36,6 +36,14 @@ class EngineSettings(BaseSettings):
     micro_batch_tokens: int = Field(
         16384, ge=1, description="padded tokens per forward pass; larger batches are accumulated"
     )
+    merge_min_tokens: int = Field(
+        2048,
+        ge=1,
+        description="padded tokens a micro-batch of several runs' merged training work may hold even where "
+        "each run alone is smaller: below this a forward pays more in per-call overhead than in compute, "
+        "so many small runs (one row per adapter) train together, not one by one; above it merged runs use "
+        "micro-batches no larger than the largest of them alone (merging never raises peak memory there)",
+    )
     step_tokens: int = Field(
         512,
         ge=1,

@@ -255,6 +255,7 @@ class Engine:
             groups,
             self.pad_id,
             self.settings.micro_batch_tokens,
+            self.settings.merge_min_tokens,
             forward_only,
             self.delta_ctx,
         )

@@ -120,13 +120,14 @@ def _micro_batches(order: list[int], lengths: list[int], budget: int) -> list[li
     return batches
 
 
-def merged_budget(groups: list[TrainGroup], micro_batch_tokens: int) -> int:
+def merged_budget(groups: list[TrainGroup], micro_batch_tokens: int, merge_min_tokens: int) -> int:
     """Padded tokens per micro-batch when several runs' groups share one call: no more than the largest
     group would have used alone, so merging runs never raises peak memory (MinT's concurrent policies
-    share a base "without more peak memory"). Larger merged micro-batches bring nothing on a CPU either:
-    four 3,072-token GRPO batches took 15% longer as one 12,288-token micro-batch than one by one."""
+    share a base "without more peak memory"), and larger merged micro-batches bring nothing on a CPU
+    either (four 3,072-token GRPO batches took 15% longer as one 12,288-token micro-batch than one by
+    one). But at least `merge_min_tokens`: 32 one-row runs of 64 tokens must not run as 32 forwards."""
     alone = max((len(g.data) * max(len(d.tokens) for d in g.data) for g in groups if g.data), default=1)
-    return min(micro_batch_tokens, alone)
+    return min(micro_batch_tokens, max(alone, merge_min_tokens))
 
 
 def _write_sparsity(runs: list[DeltaMemRun], groups: list[TrainGroup]) -> list[torch.Tensor | float]:
@@ -153,6 +154,7 @@ def forward_backward(
     groups: list[TrainGroup],
     pad_id: int,
     micro_batch_tokens: int,
+    merge_min_tokens: int,
     forward_only: bool = False,
     delta_ctx: DeltaMemContext | None = None,
 ) -> list[TrainOutput]:
@@ -163,7 +165,7 @@ def forward_backward(
     device = next(model.parameters()).device
     logprobs: list[torch.Tensor | None] = [None] * len(rows)
     losses = [0.0] * len(groups)
-    budget = merged_budget(groups, micro_batch_tokens)
+    budget = merged_budget(groups, micro_batch_tokens, merge_min_tokens)
     for batch in _micro_batches(row_order(slots, table), lengths, budget):
         with torch.set_grad_enabled(not forward_only):
             logits, runs = padded_forward(

@@ -88,14 +88,8 @@ def test_micro_batches_equal_one_full_batch(engine, loss_fn):
         torch.testing.assert_close(p_micro, p_full, rtol=1e-5, atol=1e-6)
 
 
-def test_merged_runs_use_micro_batches_no_larger_than_alone(engine):
-    """Several runs' groups in one call (the scheduler merges them) run in micro-batches no larger than
-    the largest group alone: merging never raises peak memory. Each group's loss equals its solo loss."""
-    batch = data(engine)
-    slots = [engine.create_adapter(LoraSpec(rank=4, seed=s)) for s in (0, 1, 2)]
-    groups = [TrainGroup(slots[0], batch[:2]), TrainGroup(slots[1], batch), TrainGroup(slots[2], batch[3:])]
-    alone = len(batch) * max(len(d.tokens) for d in batch)  # the largest group, padded
-    solo = [engine.forward_backward([g], forward_only=True)[0].loss for g in groups]
+def forward_shapes(engine, groups) -> tuple[list, list[float]]:
+    """The input shape of each forward pass one merged call makes, and its groups' losses."""
     shapes = []
     hook = engine.model.register_forward_pre_hook(
         lambda _, args, kwargs: shapes.append(kwargs["input_ids"].shape), with_kwargs=True
@@ -104,9 +98,36 @@ def test_merged_runs_use_micro_batches_no_larger_than_alone(engine):
         merged = engine.forward_backward(groups, forward_only=True)
     finally:
         hook.remove()
+    return shapes, [o.loss for o in merged]
+
+
+def test_merged_runs_use_micro_batches_no_larger_than_alone(engine, monkeypatch):
+    """Several runs' groups in one call (the scheduler merges them) run in micro-batches no larger than
+    the largest group alone, above `merge_min_tokens`: merging never raises peak memory there. Each
+    group's loss equals its solo loss."""
+    monkeypatch.setattr(engine.settings, "merge_min_tokens", 1)
+    batch = data(engine)
+    slots = [engine.create_adapter(LoraSpec(rank=4, seed=s)) for s in (0, 1, 2)]
+    groups = [TrainGroup(slots[0], batch[:2]), TrainGroup(slots[1], batch), TrainGroup(slots[2], batch[3:])]
+    alone = len(batch) * max(len(d.tokens) for d in batch)  # the largest group, padded
+    solo = [engine.forward_backward([g], forward_only=True)[0].loss for g in groups]
+    shapes, merged = forward_shapes(engine, groups)
     assert engine.settings.micro_batch_tokens > 3 * alone  # the budget alone would allow one forward
     assert len(shapes) > 1 and all(rows * width <= alone for rows, width in shapes)
-    assert [o.loss for o in merged] == pytest.approx(solo, rel=1e-5)
+    assert merged == pytest.approx(solo, rel=1e-5)
+
+
+def test_many_small_runs_train_in_one_micro_batch(engine):
+    """One row per run (a multi-LoRA batch): the rows share a forward up to `merge_min_tokens`,
+    not one forward per run."""
+    batch = data(engine)
+    slots = [engine.create_adapter(LoraSpec(rank=4, seed=s)) for s in range(len(batch))]
+    groups = [TrainGroup(slot, [d]) for slot, d in zip(slots, batch, strict=True)]
+    assert len(batch) * max(len(d.tokens) for d in batch) <= engine.settings.merge_min_tokens
+    solo = [engine.forward_backward([g], forward_only=True)[0].loss for g in groups]
+    shapes, merged = forward_shapes(engine, groups)
+    assert len(shapes) == 1 and shapes[0][0] == len(batch)
+    assert merged == pytest.approx(solo, rel=1e-5)
 
 
 def test_forward_only_leaves_no_gradient(engine):
