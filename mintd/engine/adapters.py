@@ -67,7 +67,7 @@ class AdapterSlots:
         self.frozen_dtype = frozen_dtype
         self._slots: dict[int, Adapter] = {}
         self._next = BASE_SLOT + 1
-        self._expected: dict[tuple, tuple[list[str], dict[str, tuple[int, ...]]]] = {}  # lora_shapes'
+        self._expected: dict[tuple, tuple[list[str], dict[str, tuple[int, ...]]]] = {}  # by lora_shapes
 
     def __getitem__(self, slot: int) -> Adapter:
         try:

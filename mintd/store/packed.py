@@ -413,8 +413,8 @@ _VERIFIED: dict[tuple[int, int, int, int], str] = {}
 _MAX_VERIFIED = 1 << 16
 # Parsed headers by layout: a header's text less its buffer checksum, which is all that differs between
 # adapters of one spec on one base. A cold load of a thousand distinct adapters of a few specs parses a
-# few headers, not a thousand (on a small model the parse was half of a cold load's work, run under the
-# GIL beside the engine's steps). Few: a header of a many-target adapter is tens of kilobytes.
+# few headers, not a thousand (on the test model the parse was about a fifth of a cold load's work, run
+# under the GIL beside the engine's steps). Few: a header of a many-target adapter is tens of kilobytes.
 _LAYOUTS: dict[bytes, PackedHeader] = {}
 _MAX_LAYOUTS = 256
 _BUFFER_SHA = re.compile(rb'"sha256"\s*:\s*"([0-9a-f]{64})"')
