@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import tempfile
@@ -81,6 +82,27 @@ def measure(
         for fut in futures:
             waver.wait(fut)
     return latencies
+
+
+class FullCollections:
+    """Python's full (oldest-generation) collections and their pauses (ms): each holds the GIL, so it
+    stalls every request, and a wave that sets one off pays for it in its hot p99."""
+
+    def __init__(self) -> None:
+        self.pauses_ms: list[float] = []
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses_ms.append(round((time.perf_counter() - self._started) * 1000, 1))
+
+    def since(self, count: int) -> list[float]:
+        return self.pauses_ms[count:]
 
 
 def hot_alone(service: fleet.TinkerService, hot: list[str], clients: int, tokens: int) -> list[float]:
@@ -144,14 +166,20 @@ def main() -> None:
     fleet.log(f"capacity {capacity:.0f}/s, hot traffic alone {hot_rate:.0f}/s; waves arrive at {rate:.0f}/s")
     resident: list[float] = []
     cold_run: list[float] = []
+    collections = FullCollections()
+    pauses: dict[str, list[float]] = {"cold": [], "resident": []}
     for r in range(args.repeats):
         misses = residency.stats()["misses"]
+        seen = len(collections.pauses_ms)
         latencies = measure(service, hot, warm, args.hot_clients, rate, args.max_tokens)
+        pauses["resident"] += collections.since(seen)
         assert residency.stats()["misses"] == misses, "wave (b) should load nothing"
         fleet.log(f"pair {r + 1}/{args.repeats}: resident wave (b) {summary(latencies)}")
         resident += latencies
         wave = cold[r * args.wave : (r + 1) * args.wave]
+        seen = len(collections.pauses_ms)
         latencies = measure(service, hot, wave, args.hot_clients, rate, args.max_tokens)
+        pauses["cold"] += collections.since(seen)
         fleet.log(f"pair {r + 1}/{args.repeats}: cold wave (a) {summary(latencies)}")
         cold_run += latencies
     stats = residency.stats()
@@ -176,6 +204,7 @@ def main() -> None:
                 "resident": during_resident,
                 "cold_loads": stats["misses"] - loads_before,
                 "cold_load_ms_p50": stats["load_ms_p50"],
+                "full_gc_pauses_ms": pauses,
                 "hot_p99_inflation": round(during_cold["hot_p99_ms"] / during_resident["hot_p99_ms"], 3),
                 "hot_p50_inflation": round(during_cold["hot_p50_ms"] / during_resident["hot_p50_ms"], 3),
             }

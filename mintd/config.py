@@ -100,6 +100,14 @@ class ServeSettings(BaseSettings):
         "frees back to the OS, between rounds (glibc; ~tens of ms each on a large heap). 0 turns it off; "
         "without it resident memory grows under long training",
     )
+    full_gc_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="how often (at most) each engine worker runs Python's full garbage collection, between "
+        "rounds; Python's own full collections are off meanwhile (with a thousand resident adapters one "
+        "pass stalls every request 60-150 ms, and a wave of cold loads set off one every few hundred). "
+        "0 leaves them to Python",
+    )
     max_pending_rows: int = Field(
         256,
         ge=1,

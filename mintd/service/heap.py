@@ -1,21 +1,35 @@
-"""Give the memory the C allocator keeps after frees back to the OS.
+"""Heap upkeep between engine rounds: freed memory back to the OS, and Python's full collections.
 
 glibc's malloc keeps freed chunks in its arenas for reuse and returns pages only from the top of a
 heap. The engine frees tensors of ever-changing sizes (each training batch's activations and
 gradients, each step's decode buffers), the freed space is scattered between live chunks, and a
 long-running `mintd serve` grew from 0.5 to 6 GB of resident memory under Tinker training while its
 live tensors stayed the same. `malloc_trim(0)` returns the free pages of every arena; on a large heap
-it takes tens of milliseconds, so the engine worker calls it between rounds at most once per
-`heap_trim_interval_s`. Elsewhere than glibc (musl, macOS) there is nothing to call and this does
-nothing.
+it takes tens of milliseconds, so it runs at most once per `trim_interval_s`. Elsewhere than glibc
+(musl, macOS) there is nothing to call.
+
+Python's full (oldest-generation) collection scans every tracked object, and each resident adapter is
+a few dozen tracked tensors and containers: with a thousand or more resident, one pass holds the GIL
+for 60-150 ms on the project's CPU, so every request stalls. Python starts one whenever the objects that
+survived younger collections have grown by a quarter, which a wave of cold loads does every few hundred
+adapters: `bench/cold_wave.py` measured two such stalls per 1,000 cold loads, and hot p99 latency
+during the wave at 1.5-2.0x that during a resident wave. So while an engine worker runs, automatic
+full collections are off and the worker schedules them: one is due every `full_gc_interval_s`, runs
+between rounds once the worker is idle (nothing decoding: a pause then delays no running request), and
+runs anyway once it is overdue by another interval. The younger generations, which find most cyclic
+garbage, still collect automatically; what only a full pass finds waits at most two intervals.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
+import threading
 import time
 from collections.abc import Callable
+
+_NEVER = 1_000_000_000  # an oldest-generation threshold no count reaches
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -31,25 +45,69 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-class HeapTrimmer:
-    """Trims the process heap when `maybe_trim` is called and `interval_s` has passed (0: never)."""
+class _AutomaticFullCollections:
+    """The process-wide switch, held off while any upkeep that schedules full collections is open;
+    the thresholds the process had come back when the last one closes."""
 
-    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval_s = interval_s
-        self._trim = _malloc_trim() if interval_s > 0 else None
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved: tuple[int, int, int] | None = None
+
+    def hold_off(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._saved = gc.get_threshold()
+                gc.set_threshold(self._saved[0], self._saved[1], _NEVER)
+            self._holders += 1
+
+    def let_go(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._saved is not None:
+                gc.set_threshold(*self._saved)
+
+
+_AUTOMATIC = _AutomaticFullCollections()
+
+
+class HeapUpkeep:
+    """Trims the C heap and runs a full collection when `between_rounds` is called and they are due
+    (an interval of 0: that one never, and Python keeps its own full collections). `close` gives the
+    process its automatic full collections back."""
+
+    def __init__(
+        self, trim_interval_s: float, full_gc_interval_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.trim_interval_s = trim_interval_s
+        self.full_gc_interval_s = full_gc_interval_s
+        self._trim = _malloc_trim() if trim_interval_s > 0 else None
         self._clock = clock
-        self._last = clock()
-        self.trims = 0
+        self._last_trim = self._last_full_gc = clock()
+        self.trims = self.full_gcs = 0
+        self._holding = full_gc_interval_s > 0
+        if self._holding:
+            _AUTOMATIC.hold_off()
 
     @property
-    def enabled(self) -> bool:
+    def trims_heap(self) -> bool:
         return self._trim is not None
 
-    def maybe_trim(self) -> bool:
-        """Trim if it is time; True when it did."""
-        if self._trim is None or self._clock() - self._last < self.interval_s:
-            return False
-        self._trim(0)
-        self._last = self._clock()
-        self.trims += 1
-        return True
+    def between_rounds(self, idle: bool) -> None:
+        """`idle`: nothing is decoding, so a pause now delays no running request."""
+        now = self._clock()
+        waited = now - self._last_full_gc
+        due = waited >= self.full_gc_interval_s
+        if self._holding and due and (idle or waited >= 2 * self.full_gc_interval_s):
+            gc.collect()
+            self._last_full_gc = self._clock()
+            self.full_gcs += 1
+        if self._trim is not None and now - self._last_trim >= self.trim_interval_s:
+            self._trim(0)
+            self._last_trim = self._clock()
+            self.trims += 1
+
+    def close(self) -> None:
+        if self._holding:
+            self._holding = False
+            _AUTOMATIC.let_go()

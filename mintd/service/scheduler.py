@@ -38,7 +38,7 @@ from mintd.engine.step.sequence import RequestState
 from mintd.engine.train import TrainGroup, TrainOutput
 from mintd.residency import AdapterKey, Residency, RunKey, Wait
 from mintd.service.futures import Future, FutureStore, RequestError
-from mintd.service.heap import HeapTrimmer
+from mintd.service.heap import HeapUpkeep
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class SchedulerLimits:
     max_sample_rows: int = 64  # samples decoding together in the step engine
     seq_gap_timeout_s: float = 300.0
     heap_trim_interval_s: float = 10.0  # how often freed heap memory goes back to the OS (0: never)
+    full_gc_interval_s: float = 60.0  # how often Python's full collection runs (0: when Python decides)
 
 
 class EngineWorker:
@@ -149,7 +150,7 @@ class EngineWorker:
         self._direct: deque[tuple[Future, CallOp]] = deque()
         self._live: dict[RequestState, tuple[Future, SampleOp]] = {}  # admitted, not finished
         self._stop = False
-        self.heap = HeapTrimmer(limits.heap_trim_interval_s)
+        self.heap = HeapUpkeep(limits.heap_trim_interval_s, limits.full_gc_interval_s)
         residency.set_wake(self._wake)
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -252,6 +253,7 @@ class EngineWorker:
             self._cv.notify()
         self._thread.join(timeout=10)
         self.residency.close()
+        self.heap.close()
 
     # the loop (worker thread) ----------------------------------------------------------------------
 
@@ -269,10 +271,11 @@ class EngineWorker:
         self._abort_samples(RequestError("the engine worker stopped", "server"))
 
     def _take(self) -> _Round | None:
-        """Wait for ready work and take one round of it; None once stopped."""
+        """Wait (a second at most) for ready work and take one round of it, empty if none came, so an
+        idle worker still parks idle runs and keeps the heap; None once stopped."""
         with self._cv:
             self._fail_stalled_runs()  # every round: other runs' work must not hide a stalled run
-            while not self._stop and not self._has_work():
+            if not self._stop and not self._has_work():
                 self._cv.wait(timeout=1.0)
                 self._fail_stalled_runs()
             if self._stop:
@@ -291,7 +294,7 @@ class EngineWorker:
         self._admit(work.samples)
         if self._live:
             self._step()
-        self.heap.maybe_trim()
+        self.heap.between_rounds(idle=not self._live)
 
     def _has_work(self) -> bool:
         return (

@@ -73,6 +73,7 @@ class TinkerService(Training, Sampling):
             max_sample_rows=settings.max_sample_rows,
             seq_gap_timeout_s=settings.seq_gap_timeout_s,
             heap_trim_interval_s=settings.heap_trim_interval_s,
+            full_gc_interval_s=settings.full_gc_interval_s,
         )
         self.checkpoints = checkpoints
         self.settings = settings

@@ -1,12 +1,14 @@
-"""The heap trimmer: it really returns freed allocator memory, and only as often as it is told to."""
+"""Heap upkeep: the trim really returns freed allocator memory, full collections move from Python's
+schedule to the worker's, and each runs only as often as it is told to."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 from pathlib import Path
 
-from mintd.service.heap import HeapTrimmer
+from mintd.service.heap import HeapUpkeep
 
 CHUNK = 64 * 1024  # below glibc's mmap threshold: these come from the heap, not from mmap
 CHUNKS = 2000
@@ -24,9 +26,11 @@ def test_trimming_returns_memory_freed_between_live_chunks() -> None:
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    trimmer = HeapTrimmer(interval_s=1e-9)
-    assert trimmer.enabled  # glibc (the CI's and this project's platforms)
-    trimmer.maybe_trim()
+    now = [0.0]
+    upkeep = HeapUpkeep(trim_interval_s=1.0, full_gc_interval_s=0, clock=lambda: now[0])
+    assert upkeep.trims_heap  # glibc (the CI's and this project's platforms)
+    now[0] += 1
+    upkeep.between_rounds(idle=True)
     chunks = []
     for _ in range(2 * CHUNKS):
         chunks.append(libc.malloc(CHUNK))
@@ -36,7 +40,9 @@ def test_trimming_returns_memory_freed_between_live_chunks() -> None:
         for p in freed:
             libc.free(p)
         before = _rss_mb()
-        assert trimmer.maybe_trim()
+        now[0] += 1
+        upkeep.between_rounds(idle=False)
+        assert upkeep.trims == 2
         returned = before - _rss_mb()
     finally:
         for p in pins:
@@ -45,16 +51,71 @@ def test_trimming_returns_memory_freed_between_live_chunks() -> None:
     assert returned > 0.5 * allocated, f"trim returned {returned:.0f} of {allocated:.0f} MiB freed"
 
 
-def test_trims_at_most_once_per_interval_and_never_when_off() -> None:
+def test_each_runs_only_when_due_and_a_full_collection_waits_for_idle() -> None:
+    """The trim runs once per interval, busy or not; a due full collection waits for an idle round,
+    but not beyond a second interval."""
     now = [0.0]
-    trimmer = HeapTrimmer(interval_s=10.0, clock=lambda: now[0])
+    upkeep = HeapUpkeep(trim_interval_s=10.0, full_gc_interval_s=4.0, clock=lambda: now[0])
     done = []
-    for t in (1.0, 9.9, 10.0, 15.0, 20.5, 21.0):
-        now[0] = t
-        done.append(trimmer.maybe_trim())
-    assert done == [False, False, True, False, True, False]
-    assert trimmer.trims == 2
+    try:
+        for t, idle in (
+            (1.0, True),
+            (4.0, True),  # due and idle
+            (9.0, False),  # due, busy
+            (10.0, False),  # the trim's interval
+            (11.9, False),
+            (12.0, False),  # overdue by a second interval: runs busy
+            (13.0, True),  # idle, not due
+            (16.5, True),
+            (20.0, False),
+        ):
+            now[0] = t
+            before = (upkeep.trims, upkeep.full_gcs)
+            upkeep.between_rounds(idle)
+            done.append((upkeep.trims - before[0], upkeep.full_gcs - before[1]))
+    finally:
+        upkeep.close()
+    assert done == [(0, 0), (0, 1), (0, 0), (1, 0), (0, 0), (0, 1), (0, 0), (0, 1), (1, 0)]
 
-    off = HeapTrimmer(interval_s=0, clock=lambda: now[0])
+    off = HeapUpkeep(trim_interval_s=0, full_gc_interval_s=0, clock=lambda: now[0])
     now[0] = 1e9
-    assert not off.enabled and not off.maybe_trim() and off.trims == 0
+    off.between_rounds(idle=True)
+    assert not off.trims_heap and off.trims == off.full_gcs == 0
+
+
+def test_automatic_full_collections_are_off_while_any_upkeep_is_open() -> None:
+    """Two workers (two base models) hold the switch; the process's own thresholds come back only when
+    the last one closes, and an upkeep that leaves full collections to Python does not touch them."""
+    saved = gc.get_threshold()
+    first, second = HeapUpkeep(0, 60.0), HeapUpkeep(0, 60.0)
+    assert gc.get_threshold()[:2] == saved[:2] and gc.get_threshold()[2] > 10**8
+    first.close()
+    first.close()  # twice is once
+    assert gc.get_threshold()[2] > 10**8
+    second.close()
+    assert gc.get_threshold() == saved
+    HeapUpkeep(0, 0).close()
+    assert gc.get_threshold() == saved
+
+
+def test_a_full_collection_frees_what_only_it_finds() -> None:
+    """A reference cycle that survived the younger generations stays until the scheduled pass."""
+    now = [0.0]
+    upkeep = HeapUpkeep(0, 1.0, clock=lambda: now[0])
+
+    class Node:
+        pass
+
+    try:
+        gc.collect()
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gc.collect(1)  # both survive into the oldest generation
+        del a, b
+        gc.collect(1)  # younger collections do not look there
+        assert any(isinstance(o, Node) for o in gc.get_objects())
+        now[0] = 1.0
+        upkeep.between_rounds(idle=True)
+        assert not any(isinstance(o, Node) for o in gc.get_objects())
+    finally:
+        upkeep.close()

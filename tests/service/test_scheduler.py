@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -305,11 +306,28 @@ def test_requests_waiting_on_cold_loads_are_not_looked_at_every_step(
         worker.stop()
 
 
-def test_the_worker_trims_the_heap_between_rounds(engine: Engine, futures: FutureStore) -> None:
-    worker = make_worker(engine, futures, SchedulerLimits(heap_trim_interval_s=1e-9), "trim")
+def test_the_worker_keeps_the_heap_between_rounds(engine: Engine, futures: FutureStore) -> None:
+    limits = SchedulerLimits(heap_trim_interval_s=1e-9, full_gc_interval_s=1e-9)
+    saved = gc.get_threshold()
+    worker = make_worker(engine, futures, limits, "trim")
     try:
+        assert gc.get_threshold()[2] > saved[2]  # Python's own full collections are off meanwhile
         new_run(worker, "r")
         wait_done(submit(worker, futures, "r", 1, train_op("r", [], 0)))
-        assert worker.heap.trims >= 1
+        assert worker.heap.trims >= 1 and worker.heap.full_gcs >= 1
+    finally:
+        worker.stop()
+    assert gc.get_threshold() == saved
+
+
+def test_an_idle_worker_still_keeps_the_heap(engine: Engine, futures: FutureStore) -> None:
+    """With no work at all, the worker takes an empty round each second: the heap upkeep (and the
+    parking of idle runs) does not wait for a request."""
+    worker = make_worker(engine, futures, SchedulerLimits(full_gc_interval_s=1e-9), "idle")
+    try:
+        deadline = time.monotonic() + 10
+        while worker.heap.full_gcs < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.heap.full_gcs >= 2
     finally:
         worker.stop()
