@@ -17,13 +17,13 @@ def load_packed_into(
     verify: bool = True,
     with_optimizer: bool = True,
 ) -> int:
-    """Packed adapter -> a new engine slot. A frozen slot on the CPU adopts views of the (memory-mapped,
-    copy-on-write) float32 buffer as it is: nothing is copied, and nothing ever writes to it. Otherwise
-    the weights' group is copied once into one private tensor on the engine's device (float32 masters
-    for a trainable slot; the engine's frozen dtype, bfloat16 on a bfloat16 GPU, for a frozen one) and
-    the slot adopts views of it (no per-tensor copies). Optimizer state, used only by a trainable slot (and
-    skipped when `with_optimizer` is False: a fresh optimizer), goes to the engine's optimizer, which
-    copies it itself."""
+    """Packed adapter -> a new engine slot. A frozen slot on the CPU adopts views of the (private: a
+    copy-on-write memory map, or read when small) float32 buffer as it is: nothing is copied, and
+    nothing ever writes to it. Otherwise the weights' group is copied once into one private tensor on
+    the engine's device (float32 masters for a trainable slot; the engine's frozen dtype, bfloat16 on a
+    bfloat16 GPU, for a frozen one) and the slot adopts views of it (no per-tensor copies). Optimizer
+    state, used only by a trainable slot (and skipped when `with_optimizer` is False: a fresh
+    optimizer), goes to the engine's optimizer, which copies it itself."""
     packed = source if isinstance(source, PackedAdapter) else read_packed(source, verify=verify)
     if packed.header.base_fingerprint != engine.fingerprint:
         raise ValueError(

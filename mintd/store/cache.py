@@ -1,11 +1,11 @@
 """A byte-bounded local disk cache of blobs: the disk tier under the host cache when blobs live remotely.
 
-Entries are ordinary `BlobStore` files, so an entry is whole or absent after a crash and is memory-mapped
-like any local blob. Only verified content enters (`add_stream` checks the hash while writing). When the
-cached bytes pass the budget, the least recently used entries are deleted, except those used in the last
-`in_use_s` seconds: a caller that just received a path is about to map it, and deleting it underneath
-would fail that request. So the budget may be exceeded briefly while more than a budget's worth of blobs
-is in use at once. Recency survives a restart as file modification times.
+Entries are ordinary `BlobStore` files, so an entry is whole or absent after a crash and is read (or
+memory-mapped) like any local blob. Only verified content enters (`add_stream` checks the hash while
+writing). When the cached bytes pass the budget, the least recently used entries are deleted, except
+those used in the last `in_use_s` seconds: a caller that just received a path is about to read it, and
+deleting it underneath would fail that request. So the budget may be exceeded briefly while more than a
+budget's worth of blobs is in use at once. Recency survives a restart as file modification times.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A PEFT folder holds one safetensors entry per LoRA matrix, so loading a 24-layer adapter allocates
 hundreds of tensors. A packed file holds the same numbers in ONE buffer, so loading it memory-maps the
-file into one tensor and hands out per-target views of it; moving it to the device is one copy.
+file (or reads it, when small: see `MAP_MIN_BYTES`) into one tensor and hands out per-target views of
+it; moving it to the device is one copy.
 
 Layout (little-endian)::
 
@@ -23,7 +24,8 @@ in the fixed preamble, so every byte of the file is covered by a checksum. Packi
 content-addressed blob store keep them once.
 
 "Tensor objects" (see `storage_count`) are distinct storages, i.e. separate allocations: views of one
-storage count once. A packed load makes two: the memory map and the private copy the slot keeps.
+storage count once. A packed load makes two: the file's buffer (mapped or read) and the private copy
+the slot keeps.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 import os
 import re
 import struct
@@ -48,6 +49,12 @@ from mintd.lora_config import DELTA_MEM_TENSOR_PREFIX, DeltaMemSpec, LoraSpec, i
 MAGIC = b"MINTLORA"
 FORMAT_VERSION = 1
 ALIGN = 64
+# Files smaller than this are read into memory, not mapped: each map is a kernel mapping for as long as
+# the adapter is held (device slots and the host tier hold thousands of small adapters, and Linux allows
+# a process 65,530 mappings by default, after which every load fails), and touching a small mapped file
+# costs page faults that a read of it does not. Larger files are mapped: their pages stay in the page
+# cache, unduplicated, and are read only where used.
+MAP_MIN_BYTES = 1 << 20
 _PREAMBLE = struct.Struct("<8sIQ32s")  # magic, version, header length, header sha256
 _MAX_HEADER = 64 << 20
 _DTYPES = {
@@ -421,9 +428,11 @@ _BUFFER_SHA = re.compile(rb'"sha256"\s*:\s*"([0-9a-f]{64})"')
 
 
 def _map(source: Source) -> tuple[memoryview, str, tuple[int, int, int, int] | None]:
-    """The file's bytes without reading them: a private copy-on-write memory map of a path (writes to
-    the returned tensors never reach the file), or a private copy of in-memory bytes; and the file's
-    identity."""
+    """The file's bytes, private (writes to the returned tensors never reach the file): a copy-on-write
+    memory map of a path of `MAP_MIN_BYTES` or more, a copy of a smaller file or of in-memory bytes;
+    and the file's identity. The map keeps no file descriptor open (Python's `mmap` keeps one per map:
+    a process holding ~20,000 adapters then fails every load, and every new connection, with "too many
+    open files")."""
     if isinstance(source, bytes | bytearray):
         return memoryview(bytearray(source)), "packed adapter", None
     path = Path(source)
@@ -431,10 +440,15 @@ def _map(source: Source) -> tuple[memoryview, str, tuple[int, int, int, int] | N
         with path.open("rb") as f:
             st = os.fstat(f.fileno())
             identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if st.st_size < _PREAMBLE.size:  # too short to map (or empty): the caller reports it
-                return memoryview(f.read()), str(path), identity
-            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)), str(path), identity
-    except OSError as e:
+            if st.st_size >= MAP_MIN_BYTES:
+                storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=st.st_size)
+                now = path.stat()
+                if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == identity:  # the same file
+                    mapped = torch.empty(0, dtype=torch.uint8).set_(storage)
+                    return memoryview(mapped.numpy()), str(path), identity
+            buffer = bytearray(st.st_size)  # small, or replaced meanwhile: read what was opened
+            return memoryview(buffer)[: f.readinto(buffer)], str(path), identity
+    except (OSError, RuntimeError) as e:
         raise ValueError(f"{path}: cannot read packed adapter ({e})") from None
 
 

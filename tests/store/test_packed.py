@@ -18,6 +18,7 @@ from mintd.engine.engine import Engine
 from mintd.engine.optim import AdamParams
 from mintd.engine.train import Datum, TrainGroup
 from mintd.residency.device import load_packed_into
+from mintd.store import packed as packed_module
 from mintd.store.packed import (
     ALIGN,
     MAGIC,
@@ -140,7 +141,42 @@ def test_path_and_bytes_read_alike(qwen3, tmp_path):
     assert len(path.read_bytes()) % ALIGN == 0
 
 
-def test_writes_to_loaded_views_never_reach_the_file(qwen3, tmp_path):
+def _mappings_of(path) -> int:
+    return sum(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
+
+
+def test_small_files_are_read_and_large_ones_mapped(qwen3, tmp_path, monkeypatch):
+    """A memory map per held adapter would run into the kernel's limit on mappings (65,530 by
+    default) long before a host tier of small adapters fills its byte budget."""
+    path = tmp_path / "adapter.mint"
+    path.write_bytes(_packed(qwen3))
+    assert path.stat().st_size < packed_module.MAP_MIN_BYTES
+    read = read_packed(path)
+    assert _mappings_of(path) == 0
+    monkeypatch.setattr(packed_module, "MAP_MIN_BYTES", 0)
+    mapped = read_packed(path)
+    assert _mappings_of(path) == 1
+    _assert_same(read.tensors, mapped.tensors)
+    del mapped
+    assert _mappings_of(path) == 0
+
+
+def test_a_mapped_file_holds_no_file_descriptor(qwen3, tmp_path, monkeypatch):
+    """Python's `mmap` keeps a descriptor per map, and a process holding thousands of adapters would
+    run out of them (the default soft limit is often 1,024)."""
+    path = tmp_path / "adapter.mint"
+    path.write_bytes(_packed(qwen3))
+    monkeypatch.setattr(packed_module, "MAP_MIN_BYTES", 0)
+    before = len(os.listdir("/proc/self/fd"))
+    held = [read_packed(path) for _ in range(50)]
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert _mappings_of(path) == 50
+    _assert_same(held[0].tensors, held[-1].tensors)
+
+
+@pytest.mark.parametrize("map_min_bytes", [0, packed_module.MAP_MIN_BYTES], ids=["mapped", "read"])
+def test_writes_to_loaded_views_never_reach_the_file(qwen3, tmp_path, monkeypatch, map_min_bytes):
+    monkeypatch.setattr(packed_module, "MAP_MIN_BYTES", map_min_bytes)
     path = tmp_path / "adapter.mint"
     path.write_bytes(_packed(qwen3))
     before = path.read_bytes()
