@@ -19,7 +19,9 @@ from mintd.store.packed import PackedAdapter
 @dataclass(frozen=True)
 class Staged:
     """A verified packed adapter, and the frozen slot the loader built of it when that needs no copy
-    (`device.frozen_view`), so the engine thread only adds it."""
+    (`device.frozen_view`), so the engine thread only adds it. The slot goes with the first `take`; the
+    cache keeps the bytes alone: a built slot is dozens of objects that Python's full collections
+    scan, and a host tier holds many thousand adapters."""
 
     packed: PackedAdapter
     adapter: Adapter | None = None
@@ -64,7 +66,10 @@ class HostCache:
                 self.hits += 1  # a reload from host memory: no disk read, no hash
             entry.pinned = False
             self._entries.move_to_end(key)
-            return entry.staged
+            staged = entry.staged
+            if staged.adapter is not None:
+                entry.staged = Staged(staged.packed)
+            return staged
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries

@@ -107,7 +107,7 @@ class PackedHeader:
 @dataclass(frozen=True)
 class PackedAdapter:
     """A header and the buffer's groups as flat tensors (views of one storage); the per-tensor dicts
-    are views of those, built on first access."""
+    are views of those."""
 
     header: PackedHeader
     groups: dict[str, torch.Tensor]
@@ -117,15 +117,17 @@ class PackedAdapter:
         """Bytes its groups hold (what a copy of it occupies)."""
         return sum(g.numel() * g.element_size() for g in self.groups.values())
 
-    @cached_property
+    @property
     def tensors(self) -> dict[str, torch.Tensor]:
         """Adapter weights `<target>.lora_A` / `.lora_B` and `delta_mem.<parameter>`, as the engine's
-        `export_adapter` names them."""
+        `export_adapter` names them: new views at each call, not kept (a host tier holds thousands of
+        packed adapters, and every tensor kept is one more object for Python's full collections)."""
         return views(self.groups, {**self.header.weights, **self.header.delta_mem_tensors})
 
-    @cached_property
+    @property
     def optimizer(self) -> dict[str, torch.Tensor]:
-        """Optimizer state (`<param>.exp_avg`, ...), empty when the file holds none."""
+        """Optimizer state (`<param>.exp_avg`, ...), empty when the file holds none (new views, as
+        `tensors`)."""
         return views(self.groups, self.header.optimizer)
 
 
