@@ -103,9 +103,10 @@ class ServeSettings(BaseSettings):
     full_gc_interval_s: float = Field(
         60.0,
         ge=0,
-        description="how often (at most) each engine worker runs Python's full garbage collection, between "
-        "rounds; Python's own full collections are off meanwhile (with a thousand resident adapters one "
-        "pass stalls every request 60-150 ms, and a wave of cold loads set off one every few hundred). "
+        description="how often each engine worker runs Python's full garbage collection: when idle, or "
+        "between rounds once overdue by another interval. Python's own full collections are off meanwhile "
+        "(with a thousand resident adapters one pass stalls every request 60-150 ms, and a wave of cold "
+        "loads set off one every few hundred). "
         "0 leaves them to Python",
     )
     max_pending_rows: int = Field(

@@ -15,8 +15,8 @@ survived younger collections have grown by a quarter, which a wave of cold loads
 adapters: `bench/cold_wave.py` measured two such stalls per 1,000 cold loads, and hot p99 latency
 during the wave at 1.5-2.0x that during a resident wave. So while an engine worker runs, automatic
 full collections are off and the worker schedules them: one is due every `full_gc_interval_s`, runs
-between rounds once the worker is idle (nothing decoding: a pause then delays no running request), and
-runs anyway once it is overdue by another interval. The younger generations, which find most cyclic
+once the worker is idle (it waited and no work came: a pause then delays no request), and runs anyway,
+between rounds, once it is overdue by another interval. The younger generations, which find most cyclic
 garbage, still collect automatically; what only a full pass finds waits at most two intervals.
 """
 
@@ -94,7 +94,7 @@ class HeapUpkeep:
         return self._trim is not None
 
     def between_rounds(self, idle: bool) -> None:
-        """`idle`: nothing is decoding, so a pause now delays no running request."""
+        """`idle`: no work is running or waiting, so a pause now delays no request."""
         now = self._clock()
         waited = now - self._last_full_gc
         due = waited >= self.full_gc_interval_s

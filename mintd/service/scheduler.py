@@ -115,6 +115,10 @@ class _Round:
     train: list[tuple[Future, TrainOp]]
     samples: list[tuple[Future, SampleOp]]  # to admit into the step engine this turn
 
+    @property
+    def empty(self) -> bool:
+        return not (self.direct or self.calls or self.train or self.samples)
+
 
 @dataclass
 class SchedulerLimits:
@@ -294,7 +298,9 @@ class EngineWorker:
         self._admit(work.samples)
         if self._live:
             self._step()
-        self.heap.between_rounds(idle=not self._live)
+        # idle: the worker waited and no work came (a step engine that just emptied may have requests
+        # queued behind it, which a pause would delay)
+        self.heap.between_rounds(idle=work.empty and not self._live)
 
     def _has_work(self) -> bool:
         return (
