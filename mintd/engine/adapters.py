@@ -9,7 +9,9 @@ park and export with it, as flat tensors named `delta_mem.<parameter>`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -18,18 +20,63 @@ from mintd.engine.lora import LoraTarget
 from mintd.lora_config import DELTA_MEM_TENSOR_PREFIX, LoraSpec
 
 BASE_SLOT = 0
+_AB = ("lora_A", "lora_B")
+
+
+class Piece(NamedTuple):
+    """Where one matrix lies in a flat buffer: its group, element offset, shape and size."""
+
+    group: str
+    offset: int
+    shape: tuple[int, ...]
+    numel: int
+
+
+class BufferWeights(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
+    """A frozen slot's (A, B) by target as views of flat buffers (a packed adapter's groups), made at
+    each lookup and not kept. A slot holding its own views is dozens of tensors and containers that
+    Python's full collections scan (with a thousand adapters resident, each pass stalled every request
+    for 60-150 ms); this is a handful. `pieces` is shared by every adapter of one layout."""
+
+    def __init__(self, groups: dict[str, torch.Tensor], pieces: dict[str, tuple[Piece, Piece]]) -> None:
+        self.groups = groups
+        self.pieces = pieces
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.pieces[name]
+        return self._view(a), self._view(b)
+
+    def _view(self, piece: Piece) -> torch.Tensor:
+        return self.groups[piece.group].narrow(0, piece.offset, piece.numel).view(piece.shape)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.pieces
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.pieces)
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            p.numel * self.groups[p.group].element_size() for pair in self.pieces.values() for p in pair
+        )
 
 
 @dataclass
 class Adapter:
     spec: LoraSpec
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # target name -> (A, B); {}: no LoRA
+    # target name -> (A, B); {}: no LoRA. A frozen slot adopted from a buffer holds `BufferWeights`.
+    weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     trainable: bool = True
     delta_mem: DeltaMemAdapter | None = None  # fp32 whatever the slot's dtype
-    params: list[torch.Tensor] = field(init=False)  # in `state_dict` order
+    params: list[torch.Tensor] = field(init=False)  # the tensors it owns, in `state_dict` order
 
     def __post_init__(self) -> None:
-        self.params = [t for pair in self.weights.values() for t in pair]
+        owned = not isinstance(self.weights, BufferWeights)  # buffer views are frozen as made
+        self.params = [t for pair in self.weights.values() for t in pair] if owned else []
         if self.delta_mem is not None:
             self.params += list(self.delta_mem.parameters())
         for t in self.params:
@@ -38,7 +85,8 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.params)
+        owned = sum(t.numel() * t.element_size() for t in self.params)
+        return owned + (self.weights.nbytes if isinstance(self.weights, BufferWeights) else 0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensors named `<target>.lora_A` / `<target>.lora_B`, then `delta_mem.<parameter>`
@@ -68,6 +116,7 @@ class AdapterSlots:
         self._slots: dict[int, Adapter] = {}
         self._next = BASE_SLOT + 1
         self._expected: dict[tuple, tuple[list[str], dict[str, tuple[int, ...]]]] = {}  # by lora_shapes
+        self._adoptable: dict[tuple, dict] = {}  # by adopt: the pieces last checked, by target set and rank
 
     def __getitem__(self, slot: int) -> Adapter:
         try:
@@ -152,6 +201,24 @@ class AdapterSlots:
         names, shapes = self._expected[key]
         return list(names), shapes
 
+    def adopt(self, spec: LoraSpec, weights: BufferWeights) -> Adapter:
+        """A frozen adapter of buffer views, for `add`, after checking the buffer holds exactly this
+        spec's targets at this base model's shapes (ValueError naming the first mismatch). The caller
+        guarantees the buffer's dtype (`frozen_dtype`) and device, and that nobody writes to it. Reads
+        no slot, so any thread may call it."""
+        key = (spec.target_set, spec.rank)
+        if self._adoptable.get(key) is not weights.pieces:  # adapters of one layout share their pieces
+            names, shapes = self.lora_shapes(spec)
+            pieces = {
+                f"{n}.{ab}": p for n, pair in weights.pieces.items() for ab, p in zip(_AB, pair, strict=True)
+            }
+            _check_shapes(pieces, shapes)
+            if len(pieces) != len(shapes):
+                extra = sorted(set(weights.pieces) - set(names))[0]
+                raise ValueError(f"adapter tensors: unknown target {extra} for this base model / config")
+            self._adoptable[key] = weights.pieces
+        return Adapter(spec, weights, trainable=False)
+
     def build(
         self,
         spec: LoraSpec,
@@ -206,7 +273,7 @@ def _check_delta_mem(tensors: dict[str, torch.Tensor], delta_mem: DeltaMemAdapte
         raise ValueError(f"adapter tensors: unexpected {extra[0]} for this base model / config")
 
 
-def _check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+def _check_shapes(tensors: Mapping[str, torch.Tensor | Piece], shapes: dict[str, tuple[int, ...]]) -> None:
     """Every key of `shapes` is in `tensors` with that shape (ValueError naming the first that is not)."""
     for key, shape in shapes.items():
         if key not in tensors:

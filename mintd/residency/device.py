@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mintd.engine.adapters import Adapter
+from mintd.engine.adapters import Adapter, BufferWeights, Piece
 from mintd.engine.engine import Engine
-from mintd.store.packed import PackedAdapter, Source, read_packed, views
+from mintd.store.packed import Entry, PackedAdapter, Source, read_packed, views
 
 
 def load_packed_into(
@@ -48,15 +48,44 @@ def load_packed_into(
 def frozen_view(engine: Engine, packed: PackedAdapter) -> Adapter | None:
     """The frozen slot `load_packed_into` would make of a verified LoRA adapter that needs no copy (a
     CPU engine adopts views of the buffer), built where it is called: the loader thread builds it, so
-    the engine thread's whole part of a cold load is adding it to the slot table. None when a slot
-    needs more (a device copy, a dtype conversion, δ-mem weights, another base): then the engine
-    thread runs `load_packed_into`, which also says what is wrong."""
+    the engine thread's whole part of a cold load is adding it to the slot table. Its weights are
+    `BufferWeights`, views made when read rather than kept. None when a slot needs more (a device copy,
+    a dtype conversion, δ-mem weights, another base): then the engine thread runs `load_packed_into`,
+    which also says what is wrong."""
     header = packed.header
     if header.delta_mem is not None or header.base_fingerprint != engine.fingerprint:
         return None
     if not _adoptable(engine, packed):
         return None
-    return engine.slots.build(header.spec, packed.tensors, trainable=False, copy=False)
+    pieces = _pieces(header.weights)
+    if pieces is None:
+        return None
+    return engine.slots.adopt(header.spec, BufferWeights(packed.groups, pieces))
+
+
+# a layout's (A, B) pieces by target, by the id of its header's index (adapters of one layout share that
+# dict: see `store.packed`); the index is kept beside them so the id stays its own
+_PIECES: dict[int, tuple[dict[str, Entry], dict[str, tuple[Piece, Piece]] | None]] = {}
+_MAX_PIECES = 256
+
+
+def _pieces(index: dict[str, Entry]) -> dict[str, tuple[Piece, Piece]] | None:
+    """`index`'s matrices paired by target; None unless every key is a target's lora_A or lora_B and
+    every target has both (then `load_packed_into` says what is wrong)."""
+    cached = _PIECES.get(id(index))
+    if cached is not None and cached[0] is index:
+        return cached[1]
+    targets = sorted({key.rpartition(".")[0] for key in index})
+    try:
+        pieces = {t: (Piece(*index[f"{t}.lora_A"]), Piece(*index[f"{t}.lora_B"])) for t in targets}
+    except KeyError:
+        pieces = None
+    if pieces is not None and len(index) != 2 * len(pieces):
+        pieces = None
+    if len(_PIECES) >= _MAX_PIECES:
+        _PIECES.clear()
+    _PIECES[id(index)] = (index, pieces)
+    return pieces
 
 
 def _adoptable(engine: Engine, packed: PackedAdapter) -> bool:
