@@ -105,8 +105,7 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="how often each engine worker runs Python's full garbage collection: when idle, or "
         "between rounds once overdue by another interval. Python's own full collections are off meanwhile "
-        "(with a thousand resident adapters one pass stalls every request 60-150 ms, and a wave of cold "
-        "loads set off one every few hundred). "
+        "(a pass stalls every request, and a wave of cold loads set off one every few hundred adapters). "
         "0 leaves them to Python",
     )
     max_pending_rows: int = Field(

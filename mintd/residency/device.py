@@ -19,11 +19,12 @@ def load_packed_into(
 ) -> int:
     """Packed adapter -> a new engine slot. A frozen slot on the CPU adopts views of the (private: a
     copy-on-write memory map, or read when small) float32 buffer as it is: nothing is copied, and
-    nothing ever writes to it. Otherwise the weights' group is copied once into one private tensor on
-    the engine's device (float32 masters for a trainable slot; the engine's frozen dtype, bfloat16 on a
-    bfloat16 GPU, for a frozen one) and the slot adopts views of it (no per-tensor copies). Optimizer
-    state, used only by a trainable slot (and skipped when `with_optimizer` is False: a fresh
-    optimizer), goes to the engine's optimizer, which copies it itself."""
+    nothing ever writes to it. Otherwise the weights' group is copied once into one private tensor
+    on the engine's device (float32 masters for a trainable slot; the engine's frozen dtype,
+    bfloat16 on a bfloat16 GPU, for a frozen one) and the slot adopts views of it (no per-tensor
+    copies). A frozen slot's views are made when read (`BufferWeights`). Optimizer state, used only
+    by a trainable slot (and skipped when `with_optimizer` is False: a fresh optimizer), goes to the
+    engine's optimizer, which copies it itself."""
     packed = source if isinstance(source, PackedAdapter) else read_packed(source, verify=verify)
     if packed.header.base_fingerprint != engine.fingerprint:
         raise ValueError(
@@ -37,6 +38,9 @@ def load_packed_into(
         groups = {name: _private_copy(packed.groups[name], engine.device, dtype) for name in needed}
     else:
         groups = {name: packed.groups[name] for name in needed}
+    pieces = None if trainable or packed.header.delta_mem else _pieces(packed.header.weights)
+    if pieces is not None:  # a frozen LoRA slot: views made when read (see `BufferWeights`)
+        return engine.slots.add(engine.slots.adopt(packed.header.spec, BufferWeights(groups, pieces)))
     tensors = views(groups, index)
     if trainable and with_optimizer:
         tensors.update(packed.optimizer)

@@ -8,16 +8,17 @@ live tensors stayed the same. `malloc_trim(0)` returns the free pages of every a
 it takes tens of milliseconds, so it runs at most once per `trim_interval_s`. Elsewhere than glibc
 (musl, macOS) there is nothing to call.
 
-Python's full (oldest-generation) collection scans every tracked object, and each resident adapter is
-a few dozen tracked tensors and containers: with a thousand or more resident, one pass holds the GIL
-for 60-150 ms on the project's CPU, so every request stalls. Python starts one whenever the objects that
-survived younger collections have grown by a quarter, which a wave of cold loads does every few hundred
-adapters: `bench/cold_wave.py` measured two such stalls per 1,000 cold loads, and hot p99 latency
-during the wave at 1.5-2.0x that during a resident wave. So while an engine worker runs, automatic
-full collections are off and the worker schedules them: one is due every `full_gc_interval_s`, runs
-once the worker is idle (it waited and no work came: a pause then delays no request), and runs anyway,
-between rounds, once it is overdue by another interval. The younger generations, which find most cyclic
-garbage, still collect automatically; what only a full pass finds waits at most two intervals.
+Python's full (oldest-generation) collection scans every tracked object and holds the GIL while it
+does, so every request stalls. Python starts one whenever the objects that survived younger
+collections have grown by a quarter, which a wave of cold loads does every few hundred adapters; with
+slots that held a tensor per matrix (~60 objects each), the probe behind `bench/cold_wave.py` saw two
+such passes of 60-150 ms per 1,000 cold loads. Resident adapters now keep far fewer objects
+(`engine.adapters.BufferWeights`), and the passes are also moved: while an engine worker runs,
+automatic full collections are off and the worker schedules them. One is due every
+`full_gc_interval_s`, runs once the worker is idle (it waited and no work came: a pause then delays no
+request), and runs anyway, between rounds, once it is overdue by another interval. The younger
+generations, which find most cyclic garbage, still collect automatically; what only a full pass finds
+waits at most two intervals.
 """
 
 from __future__ import annotations

@@ -234,8 +234,8 @@ def test_one_storage_whatever_the_layer_count(layers):
 
 def test_loaded_slot_holds_one_storage(qwen3):
     slot = load_packed_into(qwen3, _packed(qwen3))
-    params = qwen3.slots[slot].params
-    assert len(params) > 4 and storage_count(params) == 1
+    tensors = [t for pair in qwen3.slots[slot].weights.values() for t in pair]
+    assert len(tensors) > 4 and storage_count(tensors) == 1
     qwen3.drop(slot)
 
 
