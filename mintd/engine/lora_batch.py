@@ -148,7 +148,12 @@ class LoraBatch:
         else:
             # A^T as a transposed view, B^T stored contiguous: the layouts CPU bmm runs fastest
             a = torch.stack([a for (a, _), _ in pairs]).transpose(1, 2)
-            b = torch.stack([(b * scale).t() for (_, b), scale in pairs])
+            b = torch.stack([b.t() for (_, b), _ in pairs])
+            scales = [scale for _, scale in pairs]
+            if len(set(scales)) == 1:
+                b = b * scales[0]  # one product per group, not one per adapter (and its backward)
+            else:
+                b = b * torch.tensor(scales, dtype=b.dtype, device=b.device).view(-1, 1, 1)
             weights = (a.to(dtype), b.to(dtype))
         self._weights[(name, gi)] = weights
         return weights
@@ -189,14 +194,24 @@ class LoraBatch:
             for gi, group in groups:
                 y[group.start : group.end] += self._delta(name, gi, x[group.start : group.end])
             return y
-        pieces, pos = [], 0
+        # One split of x (its backward is one cat), not a slice per group: a slice's backward writes its
+        # gradient into a zero-filled copy of all of x, once per group and target.
+        sizes, spans, pos = [], [], 0
         for gi, group in groups:
             if group.start > pos:
-                pieces.append(torch.zeros_like(y[pos : group.start]))
-            pieces.append(self._delta(name, gi, x[group.start : group.end]).to(y.dtype))
+                sizes.append(group.start - pos)
+                spans.append(None)
+            sizes.append(group.end - group.start)
+            spans.append(gi)
             pos = group.end
-        if pos < len(y):
-            pieces.append(torch.zeros_like(y[pos:]))
+        if pos < rows:
+            sizes.append(rows - pos)
+            spans.append(None)
+        parts = x.split(sizes) if len(sizes) > 1 else (x,)
+        pieces = [
+            torch.zeros_like(y[: len(xs)]) if gi is None else self._delta(name, gi, xs).to(y.dtype)
+            for gi, xs in zip(spans, parts, strict=True)
+        ]
         return y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces))
 
     def token_slots(self, num_tokens: int) -> torch.Tensor:
