@@ -51,6 +51,36 @@ def test_trimming_returns_memory_freed_between_live_chunks() -> None:
     assert returned > 0.5 * allocated, f"trim returned {returned:.0f} of {allocated:.0f} MiB freed"
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks")
+        + ("uordblks", "fordblks", "keepcost")
+    ]
+
+
+def test_a_freed_activation_sized_chunk_stays_in_the_heap_until_the_trim() -> None:
+    """A 24 MiB chunk (a base-size MLP activation) comes from the heap, not from a fresh mapping, and
+    freeing it keeps its pages for the next one; the trim gives them back."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = _Mallinfo2
+    now = [0.0]
+    upkeep = HeapUpkeep(trim_interval_s=1.0, full_gc_interval_s=0, clock=lambda: now[0])
+    size = 24 << 20
+    mapped_before = libc.mallinfo2().hblkhd
+    chunk = libc.malloc(size)
+    ctypes.memset(chunk, 1, size)
+    assert libc.mallinfo2().hblkhd - mapped_before < size  # not a mapping of its own
+    libc.free(chunk)
+    assert libc.mallinfo2().fordblks >= size  # kept for reuse
+    before = _rss_mb()
+    now[0] += 1
+    upkeep.between_rounds(idle=True)
+    assert before - _rss_mb() > 0.5 * size / 2**20
+
+
 def test_each_runs_only_when_due_and_a_full_collection_waits_for_idle() -> None:
     """The trim runs once per interval, busy or not; a due full collection waits for an idle round,
     but not beyond a second interval."""
