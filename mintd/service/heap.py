@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import threading
 import time
@@ -40,6 +41,7 @@ from collections.abc import Callable
 _NEVER = 1_000_000_000  # an oldest-generation threshold no count reaches
 
 
+@functools.cache  # find_library runs `ldconfig -p` (~1 ms here): once per process, not per lookup
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
