@@ -149,11 +149,8 @@ class LoraBatch:
             # A^T as a transposed view, B^T stored contiguous: the layouts CPU bmm runs fastest
             a = torch.stack([a for (a, _), _ in pairs]).transpose(1, 2)
             b = torch.stack([b.t() for (_, b), _ in pairs])
-            scales = [scale for _, scale in pairs]
-            if len(set(scales)) == 1:
-                b = b * scales[0]  # one product per group, not one per adapter (and its backward)
-            else:
-                b = b * torch.tensor(scales, dtype=b.dtype, device=b.device).view(-1, 1, 1)
+            scales = torch.tensor([scale for _, scale in pairs], dtype=b.dtype, device=b.device)
+            b = b * scales.view(-1, 1, 1)  # one product per group, not one per adapter (and its backward)
             weights = (a.to(dtype), b.to(dtype))
         self._weights[(name, gi)] = weights
         return weights
