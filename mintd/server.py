@@ -22,6 +22,7 @@ from mintd.service.futures import FutureStore
 from mintd.service.metrics import Metrics
 from mintd.service.runs import ReplicaInfo, RunRecords
 from mintd.service.serving import Serving
+from mintd.service.threads import on_passing_thread
 from mintd.service.tinker import TinkerService
 from mintd.store.blobs import open_blobs
 
@@ -79,7 +80,9 @@ def build_app(
     blobs = open_blobs(blob_settings.blob_url, data_dir, int(blob_settings.blob_cache_budget))
     runs = RunRecords(catalog.db, replica_info(settings))
     runs.import_folder(data_dir / "runs")
-    engines = {name: Engine(path, engine_settings) for name, path in models.items()}
+    engines = on_passing_thread(
+        lambda: {name: Engine(path, engine_settings) for name, path in models.items()}
+    )
     runs.start_heartbeat()
     service = TinkerService(
         engines,
