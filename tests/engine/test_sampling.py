@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
-from mintd.engine.sampling import SampleRequest, SamplingParams
+from mintd.engine.sampling import SampleRequest, SamplingParams, choose, draw
 
 
 def sample_one(engine, prompt, slot=BASE_SLOT, **params):
@@ -132,3 +132,32 @@ def test_greedy_reports_the_models_own_logprobs(engine):
         BASE_SLOT, [5, 6, 7, *greedy.tokens], SamplingParams(max_tokens=1), prompt_logprobs=True
     )
     assert abs(engine.sample([request])[0].prompt_logprobs[-1] - greedy.logprobs[0]) < 1e-4
+
+
+def test_draws_follow_each_rows_distribution_and_never_take_a_token_without_mass():
+    """`choose`'s draw: frequencies match the softmax of each row (top-k's masked tail, of zero mass, is
+    never drawn, even by a uniform that rounds up to the whole mass), and a seed reproduces the draws."""
+
+    class Row:
+        def __init__(self, top_k: int, seed: int) -> None:
+            self.params = SamplingParams(temperature=1.0, top_k=top_k)
+            self.generator = torch.Generator().manual_seed(seed)
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.3, 0.4]]))
+    rows = [Row(-1, 0), Row(3, 1)]
+    draws = torch.stack([choose(logits, rows) for _ in range(20_000)])
+    first = torch.bincount(draws[:, 0], minlength=4) / len(draws)
+    second = torch.bincount(draws[:, 1], minlength=4) / len(draws)
+    assert first[3] == 0 and torch.allclose(first[:3], torch.tensor([0.5, 0.3, 0.2]), atol=0.015)
+    assert second[0] == 0  # the least likely token is outside the top 3
+    assert torch.allclose(second[1:], torch.tensor([2, 3, 4]) / 9, atol=0.015)
+
+    again = [Row(-1, 0), Row(3, 1)]
+    assert torch.equal(torch.stack([choose(logits, again) for _ in range(20_000)]), draws)
+
+
+def test_a_draw_that_rounds_up_to_the_whole_mass_takes_the_last_token_with_mass():
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    assert draw(probs, torch.tensor([1.0, 1.0])).tolist() == [1, 1]
+    assert draw(probs, torch.tensor([0.0, 0.0])).tolist() == [0, 1]
+    assert draw(probs, torch.tensor([0.25, 0.5])).tolist() == [1, 1]
