@@ -48,7 +48,7 @@ from mintd.engine.stream import TokenEvent, TokenStream  # noqa: E402
 from mintd.engine.tiny import make_tiny_model  # noqa: E402
 
 RANKS = (4, 8, 16, 32)
-MAX_ROWS = 64  # ServeSettings.max_sample_rows' default
+MAX_ROWS = 64  # rows a batch, both paths (fixed: ServeSettings.max_sample_rows' default was 64 then)
 
 
 def log(msg: str) -> None:

@@ -51,6 +51,7 @@ from mintd.engine.train import Datum, TrainGroup  # noqa: E402
 from mintd.residency import Residency, RunKey  # noqa: E402
 from mintd.service.futures import FutureStore  # noqa: E402
 from mintd.service.scheduler import CallOp, EngineWorker, SampleOp, SchedulerLimits, TrainOp  # noqa: E402
+from mintd.service.threads import on_passing_thread  # noqa: E402
 from mintd.store.packed import PackedAdapter  # noqa: E402
 
 POLICIES, PROMPTS, SAMPLES = 4, 8, 8
@@ -152,7 +153,7 @@ def _no_saved_adapters(rev: Revision) -> PackedAdapter:
 
 def phase(args: argparse.Namespace) -> dict:
     """One phase in this process: the four policies' loops, concurrently or one after another."""
-    engine = Engine(args.model_dir)
+    engine = on_passing_thread(lambda: Engine(args.model_dir))  # as `mintd serve` builds it
     futures = FutureStore(retention_s=3600)
     residency = Residency(engine, _no_saved_adapters, 2**32, 2**32, "bench")
     worker = EngineWorker(

@@ -124,7 +124,7 @@ class _Round:
 class SchedulerLimits:
     max_train_ops_per_run: int = 4  # per round: fair share between runs
     max_train_tokens: int = 65536  # per merged forward_backward call
-    max_sample_rows: int = 64  # samples decoding together in the step engine
+    max_sample_rows: int = 128  # samples decoding together in the step engine
     seq_gap_timeout_s: float = 300.0
     heap_trim_interval_s: float = 10.0  # how often freed heap memory goes back to the OS (0: never)
     full_gc_interval_s: float = 60.0  # how often Python's full collection runs (0: when Python decides)
