@@ -93,10 +93,10 @@ class ServeSettings(BaseSettings):
         0,
         ge=0,
         description="CPU threads each engine op may use (torch intra-op); 0: torch's default (the cores). "
-        "A serving-only host of few cores may set one fewer than its cores, leaving one to the event loop, "
-        "the adapter loader and clients (2 cores, bench/serve_load.py at 4-12 req/s: inter-token latency "
-        "p50 0.021-0.133 s with 1 thread vs 0.049-0.143 s with 2); training wants them all (a "
-        "forward_backward of 8x256 tokens on the small preset: 3.3 s with 1 thread, 1.7 s with 2)",
+        "Serving wants them all too once the engine thread's OpenMP team is the process's only one "
+        "(2 cores, bench/serve_load.py at 12 req/s: goodput 9.3 req/s with 2 threads, 7.3 with 1), and "
+        "so does training (a forward_backward of 8x256 tokens on the small preset: 3.3 s with 1 thread, "
+        "1.7 s with 2)",
     )
     max_train_tokens: int = Field(65536, ge=1, description="tokens merged into one forward_backward call")
     heap_trim_interval_s: float = Field(
