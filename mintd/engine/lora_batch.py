@@ -81,12 +81,18 @@ def segment_bmm(
     return out.view(-1, out.shape[-1])[scatter]
 
 
-def row_order(slots: list[int], table: AdapterSlots, tokens: list[int] | None = None) -> list[int]:
+def row_order(
+    slots: list[int],
+    table: AdapterSlots,
+    tokens: list[int] | None = None,
+    position: dict[int, int] | None = None,
+) -> list[int]:
     """Permutation of rows that puts rows of the same group (and the same slot) next to each other.
 
     With `tokens` (each row's tokens in a flat step), a group's slots go by their step's token count,
     so segments of equal length (decodes, chunks alike) are adjacent and each length is one run of
-    views for `lora_flat` rather than a gather of tokens and weights at every layer."""
+    views for `lora_flat` rather than a gather of tokens and weights at every layer. Slots of equal
+    count go by `position` where given (their rows in a weight bank), else by slot."""
     per_slot: dict[int, int] = {}
     if tokens is not None:
         for s, n in zip(slots, tokens, strict=True):
@@ -97,7 +103,7 @@ def row_order(slots: list[int], table: AdapterSlots, tokens: list[int] | None = 
         if s == BASE_SLOT or not table[s].weights:
             return (0, 0, ((), ()), 0, s)
         spec = table[s].spec
-        return (1, spec.rank, spec.target_set, per_slot.get(s, 0), s)
+        return (1, spec.rank, spec.target_set, per_slot.get(s, 0), position[s] if position else s)
 
     return sorted(range(len(slots)), key=key)
 

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 
 from mintd.engine.adapters import BASE_SLOT, AdapterSlots
-from mintd.engine.lora_batch import expert_delta, group_key
+from mintd.engine.lora_batch import expert_delta, group_key, row_order
 
 # at most this many A rows (segments x rank) in one block run (see `Run`): prompt chunks of 4 to 8
 # adapters of rank 8 took 0.67-0.72x the time of one product pair per chunk (bf16 model, 2 cores)
@@ -110,17 +110,17 @@ class _Bank:
     """One tensor per target holding every slot's A ([rows, r, in], in the compute dtype) and Bᵀ·scale
     ([rows, r, out], in the outputs' dtype) of one group key; a slot's row is written when it first
     runs (a trainable slot's again at each step, its weights change) and given back once a step runs
-    without it."""
+    without it. (One tensor per target, not one for all: a block run's rows of A are then one
+    [segments · r, in] view, not a copy.)"""
 
     def __init__(self, dtypes: tuple[torch.dtype, torch.dtype]) -> None:
         self.dtypes = dtypes  # A's, B's
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rows: dict[int, int] = {}  # slot -> row
-        self.free: list[int] = []  # rows given back; rows 0 .. len(rows) + len(free) - 1 exist
+        self.free: list[int] = []  # rows given back, highest first; rows 0 .. len(rows) + len(free) - 1 exist
         self.used: set[int] = set()  # slots a step ran since the last sweep
         self.fresh: set[int] = set()  # trainable slots written since the last sweep
-        self.moved = False  # whether this step rewrote the bank (`stack_index`)
-        self.version = 0  # counts those rewrites
+        self.moved = 0  # rows `arrange` copied, in all (a measure of what composition changes cost)
 
     def place(self, slot: int, table: AdapterSlots) -> int:
         adapter = table[slot]
@@ -158,45 +158,67 @@ class _Bank:
     def device(self) -> torch.device:
         return next(iter(self.tensors.values()))[0].device
 
+    def arrange(self, runs: list[list[int]]) -> list[int]:
+        """Puts the placed slots of `runs` in rows 0 .. k-1, run after run (each run's slots in any
+        order), and returns them in row order. Only the rows outside their run's range move: under
+        serving load a few requests join and leave at each step, so a few rows move, where rewriting
+        the bank in a fixed order would copy all of it at every step (every row after a leaver
+        shifts)."""
+        wanted = {s for run in runs for s in run}
+        slot_at = {row: slot for slot, row in self.rows.items()}
+        moves: dict[int, int] = {}  # slot -> its new row
+        start = 0
+        for run in runs:
+            end = start + len(run)
+            staying = {s for s in run if start <= self.rows[s] < end}
+            holes = [r for r in range(start, end) if slot_at.get(r) not in staying]
+            moves.update(zip([s for s in run if s not in staying], holes, strict=True))
+            start = end
+        # a slot this step does not run would give its row back at this step's sweep: one in the way
+        # gives it back now, unmoved
+        for row in moves.values():
+            slot = slot_at.get(row)
+            if slot is not None and slot not in wanted:
+                del self.rows[slot]
+                self.free.append(row)
+        if moves:
+            self._move(moves)
+        return sorted(wanted, key=self.rows.__getitem__)
+
+    def _move(self, moves: dict[int, int]) -> None:
+        """Copies each moving slot's row to its new row (all of them read before any is written); the
+        rows no slot holds after are free."""
+        if self.tensors:  # (none while the group's adapters have only per-expert weights)
+            old = torch.tensor([self.rows[s] for s in moves], device=self.device)
+            new = torch.tensor(list(moves.values()), device=self.device)
+            for a, b in self.tensors.values():
+                a.index_copy_(0, new, a.index_select(0, old))
+                b.index_copy_(0, new, b.index_select(0, old))
+        capacity = len(self.rows) + len(self.free)
+        self.rows.update(moves)
+        self.free = sorted(set(range(capacity)) - set(self.rows.values()), reverse=True)
+        self.moved += len(moves)
+
     def stack_index(self, slots: tuple[int, ...]) -> slice | torch.Tensor:
         """Where the placed `slots`' weights are, in order: a slice (a view of the bank) when their rows
-        are consecutive, as they are when the same adapters run step after step. When they are not, the
-        bank is rewritten once with them first (stacking them at each call instead would copy them at
-        every step, for every target); a second composition of one step that needs that gets an index
-        (two such would otherwise move the bank back and forth at every layer)."""
+        are consecutive, as `arrange` leaves a step's groups; else an index (their weights gathered)."""
         rows = [self.rows[s] for s in slots]
-        if rows != list(range(rows[0], rows[0] + len(rows))):
-            if self.moved:
-                return torch.tensor(rows, device=self.device)
-            self._move_first(rows)
-            rows = list(range(len(rows)))
-        return slice(rows[0], rows[0] + len(rows))
-
-    def _move_first(self, rows: list[int]) -> None:
-        """Rewrites the bank with `rows` first, in order, and the other held rows after (no free rows)."""
-        chosen = set(rows)
-        order = rows + sorted(r for r in self.rows.values() if r not in chosen)
-        index = torch.tensor(order, device=self.device)
-        self.tensors = {
-            n: (a.index_select(0, index), b.index_select(0, index)) for n, (a, b) in self.tensors.items()
-        }
-        new_row = {old: new for new, old in enumerate(order)}
-        self.rows = {slot: new_row[row] for slot, row in self.rows.items()}
-        self.free = []
-        self.moved = True
-        self.version += 1
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return torch.tensor(rows, device=self.device)
 
     def sweep(self) -> None:
         for slot in [s for s in self.rows if s not in self.used]:
             self.free.append(self.rows.pop(slot))
-        self.used, self.fresh, self.moved = set(), set(), False
+        self.free.sort(reverse=True)
+        self.used, self.fresh = set(), set()
 
 
 class WeightCache:
     """Weights ready for the backend: (Aᵀ, Bᵀ·scale) per slot, A in the compute dtype and B in the
-    outputs' (`dtypes`), kept in a bank per group key and dtypes, so a step's composition of adapters
-    is a view of the bank (their rows kept consecutive and in order, see `_Bank.stack_index`), however
-    often the composition changes (under serving load requests join and leave nearly every step).
+    outputs' (`dtypes`), kept in a bank per group key and dtypes. `order` arranges each bank so that a
+    step's group is a view of it (its rows consecutive, in the step's order), however often the
+    composition changes (under serving load requests join and leave nearly every step).
     Frozen adapters (sampling snapshots, loaded revisions) are written into the bank once and kept
     while steps run them; a trainable adapter is written again at each step; an adapter no step ran
     since the previous `sweep` gives its row back (and an empty bank its memory)."""
@@ -204,8 +226,37 @@ class WeightCache:
     def __init__(self, table: AdapterSlots) -> None:
         self.table = table
         self._banks: dict[tuple, _Bank] = {}
-        # this step's compositions: their bank, its version then, where their rows are
-        self._rows: dict[tuple, tuple[_Bank, int, slice | torch.Tensor | int]] = {}
+        self._rows: dict[tuple, tuple[_Bank, slice | torch.Tensor | int]] = {}  # this step's compositions
+
+    def order(
+        self, slots: list[int], tokens: list[int], dtypes: tuple[torch.dtype, torch.dtype]
+    ) -> list[int]:
+        """The permutation of a step's rows: `lora_batch.row_order`'s (groups together, a group's slots
+        by their tokens in the step, so equal lengths are adjacent), with each group's slots of equal
+        tokens in the order of their rows in the group's bank, once `_Bank.arrange` has made the group
+        rows 0 .. k-1 of it."""
+        per_slot: dict[int, int] = {}
+        for s, n in zip(slots, tokens, strict=True):
+            per_slot[s] = per_slot.get(s, 0) + n
+        in_order = list(dict.fromkeys(slots[i] for i in row_order(slots, self.table, tokens)))
+        position: dict[int, int] = {}
+        start = 0
+        while start < len(in_order):
+            key = group_key(in_order[start], self.table)
+            end = start + 1
+            while end < len(in_order) and group_key(in_order[end], self.table) == key:
+                end += 1
+            group = in_order[start:end]
+            start = end
+            if key == ():
+                continue
+            bank = self._bank(group[0], dtypes)
+            for s in group:
+                bank.place(s, self.table)
+            lengths = dict.fromkeys(per_slot[s] for s in group)  # ascending, as row_order put them
+            runs = [[s for s in group if per_slot[s] == n] for n in lengths]
+            position.update((s, i) for i, s in enumerate(bank.arrange(runs)))
+        return row_order(slots, self.table, tokens, position)
 
     def get(
         self, name: str, slots: tuple[int, ...], dtypes: tuple[torch.dtype, torch.dtype]
@@ -218,20 +269,24 @@ class WeightCache:
             return a[rows].transpose(1, 2), b[rows]
         return a.index_select(0, rows).transpose(1, 2), b.index_select(0, rows)
 
+    def _bank(self, slot: int, dtypes: tuple[torch.dtype, torch.dtype]) -> _Bank:
+        key = (group_key(slot, self.table), dtypes)
+        bank = self._banks.get(key)
+        if bank is None:
+            bank = self._banks[key] = _Bank(dtypes)
+        return bank
+
     def _placed(
         self, slots: tuple[int, ...], dtypes: tuple[torch.dtype, torch.dtype]
     ) -> tuple[_Bank, slice | torch.Tensor | int]:
         key = (slots, dtypes)
         placed = self._rows.get(key)
-        if placed is None or placed[1] != placed[0].version:  # new, or its bank's rows moved since
-            bank_key = (group_key(slots[0], self.table), dtypes)
-            bank = self._banks.get(bank_key)
-            if bank is None:
-                bank = self._banks[bank_key] = _Bank(dtypes)
+        if placed is None:
+            bank = self._bank(slots[0], dtypes)
             rows = [bank.place(s, self.table) for s in slots]
             index = rows[0] if len(rows) == 1 else bank.stack_index(slots)
-            self._rows[key] = placed = (bank, bank.version, index)
-        return placed[0], placed[2]
+            self._rows[key] = placed = (bank, index)
+        return placed
 
     def sweep(self) -> None:
         """The step is over: rows of adapters it did not run are given back."""
@@ -352,17 +407,29 @@ class FlatLoraBatch:
         self._segments = {sum(n for _, n in kept): kept, sum(n for _, n in segments): segments}
         self._plans = {n: plan_groups(segs, table, device) for n, segs in self._segments.items()}
         self._slot_tensors: dict[int, torch.Tensor] = {}
+        self._input: tuple[torch.Tensor, int, torch.Tensor] | None = None  # x, its version, converted
 
     def add_linear_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        dtypes = (self.compute_dtype or x.dtype, y.dtype)
-        for group in self._plans[len(x2)]:
-            if name not in group.targets:
-                continue
-            xs = x2[group.start : group.end].to(dtypes[0])
+        groups = [g for g in self._plans[x.shape[:-1].numel()] if name in g.targets]
+        if not groups:
+            return y
+        x2, y2 = self._converted(x), y.view(-1, y.shape[-1])
+        dtypes = (x2.dtype, y.dtype)
+        for group in groups:
             weights = self.weights.get(name, group.slots, dtypes)
-            self.backend.add_delta(xs, y2[group.start : group.end], group, weights)
+            self.backend.add_delta(x2[group.start : group.end], y2[group.start : group.end], group, weights)
         return y
+
+    def _converted(self, x: torch.Tensor) -> torch.Tensor:
+        """x as [tokens, in] in the compute dtype: converted once for the linears that read the same
+        input in turn (q, k and v; gate and up), not once per linear."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.compute_dtype in (None, x.dtype):
+            return x2
+        held = self._input
+        if held is None or held[0] is not x or held[1] != x._version:
+            self._input = held = (x, x._version, x2.to(self.compute_dtype))
+        return held[2]
 
     def token_slots(self, num_tokens: int) -> torch.Tensor:
         if num_tokens not in self._slot_tensors:

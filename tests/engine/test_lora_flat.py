@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
@@ -95,33 +97,89 @@ def test_bank_rows_are_kept_while_steps_run_their_adapter_and_given_back_after(e
     assert not weights._banks, "a step that runs no adapter frees the bank"
 
 
-def test_a_composition_reads_its_weights_as_a_view_of_the_bank_once_its_rows_are_in_order(engine) -> None:
+F32 = (torch.float32, torch.float32)
+
+
+def _ordered(weights: WeightCache, slots: list[int], tokens: list[int]) -> tuple[list[int], list[int]]:
+    order = weights.order(slots, tokens, F32)
+    return [slots[i] for i in order], [tokens[i] for i in order]
+
+
+def _views(engine, weights: WeightCache, slots: list[int], tokens: list[int]) -> bool:
+    """Whether every group of the step reads its weights as a view of its bank."""
+    groups = plan_groups(merge_segments(slots, tokens), engine.slots, torch.device("cpu"))
+    return all(not isinstance(weights._placed(g.slots, F32)[1], torch.Tensor) for g in groups)
+
+
+def test_a_step_order_makes_each_group_a_view_of_its_bank_moving_only_rows_out_of_place(engine) -> None:
     a, b, c, d = (_frozen(engine, 4, seed) for seed in (1, 2, 3, 4))
     name = next(iter(engine.slots[a].weights))
     target = engine.slots.targets[name]
-    x = torch.randn(1, 3, target.in_features)
-    y = torch.randn(1, 3, target.out_features)
+    x = torch.randn(1, 4, target.in_features)
+    y = torch.randn(1, 4, target.out_features)
     weights = WeightCache(engine.slots)
-    weights.get(name, (c, b), (torch.float32, torch.float32))  # rows c 0, b 1
-    weights.sweep()
+
+    def step(slots: list[int], tokens: list[int]) -> list[int]:
+        slots, tokens = _ordered(weights, slots, tokens)
+        assert _views(engine, weights, slots, tokens)
+        n = sum(tokens)
+        flat = [s for s, k in zip(slots, tokens, strict=True) for _ in range(k)]
+        got = _delta(engine, weights, slots, tokens, name, x[:, :n], y[:, :n])
+        torch.testing.assert_close(got, _reference(engine, name, flat, x[:, :n], y[:, :n]))
+        weights.sweep()
+        return slots
+
+    step([c, b, a], [1, 1, 1])
     (bank,) = weights._banks.values()
-    # a joins, in row order before b and c: the bank is rewritten once with (a, b, c) first, in order
-    got = _delta(engine, weights, [a, b, c], [1, 1, 1], name, x, y)
-    torch.testing.assert_close(got, _reference(engine, name, [a, b, c], x, y))
-    assert [bank.rows[s] for s in (a, b, c)] == [0, 1, 2]
-    stacked_a, stacked_b = weights.get(name, (a, b, c), (torch.float32, torch.float32))
-    assert stacked_a._base is bank.tensors[name][0] and stacked_b._base is bank.tensors[name][1]
-    # a second composition of the same bank in the same step, out of order: an index (a copy), and the
-    # first keeps its view
-    weights.get(name, (d, a), (torch.float32, torch.float32))
-    assert weights.get(name, (a, b, c), (torch.float32, torch.float32))[1]._base is bank.tensors[name][1]
-    got = _delta(engine, weights, [d, a], [1, 1], name, x[:, :2], y[:, :2])
-    torch.testing.assert_close(got, _reference(engine, name, [d, a], x[:, :2], y[:, :2]))
-    weights.sweep()
-    # the next step runs (a, b, c) again: no move, the same view
-    version = bank.version
-    weights.get(name, (a, b, c), (torch.float32, torch.float32))
-    assert bank.version == version
+    rows = dict(bank.rows)
+    assert sorted(rows.values()) == [0, 1, 2] and bank.moved == 0
+    # b's request finished and d's joined: d moves into b's row (b, which this step does not run, gives
+    # its row back unmoved); a and c stay where they are
+    step([a, c, d], [1, 1, 1])
+    assert bank.moved == 1 and (bank.rows[a], bank.rows[c], bank.rows[d]) == (rows[a], rows[c], rows[b])
+    # the same composition again: nothing moves
+    step([d, c, a], [1, 1, 1])
+    assert bank.moved == 1
+    # d has two samples now: its run of length 2 comes after the decodes of a and c
+    order = step([a, d, c, d], [1, 1, 1, 1])
+    assert order[-2:] == [d, d] and bank.rows[d] == 2
+
+
+def test_step_orders_keep_every_group_a_view_and_every_delta_exact_as_compositions_churn(engine) -> None:
+    rng = random.Random(0)
+    adapters = [_frozen(engine, 4 if i % 3 else 8, 10 + i) for i in range(10)]
+    name = next(iter(engine.slots[adapters[0]].weights))
+    target = engine.slots.targets[name]
+    weights = WeightCache(engine.slots)
+    for _ in range(30):
+        slots = [rng.choice([BASE_SLOT, *adapters]) for _ in range(rng.randint(1, 12))]
+        tokens = [rng.choice([1, 1, 1, 2, 5]) for _ in slots]
+        slots, tokens = _ordered(weights, slots, tokens)
+        assert _views(engine, weights, slots, tokens)
+        for bank in weights._banks.values():
+            held = list(bank.rows.values())
+            assert len(set(held)) == len(held) and not set(held) & set(bank.free)
+        n = sum(tokens)
+        x, y = torch.randn(1, n, target.in_features), torch.randn(1, n, target.out_features)
+        flat = [s for s, k in zip(slots, tokens, strict=True) for _ in range(k)]
+        got = _delta(engine, weights, slots, tokens, name, x, y)
+        torch.testing.assert_close(got, _reference(engine, name, flat, x, y))
+        weights.sweep()
+
+
+def test_a_composition_out_of_its_banks_order_reads_gathered_weights(engine) -> None:
+    a, b, c = (_frozen(engine, 4, seed) for seed in (1, 2, 3))
+    name = next(iter(engine.slots[a].weights))
+    target = engine.slots.targets[name]
+    x, y = torch.randn(1, 3, target.in_features), torch.randn(1, 3, target.out_features)
+    weights = WeightCache(engine.slots)
+    _ordered(weights, [a, b, c], [1, 1, 1])
+    (bank,) = weights._banks.values()
+    # a second composition in the same step (the LM head's kept tokens), in another order: an index
+    stacked = weights.get(name, (c, a), F32)
+    assert stacked[0]._base is not bank.tensors[name][0]
+    got = _delta(engine, weights, [c, a, b], [1, 1, 1], name, x, y)
+    torch.testing.assert_close(got, _reference(engine, name, [c, a, b], x, y))
 
 
 def test_trainable_adapters_are_written_again_each_step(engine) -> None:

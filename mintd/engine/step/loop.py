@@ -17,7 +17,6 @@ from mintd.config import EngineSettings
 from mintd.engine.adapters import AdapterSlots
 from mintd.engine.delta_mem.hooks import DeltaMemContext
 from mintd.engine.lora import LoraContext
-from mintd.engine.lora_batch import row_order
 from mintd.engine.sampling import (
     SampledSequence,
     SampleRequest,
@@ -142,10 +141,7 @@ class StepEngine:
         self._admit()
         if not self.running:
             return []
-        work = schedule(self.running, self.settings.step_tokens)
-        work = [
-            work[i] for i in row_order([w.seq.slot for w in work], self.table, [w.num_tokens for w in work])
-        ]
+        work = self.runner.order(schedule(self.running, self.settings.step_tokens))
         with torch.no_grad():
             logits = self.runner.run(work)
             due: list[tuple[Sequence, torch.Tensor]] = []

@@ -23,7 +23,7 @@ from mintd.engine.lora import LoraContext
 from mintd.engine.lora_batch import LoraBatch
 from mintd.engine.lora_flat import FlatLoraBatch, TorchBackend, WeightCache, merge_segments
 from mintd.engine.step.attention import NAME, Chunk, StepCache
-from mintd.engine.step.kv_cache import BlockPool, BlockTable, block_rows
+from mintd.engine.step.kv_cache import BlockPool, BlockTable
 from mintd.engine.step.scheduler import Work
 from mintd.engine.step.sequence import Sequence
 
@@ -32,6 +32,7 @@ class Runner(Protocol):
     def start(self, seq: Sequence) -> None: ...
     def fork(self, parent: Sequence, child: Sequence) -> None: ...
     def free(self, seq: Sequence) -> None: ...
+    def order(self, work: list[Work]) -> list[Work]: ...
     def run(self, work: list[Work]) -> list[torch.Tensor]: ...
 
 
@@ -54,6 +55,7 @@ class FlatRunner:
         self.weights = WeightCache(table)
         self.backend = TorchBackend()
         self.lora_dtype = lora_dtype
+        self.dtypes = (lora_dtype or pool.dtype, pool.dtype)  # the banks' A and B, as the linears ask
 
     def start(self, seq: Sequence) -> None:
         seq.kv = BlockTable(self.pool)
@@ -68,8 +70,14 @@ class FlatRunner:
             seq.kv.free()
             seq.kv = None
 
+    def order(self, work: list[Work]) -> list[Work]:
+        """The order `run` needs: a slot's tokens together, its group's slots adjacent, each group a view
+        of its weight bank (`WeightCache.order`)."""
+        order = self.weights.order([w.seq.slot for w in work], [w.num_tokens for w in work], self.dtypes)
+        return [work[i] for i in order]
+
     def run(self, work: list[Work]) -> list[torch.Tensor]:
-        """`work` must be ordered by slot group (`lora_batch.row_order`)."""
+        """`work` must be in `order`'s order."""
         ids: list[int] = []
         positions: list[int] = []
         write: list[int] = []
@@ -102,14 +110,12 @@ class FlatRunner:
                 chunks.append(Chunk(offset, offset + w.num_tokens, table.row_tensor(w.end), mask))
         cache = StepCache(self.pool, self._t(write), None, None, None, chunks)
         if decode_q:
-            rows = block_rows(decode_tables, self.pool.block_size, self.device)
-            longest = max(decode_lengths)
+            width = max(len(t) for t in decode_tables)
             cache.decode_q = self._t(decode_q)
-            cache.decode_rows = rows[:, :longest].contiguous()
+            cache.decode_blocks = self._t([t + [0] * (width - len(t)) for t in decode_tables])
             lengths = self._t(decode_lengths)
-            cache.decode_mask = (torch.arange(longest, device=self.device) < lengths.unsqueeze(1))[
-                :, None, None
-            ]
+            key_at = torch.arange(width * self.pool.block_size, device=self.device)
+            cache.decode_mask = (key_at < lengths.unsqueeze(1))[:, None, None]
         slots = [w.seq.slot for w in work]
         batch = FlatLoraBatch(
             merge_segments(slots, [w.num_tokens for w in work]),
@@ -173,6 +179,9 @@ class SequenceRunner:
 
     def free(self, seq: Sequence) -> None:
         seq.kv = None
+
+    def order(self, work: list[Work]) -> list[Work]:
+        return work  # each sequence runs alone
 
     def run(self, work: list[Work]) -> list[torch.Tensor]:
         out = []

@@ -20,10 +20,10 @@ def test_each_decode_query_attends_over_its_own_sequence(dtype, kv_heads) -> Non
     values = torch.randn(16 * block, kv_heads, dim, dtype=dtype)
     tables, lengths = [[3, 7], [1], [9, 2, 5]], [6, 3, 11]
     rows = block_rows(tables, block, pool.device)
-    longest = max(lengths)
-    mask = torch.arange(longest) < torch.tensor(lengths).unsqueeze(1)
+    width = max(len(t) for t in tables)
+    mask = torch.arange(width * block) < torch.tensor(lengths).unsqueeze(1)
     step = StepCache(pool, torch.empty(0, dtype=torch.long), torch.tensor([0, 1, 2]), None, None, [])
-    step.decode_rows = rows[:, :longest].contiguous()
+    step.decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     step.decode_mask = mask[:, None, None]
     query = torch.randn(1, heads, 3, dim, dtype=dtype)
     out, _ = paged_attention(None, query, None, values[:1], None, 0.25, mintd_step=(step, keys, values))
