@@ -55,7 +55,8 @@ class FlatRunner:
         self.weights = WeightCache(table)
         self.backend = TorchBackend()
         self.lora_dtype = lora_dtype
-        self.dtypes = (lora_dtype or pool.dtype, pool.dtype)  # the banks' A and B, as the linears ask
+        compute = lora_dtype or pool.dtype
+        self.dtypes = (compute, compute)  # the banks' A and B, as the linears ask
 
     def start(self, seq: Sequence) -> None:
         seq.kv = BlockTable(self.pool)
