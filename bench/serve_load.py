@@ -20,7 +20,7 @@ from its /metrics. Prints one JSON line.
 The two servers, as configured here (same model folder, adapters, requests, --dtype and --threads):
   mintd  --adapter-device-budget = --resident adapters' bytes (the rest load from its host cache or
          the blob store on demand); its defaults otherwise: 128 rows decoding together
-         (MINTD_MAX_SAMPLE_ROWS), 512 tokens a step, a 65,536-token KV cache; MINTD_MAX_PENDING_ROWS =
+         (MINTD_MAX_SAMPLE_ROWS), 1,024 tokens a step, a 65,536-token KV cache; MINTD_MAX_PENDING_ROWS =
          --requests, so the open loop gets no 429
   vLLM   --max-loras --resident (adapters in one batch), --max-cpu-loras --adapters (all 1,000 kept
          in its CPU LoRA cache once loaded), --max-lora-rank --rank, a 2 GiB KV cache

@@ -91,8 +91,8 @@ def row_order(
 
     With `tokens` (each row's tokens in a flat step), a group's slots go by their step's token count,
     so segments of equal length (decodes, chunks alike) are adjacent and each length is one run of
-    views for `lora_flat` rather than a gather of tokens and weights at every layer. Slots of equal
-    count go by `position` where given (their rows in a weight bank), else by slot."""
+    views for `lora_flat` rather than a gather of tokens and weights at every layer. Where `position`
+    is given (each slot's row in its group's weight bank), a group's slots go by it instead."""
     per_slot: dict[int, int] = {}
     if tokens is not None:
         for s, n in zip(slots, tokens, strict=True):
@@ -103,7 +103,7 @@ def row_order(
         if s == BASE_SLOT or not table[s].weights:
             return (0, 0, ((), ()), 0, s)
         spec = table[s].spec
-        return (1, spec.rank, spec.target_set, per_slot.get(s, 0), position[s] if position else s)
+        return (1, spec.rank, spec.target_set, *((position[s],) if position else (per_slot.get(s, 0), s)))
 
     return sorted(range(len(slots)), key=key)
 

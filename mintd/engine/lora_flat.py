@@ -58,7 +58,7 @@ class SegmentGroup:
     targets: frozenset[str]
     # the runs of equal lengths (decodes of one token each) and blocks of prompt chunks of their own
     # lengths: padding them all to the longest would multiply a step's LoRA work by its chunk size. The
-    # step orders a group's slots by length (`lora_batch.row_order`), so each length is one run.
+    # step puts a group's one-token segments (decodes) first (`WeightCache.order`), so they are one run.
     runs: tuple[Run, ...]
 
 
@@ -239,10 +239,12 @@ class WeightCache:
     def order(
         self, slots: list[int], tokens: list[int], dtypes: tuple[torch.dtype, torch.dtype]
     ) -> list[int]:
-        """The permutation of a step's rows: `lora_batch.row_order`'s (groups together, a group's slots
-        by their tokens in the step, so equal lengths are adjacent), with each group's slots of equal
-        tokens in the order of their rows in the group's bank, once `_Bank.arrange` has made the group
-        rows 0 .. k-1 of it."""
+        """The permutation of a step's rows: `lora_batch.row_order`'s groups, each group's slots in the
+        order of their rows in the group's bank once `_Bank.arrange` has made them rows 0 .. k-1 of it:
+        first the slots with one token in the step (one decode each: a single run of views for
+        `TorchBackend`), then the others in any order (their segments, of mixed lengths, mostly go
+        into block runs). Two ranges, not one per length: a slot that moves between lengths (a sample of
+        several finishes, a prompt chunk joins its decodes) moves rows only across that one border."""
         per_slot: dict[int, int] = {}
         for s, n in zip(slots, tokens, strict=True):
             per_slot[s] = per_slot.get(s, 0) + n
@@ -261,8 +263,8 @@ class WeightCache:
             bank = self._bank(group[0], dtypes)
             for s in group:
                 bank.place(s, self.table)
-            lengths = dict.fromkeys(per_slot[s] for s in group)  # ascending, as row_order put them
-            runs = [[s for s in group if per_slot[s] == n] for n in lengths]
+            ones = [s for s in group if per_slot[s] == 1]
+            runs = [run for run in (ones, [s for s in group if per_slot[s] != 1]) if run]
             position.update((s, i) for i, s in enumerate(bank.arrange(runs)))
         return row_order(slots, self.table, tokens, position)
 
