@@ -225,3 +225,23 @@ def test_a_step_orders_each_group_by_its_slots_tokens_so_equal_lengths_are_adjac
     assert [slots[i] for i in order] == [BASE_SLOT, b, c, c, a, a]
     segments = merge_segments([slots[i] for i in order], [tokens[i] for i in order])
     assert segments == [(BASE_SLOT, 1), (b, 1), (c, 4), (a, 8)]
+
+
+def test_a_bf16_model_with_float32_lora_weights_gets_each_tokens_own_delta(engine) -> None:
+    """The CPU serving case: bf16 activations, banks in float32; decodes multiply in float32, block
+    runs (prompt chunks) in bf16."""
+    a, b, c, d = (_frozen(engine, 4, seed) for seed in (1, 2, 3, 4))
+    name = next(iter(engine.slots[a].weights))
+    target = engine.slots.targets[name]
+    weights = WeightCache(engine.slots)
+    slots, tokens = _ordered(weights, [a, b, c, d, b], [1, 1, 6, 3, 1])
+    segments = merge_segments(slots, tokens)
+    flat = [s for s, k in zip(slots, tokens, strict=True) for _ in range(k)]
+    x = torch.randn(1, len(flat), target.in_features).to(torch.bfloat16)
+    y = torch.randn(1, len(flat), target.out_features).to(torch.bfloat16)
+    batch = FlatLoraBatch(segments, segments, engine.slots, weights, TorchBackend(), torch.float32, x.device)
+    got = batch.add_linear_delta(name, x, y.clone()).float()
+    want = _reference(engine, name, flat, x.float(), y.float())
+    scale = want.abs().amax().item()  # the outputs' bf16 rounding grows with it
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2 * scale)
+    assert (want - y.float()).abs().amax() > 0.1 * scale  # deltas that a wrong adapter would miss
