@@ -18,6 +18,7 @@ The math sits behind `LoraBackend`; `TorchBackend` is plain torch (CPU and CUDA)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Protocol
 
 import torch
@@ -121,8 +122,8 @@ class _Bank:
     without it. (One tensor per target, not one for all: a block run's rows of A are then one
     [segments · r, in] view, not a copy.)"""
 
-    def __init__(self, dtypes: tuple[torch.dtype, torch.dtype]) -> None:
-        self.dtypes = dtypes  # A's, B's
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rows: dict[int, int] = {}  # slot -> row
         self.free: list[int] = []  # rows given back, highest first; rows 0 .. len(rows) + len(free) - 1 exist
@@ -152,8 +153,8 @@ class _Bank:
                 if bank is None or len(bank[0]) <= row:
                     rows = max(row + 1, 2 * len(bank[0]) if bank else 4)
                     grown = (
-                        a.new_empty((rows, *a.shape), dtype=self.dtypes[0]),
-                        b.new_empty((rows, *b.t().shape), dtype=self.dtypes[1]),
+                        a.new_empty((rows, *a.shape), dtype=self.dtype),
+                        b.new_empty((rows, *b.t().shape), dtype=self.dtype),
                     )
                     if bank is not None:
                         grown[0][: len(bank[0])] = bank[0]
@@ -223,10 +224,10 @@ class _Bank:
 
 
 class WeightCache:
-    """Weights ready for the backend: (Aᵀ, Bᵀ·scale) per slot, A in the compute dtype and B in the
-    outputs' (`dtypes`), kept in a bank per group key and dtypes. `order` arranges each bank so that a
-    step's group is a view of it (its rows consecutive, in the step's order), however often the
-    composition changes (under serving load requests join and leave nearly every step).
+    """Weights ready for the backend: (Aᵀ, Bᵀ·scale) per slot in the compute dtype, kept in a bank per
+    group key and dtype. `order` arranges each bank so that a step's group is a view of it (its rows
+    consecutive, in the step's order), however often the composition changes (under serving load
+    requests join and leave nearly every step).
     Frozen adapters (sampling snapshots, loaded revisions) are written into the bank once and kept
     while steps run them; a trainable adapter is written again at each step; an adapter no step ran
     since the previous `sweep` gives its row back (and an empty bank its memory)."""
@@ -236,9 +237,7 @@ class WeightCache:
         self._banks: dict[tuple, _Bank] = {}
         self._rows: dict[tuple, tuple[_Bank, slice | torch.Tensor | int]] = {}  # this step's compositions
 
-    def order(
-        self, slots: list[int], tokens: list[int], dtypes: tuple[torch.dtype, torch.dtype]
-    ) -> list[int]:
+    def order(self, slots: list[int], tokens: list[int], dtype: torch.dtype) -> list[int]:
         """The permutation of a step's rows: `lora_batch.row_order`'s groups, each group's slots in the
         order of their rows in the group's bank once `_Bank.arrange` has made them rows 0 .. k-1 of it:
         first the slots with one token in the step (one decode each: a single run of views for
@@ -248,19 +247,13 @@ class WeightCache:
         per_slot: dict[int, int] = {}
         for s, n in zip(slots, tokens, strict=True):
             per_slot[s] = per_slot.get(s, 0) + n
-        in_order = list(dict.fromkeys(slots[i] for i in row_order(slots, self.table, tokens)))
+        in_order = dict.fromkeys(slots[i] for i in row_order(slots, self.table, tokens))
         position: dict[int, int] = {}
-        start = 0
-        while start < len(in_order):
-            key = group_key(in_order[start], self.table)
-            end = start + 1
-            while end < len(in_order) and group_key(in_order[end], self.table) == key:
-                end += 1
-            group = in_order[start:end]
-            start = end
+        for key, members in groupby(in_order, lambda s: group_key(s, self.table)):
             if key == ():
                 continue
-            bank = self._bank(group[0], dtypes)
+            group = list(members)
+            bank = self._bank(group[0], dtype)
             for s in group:
                 bank.place(s, self.table)
             ones = [s for s in group if per_slot[s] == 1]
@@ -268,10 +261,8 @@ class WeightCache:
             position.update((s, i) for i, s in enumerate(bank.arrange(runs)))
         return row_order(slots, self.table, tokens, position)
 
-    def get(
-        self, name: str, slots: tuple[int, ...], dtypes: tuple[torch.dtype, torch.dtype]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        bank, rows = self._placed(slots, dtypes)
+    def get(self, name: str, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        bank, rows = self._placed(slots, dtype)
         a, b = bank.tensors[name]
         if isinstance(rows, int):
             return a[rows].t(), b[rows]
@@ -279,20 +270,18 @@ class WeightCache:
             return a[rows].transpose(1, 2), b[rows]
         return a.index_select(0, rows).transpose(1, 2), b.index_select(0, rows)
 
-    def _bank(self, slot: int, dtypes: tuple[torch.dtype, torch.dtype]) -> _Bank:
-        key = (group_key(slot, self.table), dtypes)
+    def _bank(self, slot: int, dtype: torch.dtype) -> _Bank:
+        key = (group_key(slot, self.table), dtype)
         bank = self._banks.get(key)
         if bank is None:
-            bank = self._banks[key] = _Bank(dtypes)
+            bank = self._banks[key] = _Bank(dtype)
         return bank
 
-    def _placed(
-        self, slots: tuple[int, ...], dtypes: tuple[torch.dtype, torch.dtype]
-    ) -> tuple[_Bank, slice | torch.Tensor | int]:
-        key = (slots, dtypes)
+    def _placed(self, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[_Bank, slice | torch.Tensor | int]:
+        key = (slots, dtype)
         placed = self._rows.get(key)
         if placed is None:
-            bank = self._bank(slots[0], dtypes)
+            bank = self._bank(slots[0], dtype)
             rows = [bank.place(s, self.table) for s in slots]
             index = rows[0] if len(rows) == 1 else bank.stack_index(slots)
             self._rows[key] = placed = (bank, index)
@@ -425,7 +414,7 @@ class FlatLoraBatch:
             return y
         x2, y2, xc = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]), self._converted(x)
         for group in groups:
-            weights = self.weights.get(name, group.slots, (xc.dtype, xc.dtype))
+            weights = self.weights.get(name, group.slots, xc.dtype)
             span = slice(group.start, group.end)
             self.backend.add_delta(x2[span], y2[span], group, weights, xc[span])
         return y

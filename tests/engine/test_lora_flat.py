@@ -82,22 +82,22 @@ def test_bank_rows_are_kept_while_steps_run_their_adapter_and_given_back_after(e
     a, b, c = _frozen(engine, 4, 1), _frozen(engine, 4, 2), _frozen(engine, 4, 3)
     name = next(iter(engine.slots[a].weights))
     weights = WeightCache(engine.slots)
-    weights.get(name, (a, b), (torch.float32, torch.float32))
+    weights.get(name, (a, b), torch.float32)
     weights.sweep()
     (bank,) = weights._banks.values()
     rows = dict(bank.rows)
-    weights.get(name, (a,), (torch.float32, torch.float32))  # b's request finished
+    weights.get(name, (a,), torch.float32)  # b's request finished
     assert bank.rows == rows, "a kept its row (not written again); b keeps its own until the sweep"
     weights.sweep()
     assert bank.rows == {a: rows[a]}
-    weights.get(name, (a, c), (torch.float32, torch.float32))
+    weights.get(name, (a, c), torch.float32)
     assert bank.rows == {a: rows[a], c: rows[b]}, "c took the row b gave back"
     weights.sweep()
     weights.sweep()
     assert not weights._banks, "a step that runs no adapter frees the bank"
 
 
-F32 = (torch.float32, torch.float32)
+F32 = torch.float32
 
 
 def _ordered(weights: WeightCache, slots: list[int], tokens: list[int]) -> tuple[list[int], list[int]]:

@@ -54,9 +54,7 @@ class FlatRunner:
         self.device = pool.device
         self.weights = WeightCache(table)
         self.backend = TorchBackend()
-        self.lora_dtype = lora_dtype
-        compute = lora_dtype or pool.dtype
-        self.dtypes = (compute, compute)  # the banks' A and B, as the linears ask
+        self.lora_dtype = lora_dtype or pool.dtype  # the LoRA products' (and the weight banks') dtype
 
     def start(self, seq: Sequence) -> None:
         seq.kv = BlockTable(self.pool)
@@ -74,7 +72,7 @@ class FlatRunner:
     def order(self, work: list[Work]) -> list[Work]:
         """The order `run` needs: a slot's tokens together, its group's slots adjacent, each group a view
         of its weight bank (`WeightCache.order`)."""
-        order = self.weights.order([w.seq.slot for w in work], [w.num_tokens for w in work], self.dtypes)
+        order = self.weights.order([w.seq.slot for w in work], [w.num_tokens for w in work], self.lora_dtype)
         return [work[i] for i in order]
 
     def run(self, work: list[Work]) -> list[torch.Tensor]:
