@@ -22,7 +22,7 @@ from mintd.engine.delta_mem.hooks import DeltaMemContext
 from mintd.engine.lora import LoraContext
 from mintd.engine.lora_batch import LoraBatch
 from mintd.engine.lora_flat import FlatLoraBatch, TorchBackend, WeightCache, merge_segments
-from mintd.engine.step.attention import NAME, Chunk, StepCache
+from mintd.engine.step.attention import NAME, Chunk, StepCache, decode_batches
 from mintd.engine.step.kv_cache import BlockPool, BlockTable
 from mintd.engine.step.scheduler import Work
 from mintd.engine.step.sequence import Sequence
@@ -107,14 +107,8 @@ class FlatRunner:
                 q_pos = torch.arange(w.start, w.end, device=self.device)
                 mask = torch.arange(w.end, device=self.device).unsqueeze(0) <= q_pos.unsqueeze(1)
                 chunks.append(Chunk(offset, offset + w.num_tokens, table.row_tensor(w.end), mask))
-        cache = StepCache(self.pool, self._t(write), None, None, None, chunks)
-        if decode_q:
-            width = max(len(t) for t in decode_tables)
-            cache.decode_q = self._t(decode_q)
-            cache.decode_blocks = self._t([t + [0] * (width - len(t)) for t in decode_tables])
-            lengths = self._t(decode_lengths)
-            key_at = torch.arange(width * self.pool.block_size, device=self.device)
-            cache.decode_mask = (key_at < lengths.unsqueeze(1))[:, None, None]
+        decodes = decode_batches(decode_q, decode_tables, decode_lengths, self.pool.block_size, self.device)
+        cache = StepCache(self.pool, self._t(write), decodes, chunks)
         slots = [w.seq.slot for w in work]
         batch = FlatLoraBatch(
             merge_segments(slots, [w.num_tokens for w in work]),
