@@ -29,6 +29,10 @@ from mintd.engine.lora_batch import expert_delta, group_key, row_order
 # at most this many A rows (segments x rank) in one block run (see `Run`): prompt chunks of 4 to 8
 # adapters of rank 8 took 0.67-0.72x the time of one product pair per chunk (bf16 model, 2 cores)
 BLOCK_COLUMNS = 64
+# a block run of at most this many tokens (the decodes of a few popular adapters) multiplies in the
+# weights' dtype, as decodes do: bf16 model, float32 weights, 8 to 32 tokens over 3-4 adapters: 14-43 us
+# against 39-49 us in bf16 (whose small GEMMs cost more to set up); 100 tokens: 69-171 against 59-80 us
+FEW_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,9 @@ class TorchBackend:
 
     With a bfloat16 model on CPU and float32 weights (2 cores with AVX512-BF16): segments of a few
     tokens (decodes) multiply in float32 and add their delta into y, 2-3x faster than a bfloat16
-    `baddbmm_` into y (bfloat16 `bmm` is the slow one); a block run's many tokens multiply in y's
-    dtype, 2-3x faster than in float32 (oneDNN's bfloat16 GEMM)."""
+    `baddbmm_` into y (bfloat16 `bmm` is the slow one), and so do block runs of up to `FEW_TOKENS`;
+    a block run of more tokens multiplies in y's dtype, 2-3x faster than in float32 (oneDNN's
+    bfloat16 GEMM)."""
 
     def add_delta(
         self,
@@ -105,10 +110,13 @@ class TorchBackend:
             ys = y[run.start : run.end]
             a, b = a_t[run.first : run.last], b_t[run.first : run.last]
             if run.mask is not None:
-                xs = x[run.start : run.end]
+                xs = (x if run.end - run.start > FEW_TOKENS else x_compute)[run.start : run.end]
                 rows = a.transpose(1, 2).reshape(-1, xs.shape[-1]).t().to(xs.dtype)
                 shrunk = (xs @ rows).mul_(run.mask)
-                ys.addmm_(shrunk.to(y.dtype), b.reshape(-1, b.shape[-1]).to(y.dtype))
+                if xs.dtype == y.dtype:
+                    ys.addmm_(shrunk, b.reshape(-1, b.shape[-1]).to(y.dtype))
+                else:
+                    ys.add_(shrunk @ b.reshape(-1, b.shape[-1]))
                 continue
             k = run.last - run.first
             xs = x_compute[run.start : run.end].view(k, run.length, -1)

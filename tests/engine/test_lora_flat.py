@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
 from mintd.engine.lora_batch import row_order
 from mintd.engine.lora_flat import (
+    FEW_TOKENS,
     FlatLoraBatch,
     TorchBackend,
     WeightCache,
@@ -227,14 +229,16 @@ def test_a_step_orders_each_group_by_its_slots_tokens_so_equal_lengths_are_adjac
     assert segments == [(BASE_SLOT, 1), (b, 1), (c, 4), (a, 8)]
 
 
-def test_a_bf16_model_with_float32_lora_weights_gets_each_tokens_own_delta(engine) -> None:
-    """The CPU serving case: bf16 activations, banks in float32; decodes multiply in float32, block
-    runs (prompt chunks) in bf16."""
+@pytest.mark.parametrize("chunks", [(6, 3), (40, 30)])  # a block run of FEW_TOKENS or fewer; of more
+def test_a_bf16_model_with_float32_lora_weights_gets_each_tokens_own_delta(engine, chunks) -> None:
+    """The CPU serving case: bf16 activations, banks in float32; decodes and small block runs multiply
+    in float32, block runs of many tokens (prompt chunks) in bf16."""
+    assert (sum(chunks) + 2 > FEW_TOKENS) == (chunks == (40, 30))
     a, b, c, d = (_frozen(engine, 4, seed) for seed in (1, 2, 3, 4))
     name = next(iter(engine.slots[a].weights))
     target = engine.slots.targets[name]
     weights = WeightCache(engine.slots)
-    slots, tokens = _ordered(weights, [a, b, c, d, b], [1, 1, 6, 3, 1])
+    slots, tokens = _ordered(weights, [a, b, c, d, b], [1, 1, *chunks, 1])
     segments = merge_segments(slots, tokens)
     flat = [s for s, k in zip(slots, tokens, strict=True) for _ in range(k)]
     x = torch.randn(1, len(flat), target.in_features).to(torch.bfloat16)
