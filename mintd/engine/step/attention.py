@@ -9,11 +9,13 @@ own sequence's blocks. No sequence ever sees another's keys, and no cache is reb
 
 Decode sequences are answered in batches of similar lengths (`decode_batches`): one SDPA call pads its
 sequences' keys to the longest, and CPU decode attention is bound by the keys it reads, so one call over
-sequences of 1 to 12 blocks read about twice the keys they hold.
+sequences of 1 to 12 blocks read about twice the keys they hold. On CPU, where mintd's kernel builds
+(`kernels.paged_decode`), all decodes are one call that reads each sequence's blocks where they lie.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
@@ -62,6 +64,7 @@ class DecodeBatch:
 
     q: torch.Tensor
     blocks: torch.Tensor
+    lengths: torch.Tensor  # [S] positions each sequence holds
     mask: torch.Tensor
 
 
@@ -73,6 +76,7 @@ class StepCache:
     write: torch.Tensor  # [T] pool row of each token of the step
     decodes: list[DecodeBatch]
     chunks: list[Chunk]
+    kernel: Callable[..., torch.Tensor] | None = None  # kernels.paged_decode: no gather, no SDPA
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict[str, Any]
@@ -99,7 +103,12 @@ def paged_attention(
     out = q.new_empty((q.shape[1], q.shape[0], value.shape[-1]))  # [T, heads, dim_v]
     gqa = q.shape[0] != keys.shape[1]
     for d in step.decodes:
-        out[d.q] = _decode(q[:, d.q].transpose(0, 1), keys, values, d, step.pool.block_size, scaling)
+        qd = q[:, d.q].transpose(0, 1)  # [S, heads, dim]
+        if step.kernel is not None:
+            scale = scaling if scaling is not None else qd.shape[-1] ** -0.5
+            out[d.q] = step.kernel(qd, keys, values, d.blocks, d.lengths, step.pool.block_size, scale)
+        else:
+            out[d.q] = _decode(qd, keys, values, d, step.pool.block_size, scaling)
     for c in step.chunks:
         qc = q[:, c.start : c.end].unsqueeze(0)
         kc = keys.index_select(0, c.rows).transpose(0, 1).unsqueeze(0)
@@ -110,11 +119,21 @@ def paged_attention(
 
 
 def decode_batches(
-    queries: list[int], tables: list[list[int]], lengths: list[int], block_size: int, device: torch.device
+    queries: list[int],
+    tables: list[list[int]],
+    lengths: list[int],
+    block_size: int,
+    device: torch.device,
+    split: bool = True,
 ) -> list[DecodeBatch]:
     """The decode sequences (flat query position, cache blocks, length) in batches of similar widths:
     sorted by width and cut where the keys padding would read cost more than another call
-    (`BATCH_COST`; an exact split of the sorted widths, by dynamic programming over distinct widths)."""
+    (`BATCH_COST`; an exact split of the sorted widths, by dynamic programming over distinct widths).
+    Without `split`, one batch (for the kernel, which reads no padding)."""
+    if not tables:
+        return []
+    if not split:
+        return [_batch(queries, tables, lengths, list(range(len(tables))), block_size, device)]
     order = sorted(range(len(tables)), key=lambda i: len(tables[i]))
     widths = sorted({len(t) for t in tables})
     counts = [sum(1 for t in tables if len(t) == w) for w in widths]
@@ -129,21 +148,30 @@ def decode_batches(
     while j:
         bounds.append((seen[cut[j]], seen[j]))
         j = cut[j]
-    batches = []
-    for first, last in reversed(bounds):
-        members = order[first:last]
-        width = len(tables[members[-1]])
-        blocks = [tables[i] + [0] * (width - len(tables[i])) for i in members]
-        key_at = torch.arange(width * block_size, device=device)
-        length = torch.tensor([lengths[i] for i in members], device=device)
-        batches.append(
-            DecodeBatch(
-                torch.tensor([queries[i] for i in members], device=device),
-                torch.tensor(blocks, device=device),
-                (key_at < length.unsqueeze(1))[:, None, None],
-            )
-        )
-    return batches
+    return [
+        _batch(queries, tables, lengths, order[first:last], block_size, device)
+        for first, last in reversed(bounds)
+    ]
+
+
+def _batch(
+    queries: list[int],
+    tables: list[list[int]],
+    lengths: list[int],
+    members: list[int],
+    block_size: int,
+    device: torch.device,
+) -> DecodeBatch:
+    width = max(len(tables[i]) for i in members)
+    blocks = [tables[i] + [0] * (width - len(tables[i])) for i in members]
+    length = torch.tensor([lengths[i] for i in members], device=device)
+    key_at = torch.arange(width * block_size, device=device)
+    return DecodeBatch(
+        torch.tensor([queries[i] for i in members], device=device),
+        torch.tensor(blocks, device=device),
+        length,
+        (key_at < length.unsqueeze(1))[:, None, None],
+    )
 
 
 def _decode(

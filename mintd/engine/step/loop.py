@@ -25,6 +25,7 @@ from mintd.engine.sampling import (
     finish_reason,
     tempered_logprobs,
 )
+from mintd.engine.step import kernels
 from mintd.engine.step.attention import supports_flat
 from mintd.engine.step.kv_cache import BlockPool
 from mintd.engine.step.runner import FlatRunner, Runner, SequenceRunner
@@ -56,8 +57,16 @@ class StepEngine:
         self.flat = supports_flat(model)
         # bf16/fp16 LoRA products on CPU are slow in small matmuls: compute them in float32 there
         lora_dtype = torch.float32 if param.device.type == "cpu" and param.dtype != torch.float32 else None
+        kernel = (
+            kernels.paged_decode()
+            if self.flat
+            and settings.cpu_attention_kernel
+            and param.device.type == "cpu"
+            and param.dtype in (torch.float32, torch.bfloat16)
+            else None
+        )
         self.runner: Runner = (
-            FlatRunner(model, ctx, table, self.pool, lora_dtype, delta_ctx)
+            FlatRunner(model, ctx, table, self.pool, lora_dtype, delta_ctx, kernel)
             if self.flat
             else SequenceRunner(model, ctx, table)
         )

@@ -10,6 +10,7 @@ kind the library defines, and slower.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Protocol
 
@@ -45,8 +46,10 @@ class FlatRunner:
         pool: BlockPool,
         lora_dtype: torch.dtype | None,
         delta_ctx: DeltaMemContext,
+        decode_kernel: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.model = model
+        self.decode_kernel = decode_kernel  # kernels.paged_decode, or None: SDPA over gathered blocks
         self.ctx = ctx
         self.delta_ctx = delta_ctx
         self.table = table
@@ -107,8 +110,15 @@ class FlatRunner:
                 q_pos = torch.arange(w.start, w.end, device=self.device)
                 mask = torch.arange(w.end, device=self.device).unsqueeze(0) <= q_pos.unsqueeze(1)
                 chunks.append(Chunk(offset, offset + w.num_tokens, table.row_tensor(w.end), mask))
-        decodes = decode_batches(decode_q, decode_tables, decode_lengths, self.pool.block_size, self.device)
-        cache = StepCache(self.pool, self._t(write), decodes, chunks)
+        decodes = decode_batches(
+            decode_q,
+            decode_tables,
+            decode_lengths,
+            self.pool.block_size,
+            self.device,
+            split=self.decode_kernel is None,  # the kernel reads no padding
+        )
+        cache = StepCache(self.pool, self._t(write), decodes, chunks, self.decode_kernel)
         slots = [w.seq.slot for w in work]
         batch = FlatLoraBatch(
             merge_segments(slots, [w.num_tokens for w in work]),

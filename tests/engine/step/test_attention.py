@@ -1,22 +1,24 @@
 """Decode attention over the paged pool: each query sees exactly its own sequence's keys, in float32 and
 in bfloat16 (where the query groups of a KV head run as that head's queries), in one batch or in
-batches by width."""
+batches by width, and through the C++ kernel."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mintd.engine.step import attention
+from mintd.engine.step import attention, kernels
 from mintd.engine.step.attention import BATCH_COST, StepCache, decode_batches, paged_attention
 from mintd.engine.step.kv_cache import BlockPool, block_rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads", [2, 4])
-@pytest.mark.parametrize("batch_cost", [0, 1000])  # a batch per width; one for all
-def test_each_decode_query_attends_over_its_own_sequence(dtype, kv_heads, batch_cost, monkeypatch) -> None:
-    monkeypatch.setattr(attention, "BATCH_COST", batch_cost)
+@pytest.mark.parametrize("path", ["batch per width", "one batch", "kernel"])
+def test_each_decode_query_attends_over_its_own_sequence(dtype, kv_heads, path, monkeypatch) -> None:
+    monkeypatch.setattr(attention, "BATCH_COST", 0 if path == "batch per width" else 1000)
+    kernel = kernels.paged_decode() if path == "kernel" else None
+    assert path != "kernel" or kernel is not None, "the C++ kernel must build on the test machine"
     torch.manual_seed(0)
     heads, dim, block = 4, 16, 4
     pool = BlockPool(16, block, torch.device("cpu"), dtype)
@@ -24,9 +26,9 @@ def test_each_decode_query_attends_over_its_own_sequence(dtype, kv_heads, batch_
     values = torch.randn(16 * block, kv_heads, dim, dtype=dtype)
     tables, lengths = [[3, 7], [1], [9, 2, 5]], [6, 3, 11]
     rows = block_rows(tables, block, pool.device)
-    decodes = decode_batches([0, 1, 2], tables, lengths, block, pool.device)
-    assert len(decodes) == (3 if batch_cost == 0 else 1)
-    step = StepCache(pool, torch.empty(0, dtype=torch.long), decodes, [])
+    decodes = decode_batches([0, 1, 2], tables, lengths, block, pool.device, split=kernel is None)
+    assert len(decodes) == (3 if path == "batch per width" else 1)
+    step = StepCache(pool, torch.empty(0, dtype=torch.long), decodes, [], kernel)
     query = torch.randn(1, heads, 3, dim, dtype=dtype)
     out, _ = paged_attention(None, query, None, values[:1], None, 0.25, mintd_step=(step, keys, values))
     for s, length in enumerate(lengths):
