@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from mintd.engine.adapters import BASE_SLOT, LoraSpec
+from mintd.engine.kernels import cpu_kernels
 from mintd.engine.lora_batch import row_order
 from mintd.engine.lora_flat import (
     FEW_TOKENS,
     FlatLoraBatch,
+    RowKernelBackend,
     TorchBackend,
     WeightCache,
     _runs,
@@ -38,13 +40,26 @@ def _reference(engine, name: str, token_slots: list[int], x: torch.Tensor, y: to
     return want
 
 
-def _delta(engine, weights: WeightCache, token_slots: list[int], lengths: list[int], name: str, x, y):
+def _backend(kind: str) -> TorchBackend:
+    if kind == "torch":
+        return TorchBackend()
+    kernels = cpu_kernels()
+    assert kernels is not None, "the C++ kernels must build on the test machine"
+    return RowKernelBackend(kernels.lora_rows)
+
+
+# the torch path, and mintd's CPU kernel for the runs of a few tokens per adapter
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "kernel"])
+
+
+def _delta(engine, weights, token_slots, lengths, name: str, x, y, backend: str = "torch"):
     segments = merge_segments(token_slots, lengths)
-    batch = FlatLoraBatch(segments, segments, engine.slots, weights, TorchBackend(), None, x.device)
+    batch = FlatLoraBatch(segments, segments, engine.slots, weights, _backend(backend), None, x.device)
     return batch.add_linear_delta(name, x, y.clone())
 
 
-def test_segments_of_unequal_lengths_match_a_per_token_reference(engine) -> None:
+@BACKENDS
+def test_segments_of_unequal_lengths_match_a_per_token_reference(engine, backend) -> None:
     a, b, c, d = _frozen(engine, 4, 1), _frozen(engine, 4, 2), _frozen(engine, 8, 3), _frozen(engine, 4, 4)
     e, f = _frozen(engine, 4, 5), _frozen(engine, 4, 6)
     # base, then a rank-4 group of five adapters with segments of lengths 3, 1, 1, 3, 2, then a rank-8
@@ -65,18 +80,19 @@ def test_segments_of_unequal_lengths_match_a_per_token_reference(engine) -> None
         (3, 5, 5, 10, False),
     ]
     assert runs[2].mask.tolist() == [[True] * 4 + [False] * 4] * 3 + [[False] * 4 + [True] * 4] * 2
+    assert groups[0].segment.tolist() == [0, 0, 0, 1, 2, 3, 3, 3, 4, 4]
     name = next(iter(engine.slots[a].weights))
     target = engine.slots.targets[name]
     x = torch.randn(1, len(token_slots), target.in_features)
     y = torch.randn(1, len(token_slots), target.out_features)
     weights = WeightCache(engine.slots)
-    first = _delta(engine, weights, token_slots, [1] * len(token_slots), name, x, y)
+    first = _delta(engine, weights, token_slots, [1] * len(token_slots), name, x, y, backend)
     want = _reference(engine, name, token_slots, x, y)
     torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
     weights.sweep()
     # the next step: b, e and f left, so the rank-4 group is (a, d), of equal lengths (one run)
     token_slots = [a, d]
-    again = _delta(engine, weights, token_slots, [1, 1], name, x[:, :2], y[:, :2])
+    again = _delta(engine, weights, token_slots, [1, 1], name, x[:, :2], y[:, :2], backend)
     torch.testing.assert_close(again, _reference(engine, name, token_slots, x[:, :2], y[:, :2]))
 
 
@@ -147,7 +163,10 @@ def test_a_step_order_makes_each_group_a_view_of_its_bank_moving_only_rows_out_o
     assert order[-2:] == [d, d] and bank.rows[d] == 2
 
 
-def test_step_orders_keep_every_group_a_view_and_every_delta_exact_as_compositions_churn(engine) -> None:
+@BACKENDS
+def test_step_orders_keep_every_group_a_view_and_every_delta_exact_as_compositions_churn(
+    engine, backend
+) -> None:
     rng = random.Random(0)
     adapters = [_frozen(engine, 4 if i % 3 else 8, 10 + i) for i in range(10)]
     name = next(iter(engine.slots[adapters[0]].weights))
@@ -164,7 +183,7 @@ def test_step_orders_keep_every_group_a_view_and_every_delta_exact_as_compositio
         n = sum(tokens)
         x, y = torch.randn(1, n, target.in_features), torch.randn(1, n, target.out_features)
         flat = [s for s, k in zip(slots, tokens, strict=True) for _ in range(k)]
-        got = _delta(engine, weights, slots, tokens, name, x, y)
+        got = _delta(engine, weights, slots, tokens, name, x, y, backend)
         torch.testing.assert_close(got, _reference(engine, name, flat, x, y))
         weights.sweep()
 
@@ -230,20 +249,24 @@ def test_a_step_orders_each_group_by_its_slots_tokens_so_equal_lengths_are_adjac
 
 
 @pytest.mark.parametrize("chunks", [(6, 3), (40, 30)])  # a block run of FEW_TOKENS or fewer; of more
-def test_a_bf16_model_with_float32_lora_weights_gets_each_tokens_own_delta(engine, chunks) -> None:
-    """The CPU serving case: bf16 activations, banks in float32; decodes and small block runs multiply
-    in float32, block runs of many tokens (prompt chunks) in bf16."""
+@pytest.mark.parametrize("backend", ["torch", "kernel"])
+def test_a_bf16_model_gets_each_tokens_own_delta(engine, chunks, backend) -> None:
+    """The CPU serving case: bf16 activations. The torch path: banks in float32, decodes and small block
+    runs multiply in float32, block runs of many tokens (prompt chunks) in bf16. The kernel: banks in
+    bf16, read by the kernel for decodes and by bf16 GEMMs for chunks."""
     assert (sum(chunks) + 2 > FEW_TOKENS) == (chunks == (40, 30))
     a, b, c, d = (_frozen(engine, 4, seed) for seed in (1, 2, 3, 4))
     name = next(iter(engine.slots[a].weights))
     target = engine.slots.targets[name]
     weights = WeightCache(engine.slots)
-    slots, tokens = _ordered(weights, [a, b, c, d, b], [1, 1, *chunks, 1])
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16
+    order = weights.order([a, b, c, d, b], [1, 1, *chunks, 1], dtype)
+    slots, tokens = [[a, b, c, d, b][i] for i in order], [[1, 1, *chunks, 1][i] for i in order]
     segments = merge_segments(slots, tokens)
     flat = [s for s, k in zip(slots, tokens, strict=True) for _ in range(k)]
     x = torch.randn(1, len(flat), target.in_features).to(torch.bfloat16)
     y = torch.randn(1, len(flat), target.out_features).to(torch.bfloat16)
-    batch = FlatLoraBatch(segments, segments, engine.slots, weights, TorchBackend(), torch.float32, x.device)
+    batch = FlatLoraBatch(segments, segments, engine.slots, weights, _backend(backend), dtype, x.device)
     got = batch.add_linear_delta(name, x, y.clone()).float()
     want = _reference(engine, name, flat, x.float(), y.float())
     scale = want.abs().amax().item()  # the outputs' bf16 rounding grows with it

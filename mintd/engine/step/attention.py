@@ -9,8 +9,9 @@ own sequence's blocks. No sequence ever sees another's keys, and no cache is reb
 
 Decode sequences are answered in batches of similar lengths (`decode_batches`): one SDPA call pads its
 sequences' keys to the longest, and CPU decode attention is bound by the keys it reads, so one call over
-sequences of 1 to 12 blocks read about twice the keys they hold. On CPU, where mintd's kernel builds
-(`kernels.paged_decode`), all decodes are one call that reads each sequence's blocks where they lie.
+sequences of 1 to 12 blocks read about twice the keys they hold. On CPU, where mintd's kernels build
+(`kernels.CpuKernels.paged_decode`), all decodes are one call that reads each sequence's blocks where
+they lie.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class StepCache:
     write: torch.Tensor  # [T] pool row of each token of the step
     decodes: list[DecodeBatch]
     chunks: list[Chunk]
-    kernel: Callable[..., torch.Tensor] | None = None  # kernels.paged_decode: no gather, no SDPA
+    kernel: Callable[..., torch.Tensor] | None = None  # CpuKernels.paged_decode: no gather, no SDPA
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict[str, Any]

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mintd.config import EngineSettings
 from mintd.engine.adapters import AdapterSlots
 from mintd.engine.delta_mem.hooks import DeltaMemContext
+from mintd.engine.kernels import cpu_kernels
 from mintd.engine.lora import LoraContext
 from mintd.engine.sampling import (
     SampledSequence,
@@ -25,7 +26,6 @@ from mintd.engine.sampling import (
     finish_reason,
     tempered_logprobs,
 )
-from mintd.engine.step import kernels
 from mintd.engine.step.attention import supports_flat
 from mintd.engine.step.kv_cache import BlockPool
 from mintd.engine.step.runner import FlatRunner, Runner, SequenceRunner
@@ -55,18 +55,20 @@ class StepEngine:
             param.dtype,
         )
         self.flat = supports_flat(model)
-        # bf16/fp16 LoRA products on CPU are slow in small matmuls: compute them in float32 there
-        lora_dtype = torch.float32 if param.device.type == "cpu" and param.dtype != torch.float32 else None
-        kernel = (
-            kernels.paged_decode()
+        kernels = (
+            cpu_kernels()
             if self.flat
-            and settings.cpu_attention_kernel
+            and settings.cpu_kernels
             and param.device.type == "cpu"
             and param.dtype in (torch.float32, torch.bfloat16)
             else None
         )
+        # without the kernels, bf16/fp16 LoRA products on CPU are slow in small matmuls: compute them in
+        # float32 there; the kernels read bf16 banks directly
+        cpu_half = param.device.type == "cpu" and param.dtype != torch.float32
+        lora_dtype = torch.float32 if cpu_half and kernels is None else None
         self.runner: Runner = (
-            FlatRunner(model, ctx, table, self.pool, lora_dtype, delta_ctx, kernel)
+            FlatRunner(model, ctx, table, self.pool, lora_dtype, delta_ctx, kernels)
             if self.flat
             else SequenceRunner(model, ctx, table)
         )

@@ -10,7 +10,6 @@ kind the library defines, and slower.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Protocol
 
@@ -20,9 +19,10 @@ from transformers import DynamicCache, PreTrainedModel
 from mintd.engine.adapters import AdapterSlots
 from mintd.engine.delta_mem.flat import FlatDeltaMemRun, FlatSpan
 from mintd.engine.delta_mem.hooks import DeltaMemContext
+from mintd.engine.kernels import CpuKernels
 from mintd.engine.lora import LoraContext
 from mintd.engine.lora_batch import LoraBatch
-from mintd.engine.lora_flat import FlatLoraBatch, TorchBackend, WeightCache, merge_segments
+from mintd.engine.lora_flat import FlatLoraBatch, RowKernelBackend, TorchBackend, WeightCache, merge_segments
 from mintd.engine.step.attention import NAME, Chunk, StepCache, decode_batches
 from mintd.engine.step.kv_cache import BlockPool, BlockTable
 from mintd.engine.step.scheduler import Work
@@ -46,17 +46,18 @@ class FlatRunner:
         pool: BlockPool,
         lora_dtype: torch.dtype | None,
         delta_ctx: DeltaMemContext,
-        decode_kernel: Callable[..., torch.Tensor] | None = None,
+        kernels: CpuKernels | None = None,
     ) -> None:
         self.model = model
-        self.decode_kernel = decode_kernel  # kernels.paged_decode, or None: SDPA over gathered blocks
+        # mintd's CPU kernels for decode attention and decode LoRA; None: the torch paths
+        self.decode_kernel = kernels.paged_decode if kernels is not None else None
         self.ctx = ctx
         self.delta_ctx = delta_ctx
         self.table = table
         self.pool = pool
         self.device = pool.device
         self.weights = WeightCache(table)
-        self.backend = TorchBackend()
+        self.backend = RowKernelBackend(kernels.lora_rows) if kernels is not None else TorchBackend()
         self.lora_dtype = lora_dtype or pool.dtype  # the LoRA products' (and the weight banks') dtype
 
     def start(self, seq: Sequence) -> None:

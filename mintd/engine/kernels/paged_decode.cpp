@@ -3,24 +3,19 @@
 // sequence's blocks into a padded copy and runs SDPA over it, so it reads the keys three times (gather,
 // write, SDPA) and pads to the longest sequence; this reads each real key and value once.
 // Scores and the weighted sum accumulate in float32, as CPU SDPA does. Built at first use by
-// mintd/engine/step/kernels.py; registered as torch.ops.mintd.paged_decode.
+// mintd/engine/kernels/__init__.py; registered as torch.ops.mintd.paged_decode.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "widen.h"
 
 namespace {
 
-inline float widen(float x) { return x; }
-inline float widen(at::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using mintd::widen;
 
 // One sequence at a time (threads split the sequences): each cache row is read whole and in order, all
 // KV heads together, block after block, so the hardware prefetcher streams it; walking one head's slice
@@ -109,7 +104,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& keys, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY(mintd, m) {
+TORCH_LIBRARY_FRAGMENT(mintd, m) {
   m.def("paged_decode(Tensor q, Tensor keys, Tensor values, Tensor blocks, Tensor lengths, int block_size, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(mintd, CPU, m) { m.impl("paged_decode", &paged_decode); }
