@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "paged_decode.cpp", HERE / "lora_rows.cpp"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-funsafe-math-optimizations"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,13 @@ def cpu_kernels() -> CpuKernels | None:
     from torch.utils.cpp_extension import load
 
     try:
-        # -march=native: built where it runs; -fopenmp: at::parallel_for over sequences and tokens
+        # -march=native: built where it runs; -fopenmp: at::parallel_for over sequences and tokens;
+        # reassociated float sums (unsafe-math, compile only: nothing changes the process's FPU modes)
+        # vectorize the softmax: decode attention 0.91 -> 0.61 ms a layer (120 sequences, bf16)
         load(
             "mintd_cpu_kernels",
             [str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=FLAGS,
             extra_include_paths=[str(HERE)],
             is_python_module=False,
         )

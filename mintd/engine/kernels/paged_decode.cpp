@@ -56,11 +56,11 @@ void decode(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
         float* sh = scores.data() + h * len;
         float top = -INFINITY;
         for (int64_t p = 0; p < len; ++p) top = std::max(top, sh[p]);
+#pragma omp simd
+        for (int64_t p = 0; p < len; ++p) sh[p] = std::exp(sh[p] - top);
         float sum = 0.f;
-        for (int64_t p = 0; p < len; ++p) {
-          sh[p] = std::exp(sh[p] - top);
-          sum += sh[p];
-        }
+#pragma omp simd reduction(+ : sum)
+        for (int64_t p = 0; p < len; ++p) sum += sh[p];
         const float inv = 1.f / sum;
         for (int64_t p = 0; p < len; ++p) sh[p] *= inv;
       }
