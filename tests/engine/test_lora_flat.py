@@ -272,3 +272,13 @@ def test_a_bf16_model_gets_each_tokens_own_delta(engine, chunks, backend) -> Non
     scale = want.abs().amax().item()  # the outputs' bf16 rounding grows with it
     torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2 * scale)
     assert (want - y.float()).abs().amax() > 0.1 * scale  # deltas that a wrong adapter would miss
+
+
+def test_the_row_kernel_refuses_a_segment_outside_its_weights() -> None:
+    rows = _backend("kernel").rows
+    x, y = torch.randn(3, 16), torch.zeros(3, 8)
+    a, b = torch.randn(2, 4, 16), torch.randn(2, 4, 8)
+    rows(x, a, b, torch.tensor([0, 1, 1]), y)
+    torch.testing.assert_close(y[2], (x[2] @ a[1].t()) @ b[1])
+    with pytest.raises(RuntimeError, match="a segment outside a and b"):
+        rows(x, a, b, torch.tensor([0, 2, 1]), y)

@@ -59,7 +59,14 @@ void lora_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, co
               b.stride(2) == 1 && b.stride(1) == b.size(2), "lora_rows: rows must be contiguous");
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == x.scalar_type() &&
               b.scalar_type() == x.scalar_type(), "lora_rows: one dtype");
+  TORCH_CHECK(x.size(0) == y.size(0) && segment.dim() == 1 && segment.size(0) == x.size(0) &&
+              segment.scalar_type() == at::kLong, "lora_rows: one int64 segment per token of x and y");
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) == b.size(1) && a.size(2) == x.size(1) && b.size(2) == y.size(1),
+              "lora_rows: a [S, r, in] and b [S, r, out] must match x [T, in] and y [T, out]");
   auto seg = segment.contiguous();
+  const int64_t* sp = seg.data_ptr<int64_t>();
+  for (int64_t t = 0; t < seg.size(0); ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < a.size(0), "lora_rows: a segment outside a and b");
   if (x.scalar_type() == at::kBFloat16)
     rows<at::BFloat16>(x, a, b, seg, y);
   else if (x.scalar_type() == at::kFloat)

@@ -87,11 +87,25 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& keys, const at::T
   TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "paged_decode: q [S, H, D], pools [rows, Hkv, D]");
   TORCH_CHECK(q.scalar_type() == keys.scalar_type() && keys.scalar_type() == values.scalar_type(), "paged_decode: one dtype");
   TORCH_CHECK(q.size(1) % keys.size(1) == 0, "paged_decode: heads must be a multiple of KV heads");
+  TORCH_CHECK(keys.size(0) == values.size(0) && keys.size(1) == values.size(1) && q.size(2) == keys.size(2),
+              "paged_decode: keys and values must be pools of the same rows, and match q");
+  TORCH_CHECK(blocks.dim() == 2 && lengths.dim() == 1 && blocks.size(0) == q.size(0) && lengths.size(0) == q.size(0),
+              "paged_decode: blocks [S, width], lengths [S]");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong, "paged_decode: int64 indices");
   auto qc = q.contiguous();
   auto kc = keys.contiguous();
   auto vc = values.contiguous();
   auto bc = blocks.contiguous();
   auto lc = lengths.contiguous();
+  // every read stays inside the pools: lengths within the blocks given, blocks within the pool
+  const int64_t pool_blocks = keys.size(0) / block_size, width = bc.size(1);
+  const int64_t* lp = lc.data_ptr<int64_t>();
+  const int64_t* bp = bc.data_ptr<int64_t>();
+  for (int64_t s = 0; s < bc.size(0); ++s) {
+    TORCH_CHECK(lp[s] >= 1 && lp[s] <= width * block_size, "paged_decode: a length outside its blocks");
+    for (int64_t j = 0; j < (lp[s] + block_size - 1) / block_size; ++j)
+      TORCH_CHECK(bp[s * width + j] >= 0 && bp[s * width + j] < pool_blocks, "paged_decode: a block outside the pool");
+  }
   auto out = at::empty({q.size(0), q.size(1), values.size(2)}, q.options());
   if (q.scalar_type() == at::kBFloat16)
     decode<at::BFloat16>(qc, kc, vc, bc, lc, block_size, scale, out);

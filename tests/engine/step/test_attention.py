@@ -60,3 +60,16 @@ def test_decode_batches_split_by_width_where_padding_costs_more_than_a_call() ->
     assert len(few) == 1 and few[0].blocks.tolist() == [[1, 2, 3, 0], [8, 9, 10, 0], [4, 5, 6, 7]]
     assert BATCH_COST > 2  # the padding: two sequences one block short
     assert decode_batches([], [], [], 4, device) == []
+
+
+def test_the_kernel_refuses_reads_outside_the_pool() -> None:
+    kernels = cpu_kernels()
+    assert kernels is not None, "the C++ kernels must build on the test machine"
+    keys = values = torch.randn(4 * 4, 2, 8)  # 4 blocks of 4 positions
+    q = torch.randn(1, 2, 8)
+    ok = kernels.paged_decode(q, keys, values, torch.tensor([[1, 3]]), torch.tensor([7]), 4, 0.5)
+    assert ok.shape == (1, 2, 8)
+    with pytest.raises(RuntimeError, match="a block outside the pool"):
+        kernels.paged_decode(q, keys, values, torch.tensor([[1, 4]]), torch.tensor([7]), 4, 0.5)
+    with pytest.raises(RuntimeError, match="a length outside its blocks"):
+        kernels.paged_decode(q, keys, values, torch.tensor([[1, 3]]), torch.tensor([9]), 4, 0.5)
