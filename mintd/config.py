@@ -58,7 +58,7 @@ class EngineSettings(BaseSettings):
     kv_block_size: int = Field(16, ge=1, description="token positions per KV cache block")
     cpu_kernels: bool = Field(
         True,
-        description="on CPU: decode attention and the LoRA deltas of decodes through mintd's C++ kernels "
+        description="on CPU: decode attention and the multi-adapter LoRA deltas through mintd's C++ kernels "
         "(built at first use, a few seconds; a 120-row decode step, bf16, 2 cores: attention 1.0 ms a "
         "layer against ~2 for gathering blocks into SDPA, LoRA 2.4-4x faster than float32 bmm); off, or "
         "without a C++ compiler: the pure-torch paths",

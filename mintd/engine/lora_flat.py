@@ -11,8 +11,8 @@ nothing is copied per step while the composition holds, and the bank is rewritte
 changes (requests joining and leaving under serving load); nothing is copied per row: the n samples
 of one prompt are one segment of one adapter.
 
-The math sits behind `LoraBackend`; `TorchBackend` is plain torch (CPU and CUDA). A fused kernel
-(SGMV/BGMV style) would be another backend with the same `add_delta`.
+The math sits behind `LoraBackend`; `TorchBackend` is plain torch (CPU and CUDA); `RowKernelBackend`
+runs a group's tokens through mintd's CPU kernel (BGMV style: each token's own adapter rows).
 """
 
 from __future__ import annotations

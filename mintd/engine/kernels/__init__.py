@@ -3,8 +3,9 @@ build under ~/.cache/torch_extensions and rebuilds it when a source changes).
 
 - `paged_decode`: decode attention over the paged KV cache, reading each sequence's blocks where they lie
   (the torch path gathers them into a padded copy for SDPA).
-- `lora_rows`: the LoRA deltas of tokens that each run their own adapter (decodes), from the adapters'
-  rows of the weight bank in its dtype (the torch path: a float32 `bmm` pair per run).
+- `lora_rows`: the LoRA deltas of a group of several adapters' tokens (decodes, prompt chunks), each
+  token's from its own adapter's rows of the weight bank, in the bank's dtype (the torch path: a
+  float32 `bmm` pair or a masked GEMM pair per run).
 
 Without a C++ compiler the engine runs the pure-torch paths, which give the same results, slower.
 """

@@ -1,7 +1,7 @@
-// The LoRA deltas of tokens that each run their own adapter (decodes): y[t] += (x[t] A[s]^T) B[s] for
-// token t's segment s, from the adapters' rows of the weight bank, read in the bank's dtype (bfloat16: half
-// the bytes of the float32 bmm pair it replaces, and no per-run tensors). Products accumulate in float32;
-// each token's output row is written once. Registered as torch.ops.mintd.lora_rows.
+// The LoRA deltas of a group of several adapters' tokens: y[t] += (x[t] A[s]^T) B[s] for token t's
+// adapter s, from the adapters' rows of the weight bank, read in the bank's dtype (bfloat16: half the
+// bytes of the float32 products it replaces, and no per-run tensors or masks). Products accumulate in
+// float32; each token's output row is written once. Registered as torch.ops.mintd.lora_rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
