@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import groupby
 from typing import Protocol
 
@@ -66,7 +67,12 @@ class SegmentGroup:
     # lengths: padding them all to the longest would multiply a step's LoRA work by its chunk size. The
     # step puts a group's one-token segments (decodes) first (`WeightCache.order`), so they are one run.
     runs: tuple[Run, ...]
-    segment: torch.Tensor  # [tokens] each token's slot, as an index into `slots` (for RowKernelBackend)
+
+    @cached_property
+    def segment(self) -> torch.Tensor:
+        """[tokens] each token's slot, as an index into `slots`, on the CPU: only `RowKernelBackend`
+        (a CPU kernel) reads it, so a step on another backend never builds it."""
+        return torch.arange(len(self.slots)).repeat_interleave(torch.tensor(self.lengths))
 
 
 class LoraBackend(Protocol):
@@ -377,9 +383,8 @@ def _group(
     targets = frozenset(table[slots[0]].weights)
     if len(slots) != len(set(slots)):
         raise ValueError("flat LoRA batch: a slot's tokens must be contiguous")
-    segment = torch.arange(len(slots), device=device).repeat_interleave(torch.tensor(lengths, device=device))
     return SegmentGroup(
-        start, end, slots, lengths, targets, _runs(lengths, table[slots[0]].spec.rank, device), segment
+        start, end, slots, lengths, targets, _runs(lengths, table[slots[0]].spec.rank, device)
     )
 
 

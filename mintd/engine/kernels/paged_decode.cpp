@@ -38,11 +38,12 @@ void decode(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
     std::vector<float> qf(heads * dim), acc(heads * dim_v), scores;
     for (int64_t s = begin; s < end; ++s) {
       const int64_t len = lp[s];
+      // the pool row of the sequence's position p
+      const auto row_of = [&](int64_t p) { return bp[s * width + p / block_size] * block_size + p % block_size; };
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] = widen(qp[s * heads * dim + i]) * fscale;
       scores.resize(heads * len);  // [heads, len]
       for (int64_t p = 0; p < len; ++p) {
-        const int64_t row = bp[s * width + p / block_size] * block_size + p % block_size;
-        const T* k = kp + row * kv_heads * dim;  // the row: kv_heads x dim, contiguous
+        const T* k = kp + row_of(p) * kv_heads * dim;  // the row: kv_heads x dim, contiguous
         for (int64_t h = 0; h < heads; ++h) {
           const float* qh = qf.data() + h * dim;
           const T* kh = k + (h / group) * dim;
@@ -66,8 +67,7 @@ void decode(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t p = 0; p < len; ++p) {
-        const int64_t row = bp[s * width + p / block_size] * block_size + p % block_size;
-        const T* v = vp + row * kv_heads * dim_v;
+        const T* v = vp + row_of(p) * kv_heads * dim_v;
         for (int64_t h = 0; h < heads; ++h) {
           const float w = scores[h * len + p];
           const T* vh = v + (h / group) * dim_v;
